@@ -1,0 +1,1 @@
+"""Hugging Face checkpoints in, ONNX plus runtime sidecars out."""

@@ -1,0 +1,9 @@
+"""The one exception type every stage raises for bad input.
+
+CLIs catch it and print `error: <message>` with exit code 2, so a user never sees a traceback for a file that is
+missing, malformed or of the wrong dtype. The message names the file or field, what was expected and what was found.
+"""
+
+
+class InputError(ValueError):
+    """Bad user input: a file, field, tensor or argument that does not fit the contract."""

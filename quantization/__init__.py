@@ -1,0 +1,1 @@
+"""Number formats, calibration and the quantized-checkpoint writer."""

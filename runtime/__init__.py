@@ -1,0 +1,1 @@
+"""llm-inference: engine sessions, KV cache, sampling and the JSON test-case runner."""
