@@ -1,0 +1,171 @@
+"""The default CPU backend against Hugging Face `transformers` on SmolLM2-135M-Instruct, in one run on one machine.
+
+Measures, in this order:
+1. export: wall time and peak RSS of `python -m llm_loader.export_all_cli` (a child process, so its peak is its own),
+   against the checkpoint's weight bytes;
+2. embedding sidecar bytes, FP16 against FP8;
+3. generation: prefill and decode tokens/s of `llm-inference` (its `--dumpProfile` numbers) against
+   `transformers` `generate` (eager attention, greedy, fp32 and bf16 — the fastest HF dtypes on CPU), same prompts,
+   same new-token counts, same thread count.
+
+    python benchmarks/e2e_cpu.py [--new_tokens 128] [--work work_out/bench]
+
+Writes docs/benchmarks-cpu.md and docs/benchmarks-cpu.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT_SHORT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+
+
+def child_peak_rss(cmd: list[str]) -> tuple[float, int]:
+    """Run `cmd`; return (seconds, peak RSS bytes of that child)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if after <= before:
+        print("warning: peak RSS of the child is not above an earlier child's; run the export first", file=sys.stderr)
+    return seconds, after * 1024
+
+
+def long_prompt(tokenizer, n_tokens: int) -> str:
+    text = (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    ids = tokenizer(text[: n_tokens * 8])["input_ids"][:n_tokens]
+    return tokenizer.decode(ids)
+
+
+def ours(engine: Path, work: Path, prompt: str, new_tokens: int, threads: int) -> dict:
+    """llm-inference on one raw prompt; returns its profile (prefill and decode tokens/s)."""
+    cases = {"batch_size": 1, "temperature": 1.0, "top_k": 1, "top_p": 1.0, "max_generate_length": new_tokens,
+             "apply_chat_template": False, "requests": [{"messages": [{"role": "user", "content": prompt}]}]}
+    inp, out = work / "bench_in.json", work / "bench_out.json"
+    inp.write_text(json.dumps(cases))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    subprocess.run(["llm-inference", "--engineDir", str(engine), "--inputFile", str(inp), "--outputFile", str(out),
+                    "--warmup", "1", "--dumpProfile"], check=True, env=env, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())["profile"]
+
+
+def hf(ckpt: Path, prompt: str, new_tokens: int, dtype: str, threads: int) -> dict:
+    """transformers generate, greedy, eager attention: TTFT from 1 new token, decode rate from the rest."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, dtype), attn_implementation="eager")
+    ids = tok(prompt, return_tensors="pt")
+
+    def timed(n: int) -> float:
+        best = float("inf")
+        for _ in range(2):
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                model.generate(**ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    t1, tn = timed(1), timed(new_tokens)
+    n_prompt = ids["input_ids"].shape[1]
+    return {"prompt_tokens": n_prompt, "prefill_tokens_per_second": n_prompt / t1,
+            "decode_tokens_per_second": (new_tokens - 1) / (tn - t1)}
+
+
+@click.command()
+@click.option("--new_tokens", default=128, show_default=True, help="Tokens generated per measurement.")
+@click.option("--prefill_tokens", default=480, show_default=True, help="Prompt length of the prefill measurement.")
+@click.option("--work", default=str(ROOT / "work_out" / "bench"), show_default=True, help="Scratch directory.")
+def main(new_tokens: int, prefill_tokens: int, work: str) -> None:
+    """Export cost, embedding bytes and generation speed of the CPU backend against transformers."""
+    from transformers import AutoTokenizer
+
+    from llm_loader.gguf_convert import smollm2_checkpoint
+
+    work_dir = Path(work)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = smollm2_checkpoint()
+    threads = os.cpu_count() or 1
+    weight_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
+    results: dict = {"machine": f"{platform.machine()} {platform.processor()}, {threads} cores, {platform.system()}",
+                     "weight_bytes": weight_bytes}
+
+    for flag in ("", "--fp8-embedding"):
+        out = work_dir / ("onnx_fp8" if flag else "onnx_fp16")
+        cmd = [sys.executable, "-m", "llm_loader.export_all_cli", str(ckpt), str(out)] + ([flag] if flag else [])
+        if out.exists():
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+        seconds, peak = child_peak_rss(cmd)
+        key = "fp8" if flag else "fp16"
+        results[f"export_{key}"] = {"seconds": seconds, "peak_rss_bytes": peak, "peak_over_weights": peak / weight_bytes}
+        results[f"embedding_{key}_bytes"] = (out / "llm" / "embedding.safetensors").stat().st_size
+    results["embedding_fp8_over_fp16"] = results["embedding_fp8_bytes"] / results["embedding_fp16_bytes"]
+
+    engine = work_dir / "engine_fp8emb"
+    subprocess.run(["rm", "-rf", str(engine)], check=True)
+    subprocess.run(["llm-build", "--onnxDir", str(work_dir / "onnx_fp8" / "llm"), "--engineDir", str(engine),
+                    "--maxBatchSize", "1", "--maxInputLen", "512", "--maxKVCacheCapacity", "1024"], check=True)
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    prompts = {"decode": PROMPT_SHORT, "prefill": long_prompt(tok, prefill_tokens)}
+    for what, prompt in prompts.items():
+        results[f"{what}_ours"] = ours(engine, work_dir, prompt, new_tokens, threads)
+        for dtype in ("float32", "bfloat16"):
+            results[f"{what}_hf_{dtype}"] = hf(ckpt, prompt, new_tokens, dtype, threads)
+    write_report(results, new_tokens)
+
+
+def write_report(r: dict, new_tokens: int) -> None:
+    mib = 2**20
+    best_hf = {w: max(r[f"{w}_hf_float32"][f"{w}_tokens_per_second"], r[f"{w}_hf_bfloat16"][f"{w}_tokens_per_second"])
+               for w in ("decode", "prefill")}
+    lines = [
+        "# CPU benchmarks: the ONNX Runtime backend against transformers",
+        "",
+        f"Machine: {r['machine']}. Model: SmolLM2-135M-Instruct ({r['weight_bytes'] / mib:.0f} MiB of fp16 weights). "
+        f"Produced by `python benchmarks/e2e_cpu.py --new_tokens {new_tokens}` in one run; ratios are against the "
+        f"faster of HF fp32 / bf16 eager on the same machine.",
+        "",
+        "| measurement | ours | HF fp32 | HF bf16 | ratio (ours / best HF) |",
+        "|---|---|---|---|---|",
+    ]
+    for w in ("prefill", "decode"):
+        o = r[f"{w}_ours"][f"{w}_tokens_per_second"]
+        lines.append(f"| {w} tokens/s | {o:.1f} | {r[f'{w}_hf_float32'][f'{w}_tokens_per_second']:.1f} "
+                     f"| {r[f'{w}_hf_bfloat16'][f'{w}_tokens_per_second']:.1f} | {o / best_hf[w]:.2f}x |")
+    lines += [
+        "",
+        "| export | seconds | peak RSS MiB | peak / weight bytes |",
+        "|---|---|---|---|",
+    ]
+    for key in ("fp16", "fp8"):
+        e = r[f"export_{key}"]
+        lines.append(f"| {key} embedding | {e['seconds']:.1f} | {e['peak_rss_bytes'] / mib:.0f} "
+                     f"| {e['peak_over_weights']:.2f}x |")
+    lines += [
+        "",
+        f"Embedding sidecar: FP16 {r['embedding_fp16_bytes'] / mib:.2f} MiB, FP8 {r['embedding_fp8_bytes'] / mib:.2f} "
+        f"MiB = {100 * r['embedding_fp8_over_fp16']:.1f}% of FP16 (target <= 52%).",
+        "",
+    ]
+    docs = ROOT / "docs"
+    (docs / "benchmarks-cpu.json").write_text(json.dumps(r, indent=2))
+    (docs / "benchmarks-cpu.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

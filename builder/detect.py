@@ -1,0 +1,119 @@
+"""What an ONNX dir holds, read from the files themselves (contracts.md sections 1, 2, 4).
+
+The build takes no precision flags: FP8 embedding and FP8 KV cache are detected here. Each fact has more than one
+witness (tensor dtype and metadata; graph bindings, plugin attributes and config.json), and they must agree, so an
+export that was edited by hand or half-converted fails before a long build instead of producing a wrong engine.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from llm_loader.embedding import read_embedding_sidecar
+from llm_loader.errors import InputError
+from plugins.attention import schema as attention_schema
+
+CONTRACT_VERSION = 1
+_KV_TYPES = {onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.FLOAT8E4M3FN: "fp8"}
+
+
+@dataclass(frozen=True)
+class Detection:
+    onnx_dir: Path
+    config: dict  # config.json as read
+    model: str  # HF model_type
+    embedding_format: str  # "fp16" | "fp8_e4m3_row_block"
+    kv_cache_dtype: str  # "fp16" | "fp8"
+    weight_format: str
+    num_layers: int
+    vocab_size: int
+    hidden_size: int
+    num_kv_heads: int
+    head_dim: int
+    rotary_dim: int
+
+    def summary(self) -> str:
+        return "\n".join([
+            f"ONNX dir        {self.onnx_dir}",
+            f"model           {self.model}: {self.num_layers} layers, hidden {self.hidden_size}, "
+            f"vocab {self.vocab_size}, {self.num_kv_heads} kv heads x {self.head_dim}",
+            f"weights         {self.weight_format}",
+            f"embedding       {self.embedding_format}",
+            f"KV cache        {self.kv_cache_dtype} (graph bindings, AttentionPlugin and config.json agree)",
+        ])
+
+
+def read_config(onnx_dir: Path) -> dict:
+    path = onnx_dir / "config.json"
+    if not path.is_file():
+        raise InputError(f"{onnx_dir}: expected an ONNX dir from llm_loader.export_all_cli, found no config.json")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: expected JSON, found a parse error: {e}") from e
+    if config.get("contract_version") != CONTRACT_VERSION:
+        raise InputError(f"{path} contract_version: expected {CONTRACT_VERSION}, found {config.get('contract_version')!r}")
+    if "builder_config" in config:
+        raise InputError(f"{path}: this is an engine dir (it has builder_config), expected an ONNX dir")
+    for key in ("model", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "kv_cache_dtype"):
+        if key not in config:
+            raise InputError(f"{path}: expected key {key!r}, found none")
+    return config
+
+
+def graph_kv_facts(model_path: Path) -> tuple[set[str], set[str], int]:
+    """(dtypes of past_key_values_* inputs, KV dtypes implied by AttentionPlugin attributes, number of layers)."""
+    if not model_path.is_file():
+        raise InputError(f"{model_path.parent}: expected model.onnx, found no such file")
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    for location in {e.value for t in graph.initializer for e in t.external_data if e.key == "location"}:
+        if not (model_path.parent / location).is_file():
+            raise InputError(f"{model_path}: expected its weights file {location} next to it, found no such file")
+    pasts = [i for i in graph.input if i.name.startswith("past_key_values_")]
+    binding = set()
+    for i in pasts:
+        elem = i.type.tensor_type.elem_type
+        if elem not in _KV_TYPES:
+            raise InputError(f"{model_path} input {i.name}: expected fp16 or float8e4m3fn, found elem_type {elem}")
+        binding.add(_KV_TYPES[elem])
+    plugins = [n for n in graph.node if n.domain == attention_schema.DOMAIN and n.op_type == attention_schema.OP_TYPE]
+    plugin = {"fp8" if attention_schema.read_attrs(n).enable_fp8_kv_cache else "fp16" for n in plugins}
+    if len(plugins) != len(pasts):
+        raise InputError(f"{model_path}: expected one AttentionPlugin per past_key_values input, found "
+                         f"{len(plugins)} plugins and {len(pasts)} inputs")
+    return binding, plugin, len(pasts)
+
+
+def detect(onnx_dir: str | Path) -> Detection:
+    """Read config.json, model.onnx (graph only, no weights) and embedding.safetensors; cross-check them."""
+    onnx_dir = Path(onnx_dir)
+    if not onnx_dir.is_dir():
+        raise InputError(f"--onnxDir {onnx_dir}: expected a directory, found none")
+    config = read_config(onnx_dir)
+    binding, plugin, num_layers = graph_kv_facts(onnx_dir / "model.onnx")
+    witnesses = {"model.onnx past_key_values inputs": binding, "AttentionPlugin enable_fp8_kv_cache": plugin,
+                 "config.json kv_cache_dtype": {config["kv_cache_dtype"]}}
+    if any(len(w) != 1 for w in witnesses.values()) or len(set.union(*witnesses.values())) != 1:
+        said = ", ".join(f"{k} says {'/'.join(sorted(v))}" for k, v in witnesses.items())
+        raise InputError(f"{onnx_dir}: KV cache dtype disagrees: {said}")
+    if num_layers != config["num_hidden_layers"]:
+        raise InputError(f"{onnx_dir}/model.onnx: expected {config['num_hidden_layers']} past_key_values inputs "
+                         f"(config.json num_hidden_layers), found {num_layers}")
+    sidecar = read_embedding_sidecar(onnx_dir / "embedding.safetensors")
+    expected = [config["vocab_size"], config["hidden_size"]]
+    if [sidecar.vocab_size, sidecar.hidden_size] != expected:
+        raise InputError(f"{onnx_dir}/embedding.safetensors: tensor 'embedding' expected {expected} (config.json "
+                         f"vocab_size, hidden_size), found {[sidecar.vocab_size, sidecar.hidden_size]}")
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    return Detection(
+        onnx_dir=onnx_dir, config=config, model=config["model"], embedding_format=sidecar.format,
+        kv_cache_dtype=config["kv_cache_dtype"], weight_format=config.get("weight_format", "fp16"),
+        num_layers=num_layers, vocab_size=int(config["vocab_size"]), hidden_size=int(config["hidden_size"]),
+        num_kv_heads=int(config["num_key_value_heads"]), head_dim=head_dim,
+        rotary_dim=int(head_dim * (config.get("partial_rotary_factor") or 1.0)),
+    )

@@ -1,0 +1,128 @@
+"""The engine directory (contracts.md section 5): written atomically by `llm-build`, validated by the runtime.
+
+A reader calls `load_engine_config` first; everything it checks is a promise the builder made, so a hand-edited or
+half-written directory fails here with one clear line instead of deep inside ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import onnx
+from safetensors import safe_open
+
+from llm_loader.errors import InputError
+
+CONTRACT_VERSION = 1
+ENGINE_FILES = {"onnxruntime": ("llm.onnx", "embedding.onnx"), "tensorrt": ("llm.engine", "embedding.engine")}
+COPIED_FILES = ("embedding.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "chat_template.jinja")
+KV_ONNX_TYPES = {"fp16": onnx.TensorProto.FLOAT16, "fp8": onnx.TensorProto.FLOAT8E4M3FN}
+EMBEDDING_DTYPES = {"fp16": "F16", "fp8_e4m3_row_block": "F8_E4M3"}
+
+
+@contextmanager
+def staged_dir(final: Path):
+    """Yield a temporary sibling of `final`; on success it replaces `final`, on any error it is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    tmp.chmod(0o755)  # mkdtemp makes it private; an engine dir is shared like any build output
+    for path in tmp.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+
+
+def make_builder_config(*, backend: str, max_batch_size: int, max_input_len: int, max_kv_cache_capacity: int,
+                        kv_cache_dtype: str, embedding_format: str, weight_format: str) -> dict:
+    """The `builder_config` block of contracts.md 5.1."""
+    return {"backend": backend, "max_batch_size": max_batch_size, "max_input_len": max_input_len,
+            "max_kv_cache_capacity": max_kv_cache_capacity, "spec_base": False, "spec_draft": False,
+            "max_lora_rank": 0, "kv_cache_dtype": kv_cache_dtype, "embedding_format": embedding_format,
+            "weight_format": weight_format, "contract_version": CONTRACT_VERSION}
+
+
+def write_config_and_copies(onnx_dir: Path, out: Path, onnx_config: dict, builder_config: dict) -> None:
+    """config.json = the ONNX dir's config + builder_config; sidecar, tokenizer and chat template copied as-is."""
+    (out / "config.json").write_text(json.dumps({**onnx_config, "builder_config": builder_config}, indent=2) + "\n")
+    for name in COPIED_FILES:
+        if (Path(onnx_dir) / name).exists():
+            shutil.copy2(Path(onnx_dir) / name, out / name)
+
+
+def load_engine_config(engine_dir: str | Path) -> dict:
+    """ENG/config.json after checking that ENG is a complete engine directory this code can run."""
+    eng = Path(engine_dir)
+    path = eng / "config.json"
+    if not path.is_file():
+        raise InputError(f"{eng}: not an engine directory (no config.json); build one with llm-build")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: expected JSON, found a parse error: {e}") from e
+    bc = config.get("builder_config")
+    if not isinstance(bc, dict):
+        raise InputError(f"{path}: not an engine directory (no builder_config; is this an ONNX dir? run llm-build)")
+    for where, version in (("builder_config.contract_version", bc.get("contract_version")),
+                           ("contract_version", config.get("contract_version"))):
+        if version != CONTRACT_VERSION:
+            raise InputError(f"{path} {where}: expected {CONTRACT_VERSION}, found {version!r}")
+    backend = bc.get("backend")
+    if backend not in ENGINE_FILES:
+        raise InputError(f"{path} builder_config.backend: expected one of {sorted(ENGINE_FILES)}, found {backend!r}")
+    for name in ENGINE_FILES[backend] + ("embedding.safetensors",):
+        if not (eng / name).is_file():
+            raise InputError(f"{eng}: not a complete engine directory ({name} is missing)")
+    if bc.get("kv_cache_dtype") != config.get("kv_cache_dtype"):
+        raise InputError(f"{path}: kv_cache_dtype disagrees: builder_config says {bc.get('kv_cache_dtype')!r}, "
+                         f"config says {config.get('kv_cache_dtype')!r}")
+    if backend == "onnxruntime":
+        binding = llm_onnx_kv_dtype(eng / "llm.onnx")
+        if binding != bc["kv_cache_dtype"]:
+            raise InputError(f"{eng / 'llm.onnx'}: past_key_values dtype is {binding!r} but config.json says "
+                             f"kv_cache_dtype {bc['kv_cache_dtype']!r}; rebuild the engine from a matching export")
+    sidecar = sidecar_dtype(eng / "embedding.safetensors")
+    if EMBEDDING_DTYPES.get(bc.get("embedding_format")) != sidecar:
+        raise InputError(f"{eng / 'embedding.safetensors'}: tensor 'embedding' is {sidecar} but builder_config "
+                         f"embedding_format is {bc.get('embedding_format')!r}")
+    return config
+
+
+def llm_onnx_kv_dtype(path: Path) -> str:
+    """'fp16' / 'fp8' from the elem type of the graph's past_key_values_* inputs (weights are not loaded)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    types = {i.type.tensor_type.elem_type for i in graph.input if i.name.startswith("past_key_values_")}
+    names = {v: k for k, v in KV_ONNX_TYPES.items()}
+    if len(types) != 1 or next(iter(types)) not in names:
+        found = sorted(onnx.helper.tensor_dtype_to_np_dtype(t).name if t else "?" for t in types)
+        raise InputError(f"{path}: expected past_key_values_* inputs all fp16 or all float8e4m3fn, found {found}")
+    return names[types.pop()]
+
+
+def sidecar_dtype(path: Path) -> str:
+    """The safetensors dtype string ('F16', 'F8_E4M3', ...) of the `embedding` tensor, read from the header."""
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            if "embedding" not in f.keys():
+                raise InputError(f"{path}: expected a tensor 'embedding', found {sorted(f.keys())}")
+            return f.get_slice("embedding").get_dtype()
+    except InputError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+        raise InputError(f"{path}: expected a safetensors file, found an unreadable one ({e})") from e

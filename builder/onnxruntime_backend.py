@@ -1,0 +1,71 @@
+"""The ONNX Runtime (CPU) backend: engines are ONNX files whose custom ops are lowered to ops ORT runs natively.
+
+`llm.onnx` is `model.onnx` after `plugins.lowering.lower_for_onnxruntime` (the "ORT engine" contract of
+contracts.md 3.1: past = filled prefix, present = this call's K/V). `embedding.onnx` maps `input_ids` int32 [B,S] to
+`inputs_embeds` fp16 [B,S,H]: a plain Gather for an FP16 table, an `Fp8Gather` node (then lowered) for an FP8 one,
+so the FP8 table stays FP8 in memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from llm_loader.embedding import FORMAT_FP8, EmbeddingSidecar
+from plugins.fp8_gather import schema as fp8_gather_schema
+from quantization.formats import EMBEDDING_BLOCK
+
+OPSET = 23
+
+
+def save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """`path` + `path.data`: the weights in one external file. Tensors under 1 KiB stay inline: ORT's shape
+    inference must read small constants (Squeeze axes, Reshape shapes) and cannot read them from external data."""
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+
+
+def embedding_model(sidecar: EmbeddingSidecar) -> onnx.ModelProto:
+    """The un-lowered embedding engine graph (shared with the TensorRT backend, which runs Fp8Gather as a plugin)."""
+    vocab, hidden = sidecar.vocab_size, sidecar.hidden_size
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT32, ["batch", "seq_len"])
+    out = helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT16, ["batch", "seq_len", hidden])
+    opsets = [helper.make_opsetid("", OPSET)]
+    if sidecar.format == FORMAT_FP8:
+        table = helper.make_tensor("embedding", TensorProto.FLOAT8E4M3FN, [vocab, hidden],
+                                   sidecar.table.contiguous().view(torch.uint8).numpy().tobytes(), raw=True)
+        scale = onnx.numpy_helper.from_array(sidecar.scale.float().numpy(), "embedding_scale")
+        nodes = [fp8_gather_schema.make_node("embedding", "embedding_scale", "input_ids", "inputs_embeds",
+                                             name="embedding_lookup", block_size=EMBEDDING_BLOCK)]
+        inits = [table, scale]
+        opsets.append(fp8_gather_schema.OPSET)
+    else:
+        inits = [onnx.numpy_helper.from_array(sidecar.table.numpy().astype(np.float16), "embedding")]
+        nodes = [helper.make_node("Gather", ["embedding", "input_ids"], ["inputs_embeds"], name="embedding_lookup",
+                                  axis=0)]
+    graph = helper.make_graph(nodes, "embedding", [ids], [out], initializer=inits)
+    return helper.make_model(graph, opset_imports=opsets, producer_name="edgellm-toolchain llm-build")
+
+
+def load_model(onnx_dir: Path) -> onnx.ModelProto:
+    """model.onnx with its weights."""
+    return onnx.load(str(onnx_dir / "model.onnx"))
+
+
+def lower(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every trt_edgellm node replaced by ops ONNX Runtime runs natively (plugins.lowering)."""
+    from plugins.lowering import lower_for_onnxruntime
+
+    return lower_for_onnxruntime(model)
+
+
+def build_embedding(sidecar: EmbeddingSidecar, out: Path) -> None:
+    """out/embedding.onnx (+ .data) from the sidecar; FP8 goes through the same lowering as the LLM."""
+    model = embedding_model(sidecar)
+    if sidecar.format == FORMAT_FP8:
+        model = lower(model)
+    save_with_external_data(model, out / "embedding.onnx")

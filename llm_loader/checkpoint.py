@@ -1,0 +1,136 @@
+"""Lazy access to a Hugging Face checkpoint directory: `config.json` plus safetensors weights (one file or shards).
+
+Tensors are read one at a time, each through its own short-lived `safe_open`, so the exporter's memory holds roughly
+the tensor in hand and never the whole model (an open handle keeps the pages it touched mapped). Pickled weights
+(`*.bin`, `*.pt`) can run code when loaded and are refused unless the caller opts in; so are models whose code lives
+in the checkpoint (`auto_map`, i.e. `trust_remote_code`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from llm_loader.errors import InputError
+
+INDEX = "model.safetensors.index.json"
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth")
+
+
+def read_json(path: Path, what: str) -> dict:
+    """Parse a JSON object file or raise InputError naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: expected {what}, found no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: expected {what} (JSON), found invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected {what} (a JSON object), found {type(data).__name__}")
+    return data
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint directory: its parsed `config.json` and where each tensor lives."""
+
+    path: Path
+    config: dict
+    files: dict[str, Path]  # tensor name -> file holding it
+    _pickled: dict[Path, dict] = field(default_factory=dict, repr=False)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor from disk (a fresh CPU tensor in the checkpoint's dtype)."""
+        file = self.files.get(name)
+        if file is None:
+            raise InputError(f"{self.path}: expected tensor '{name}' in the checkpoint weights, found none")
+        if file in self._pickled:
+            return self._pickled[file][name]
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise InputError(f"{file}: expected readable tensor '{name}', could not read it ({e})") from None
+
+    def tensor_fp16(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """A floating-point tensor of the expected shape, cast to fp16 (the export dtype)."""
+        t = self.tensor(name)
+        if tuple(t.shape) != tuple(shape):
+            raise InputError(f"{self.path}: tensor '{name}' expected shape {list(shape)}, found {list(t.shape)}")
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise InputError(f"{self.path}: tensor '{name}' expected fp16, bf16 or fp32, found {t.dtype}")
+        t = t.to(torch.float16)
+        if not all(torch.isfinite(chunk).all() for chunk in t.view(-1).split(1 << 20)):  # chunks: no big temporaries
+            raise InputError(f"{self.path}: tensor '{name}' expected finite values in fp16 range, found inf/nan")
+        return t
+
+
+def _safetensors_names(file: Path) -> list[str]:
+    if not file.is_file():
+        raise InputError(f"{file}: expected a safetensors shard, found no such file")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{file}: expected a safetensors file, found a corrupt one ({e})") from None
+
+
+def _load_pickles(path: Path, files: list[Path]) -> tuple[dict[str, Path], dict[Path, dict]]:
+    """Opt-in: tensors of `torch.save`d state dicts, memory-mapped and loaded with `weights_only`."""
+    where, loaded = {}, {}
+    for file in files:
+        try:
+            state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # torch raises many types for a bad pickle
+            raise InputError(f"{file}: expected a torch state dict, could not load it ({e})") from None
+        if not isinstance(state, dict):
+            raise InputError(f"{file}: expected a torch state dict, found {type(state).__name__}")
+        loaded[file] = state
+        where.update({name: file for name in state})
+    return where, loaded
+
+
+def open_checkpoint(path: Path, allow_pickle: bool = False) -> Checkpoint:
+    """Index a checkpoint directory without reading any weights."""
+    path = Path(path)
+    if not path.is_dir():
+        found = "a file" if path.exists() else "nothing"
+        raise InputError(f"{path}: expected a Hugging Face checkpoint directory, found {found}")
+    config = read_json(path / "config.json", "the model config")
+    if config.get("auto_map"):
+        raise InputError(
+            f"{path / 'config.json'}: expected a built-in transformers architecture, found auto_map "
+            "(custom modeling code needs trust_remote_code, which the exporter refuses)"
+        )
+
+    if (path / INDEX).exists():
+        weight_map = read_json(path / INDEX, "the safetensors shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise InputError(f"{path / INDEX}: expected a non-empty 'weight_map', found {weight_map!r}")
+        files = {}
+        for shard in sorted(set(weight_map.values())):
+            names = set(_safetensors_names(path / shard))
+            files.update({n: path / shard for n, s in weight_map.items() if s == shard and n in names})
+        return Checkpoint(path, config, files)
+
+    shards = sorted(path.glob("*.safetensors"))
+    if shards:
+        return Checkpoint(path, config, {n: f for f in shards for n in _safetensors_names(f)})
+
+    pickles = sorted(p for pattern in PICKLE_PATTERNS for p in path.glob(pattern))
+    if not pickles:
+        raise InputError(f"{path}: expected *.safetensors weights, found none")
+    if not allow_pickle:
+        raise InputError(
+            f"{path}: expected *.safetensors weights, found only pickled weights ({pickles[0].name}); pickles can run "
+            "code when loaded, so they are refused: convert the checkpoint to safetensors"
+        )
+    where, loaded = _load_pickles(path, pickles)
+    return Checkpoint(path, config, where, loaded)

@@ -1,0 +1,104 @@
+"""Export a Hugging Face checkpoint to the ONNX directory `OUT/llm/` (contracts.md section 1).
+
+    python -m llm_loader.export_all_cli CKPT OUT [--fp8-embedding] [--dtype fp16]
+
+Writes model.onnx + model.onnx.data, the runtime config.json, embedding.safetensors (FP16, or FP8 with row-block
+scales) and the tokenizer with its chat template. Everything is written into a hidden sibling folder first and moved
+into place only when complete, so a failed export never leaves a half-written `OUT/llm`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from llm_loader.checkpoint import open_checkpoint
+from llm_loader.embedding import write_embedding_sidecar
+from llm_loader.errors import InputError
+from llm_loader.model_config import model_config_from_dict
+from llm_loader.onnx_graph import write_model
+from llm_loader.runtime_config import runtime_config
+from llm_loader.tokenizer_files import copy_tokenizer_files
+
+DTYPES = ("fp16",)
+
+
+def _move_into_place(work: Path, out: Path) -> None:
+    """`work/llm` becomes `out/llm` (replacing an older export); `work` becomes `out` when `out` is new."""
+    if not out.exists():
+        work.rename(out)
+        return
+    if (out / "llm").exists():
+        (out / "llm").rename(work / "llm.old")
+    (work / "llm").rename(out / "llm")
+    shutil.rmtree(work)
+
+
+def export(checkpoint_dir: Path, out_dir: Path, fp8_embedding: bool = False, dtype: str = "fp16",
+           progress: bool = False) -> Path:
+    """Export `checkpoint_dir` into `out_dir/llm` and return that path."""
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype: expected one of {DTYPES}, found {dtype!r}")
+    ckpt = open_checkpoint(checkpoint_dir)
+    if (ckpt.path / "hf_quant_config.json").exists() or "quantization_config" in ckpt.config:
+        raise InputError(f"{ckpt.path}: expected an fp16/bf16/fp32 checkpoint, found a quantized one "
+                         "(hf_quant_config.json or quantization_config); quantized export is not supported yet")
+    cfg = model_config_from_dict(ckpt.config, ckpt.path / "config.json")
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        llm = work / "llm"
+        llm.mkdir()
+        copy_tokenizer_files(ckpt.path, llm)
+        table = ckpt.tensor_fp16("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
+        write_embedding_sidecar(llm / "embedding.safetensors", table, fp8=fp8_embedding)
+        del table
+        (llm / "config.json").write_text(json.dumps(runtime_config(cfg, ckpt.config, ckpt.path), indent=2) + "\n")
+        wrap = (lambda it: tqdm(it, desc="export layers", unit="layer")) if progress else iter
+        write_model(ckpt, cfg, llm, wrap_layers=wrap)
+        for path in llm.iterdir():  # like the reference: readable by all (safetensors writes 0600)
+            path.chmod(0o644)
+        work.chmod(0o755)
+        _move_into_place(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return out / "llm"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--fp8-embedding", "--fp8_embedding", "fp8_embedding", is_flag=True,
+              help="Write embedding.safetensors as FP8 E4M3 with per-row 128-wide block scales "
+              "(model.onnx is unchanged).")
+@click.option("--dtype", type=click.Choice(DTYPES), default="fp16", show_default=True,
+              help="Weight dtype of the graph.")
+def cli(checkpoint: Path, out: Path, fp8_embedding: bool, dtype: str) -> None:
+    """Export the HF checkpoint CHECKPOINT (Llama, Qwen2, Qwen3; safetensors) to OUT/llm/."""
+    click.echo(str(export(checkpoint, out, fp8_embedding=fp8_embedding, dtype=dtype, progress=True)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; bad input and usage errors print `error: ...` to stderr and return 2."""
+    try:
+        cli.main(args=argv, prog_name="python -m llm_loader.export_all_cli", standalone_mode=False)
+    except (InputError, click.UsageError) as e:
+        message = e.format_message() if isinstance(e, click.UsageError) else str(e)
+        click.echo(f"error: {message}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The architecture facts the exporter needs, read from a Hugging Face `config.json`.
+
+One dataclass for the three supported families: Llama (SmolLM2 included), Qwen2 (Q/K/V bias) and Qwen3 (Q/K RMSNorm).
+It accepts both the transformers-5 layout (`rope_parameters`) and the older one (top-level `rope_theta`/`rope_scaling`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from llm_loader.errors import InputError
+
+SUPPORTED = ("llama", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None  # None for plain RoPE, else the HF dict (rope_type, factor, ...)
+    partial_rotary_factor: float
+    tie_word_embeddings: bool
+    attention_bias: bool  # fused Q/K/V bias (always on for Qwen2)
+    qk_norm: bool  # per-head Q/K RMSNorm inside attention (Qwen3)
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+
+def _field(config: dict, key: str, path: Path, default=None, kind=int):
+    value = config.get(key, default)
+    if value is None:
+        raise InputError(f"{path}: expected field '{key}', found none")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{path}: field '{key}' expected {kind.__name__}, found {value!r}") from None
+
+
+def _rope(config: dict, path: Path) -> tuple[float, dict | None, float]:
+    """(rope_theta, rope_scaling, partial_rotary_factor) from either config layout."""
+    params = config.get("rope_parameters")
+    if isinstance(params, dict):  # transformers 5
+        theta = params.get("rope_theta", config.get("rope_theta"))
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        scaling = None if rope_type == "default" else {k: v for k, v in params.items() if k != "rope_theta"}
+        partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    else:
+        theta = config.get("rope_theta", 10000.0)
+        scaling = config.get("rope_scaling")
+        if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
+            scaling = None
+        partial = config.get("partial_rotary_factor", 1.0)
+    if theta is None:
+        raise InputError(f"{path}: expected field 'rope_theta' (or rope_parameters.rope_theta), found none")
+    return float(theta), scaling or None, float(partial)
+
+
+def model_config_from_dict(config: dict, path: Path) -> ModelConfig:
+    """Validate and normalise a parsed HF config; `path` names the file in error messages."""
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED:
+        raise InputError(f"{path}: unknown architecture: model_type expected one of {SUPPORTED}, found {model_type!r}")
+    if config.get("hidden_act", "silu") != "silu":
+        raise InputError(f"{path}: field 'hidden_act' expected 'silu', found {config['hidden_act']!r}")
+    if config.get("mlp_bias"):
+        raise InputError(f"{path}: field 'mlp_bias' expected false (MLP biases are not supported), found true")
+    if config.get("use_sliding_window"):
+        raise InputError(f"{path}: field 'use_sliding_window' expected false (sliding window unsupported), found true")
+
+    hidden = _field(config, "hidden_size", path)
+    heads = _field(config, "num_attention_heads", path)
+    theta, scaling, partial = _rope(config, path)
+    head_dim = config.get("head_dim") or hidden // heads
+    cfg = ModelConfig(
+        model_type=model_type,
+        vocab_size=_field(config, "vocab_size", path),
+        hidden_size=hidden,
+        intermediate_size=_field(config, "intermediate_size", path),
+        num_hidden_layers=_field(config, "num_hidden_layers", path),
+        num_attention_heads=heads,
+        num_key_value_heads=_field(config, "num_key_value_heads", path, default=heads),
+        head_dim=int(head_dim),
+        max_position_embeddings=_field(config, "max_position_embeddings", path),
+        rms_norm_eps=_field(config, "rms_norm_eps", path, default=1e-6, kind=float),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        partial_rotary_factor=partial,
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        attention_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
+        qk_norm=model_type == "qwen3",
+    )
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise InputError(
+            f"{path}: num_attention_heads ({heads}) expected a multiple of num_key_value_heads, "
+            f"found {cfg.num_key_value_heads}"
+        )
+    if cfg.rotary_dim % 2 or not 0 < cfg.rotary_dim <= cfg.head_dim:
+        raise InputError(f"{path}: rotary dim head_dim*partial_rotary_factor expected even, found {cfg.rotary_dim}")
+    return cfg

@@ -1,0 +1,294 @@
+"""Read a quantized HF checkpoint: what each linear holds, its scales, and the FP8 KV cache scales per layer.
+
+Understands three layouts (docs/quantization.md has the tensor tables):
+- ModelOpt unified HF export (`hf_quant_config.json`, or `config.json` `quantization_config.quant_method ==
+  "modelopt"`): FP8 per-tensor, FP8 per-channel, FP8_PB_WO 128x128 (`weight_scale [out/128, 1, in/128, 1]`), NVFP4,
+  and MIXED_PRECISION of those; what `python -m quantization` writes.
+- Hugging Face fine-grained FP8 (`quantization_config.quant_method == "fp8"` with `weight_block_size`):
+  `weight_scale_inv [ceil(out/b), ceil(in/b)]`.
+- A plain fp16/bf16 checkpoint (every linear is "fp16").
+
+A checkpoint that claims a format for a module but does not hold its tensors raises InputError naming the tensor.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from llm_loader.errors import InputError
+from quantization import formats
+
+# ModelOpt quant_algo -> our format name
+ALGO_FORMAT = {
+    "FP8": "fp8",
+    "FP8_PER_CHANNEL_PER_TOKEN": "fp8_pc",
+    "FP8_PB_WO": "fp8_pb_wo",
+    "NVFP4": "nvfp4",
+}
+FP8 = torch.float8_e4m3fn
+
+
+@dataclass
+class QuantizedLinear:
+    """One linear as stored. `format`: fp16 | fp8 | fp8_pc | fp8_block | fp8_pb_wo | nvfp4."""
+
+    name: str
+    format: str
+    weight: torch.Tensor  # fp16/bf16 [out,in], FP8 [out,in], or NVFP4 packed uint8 [out,in/2]
+    # fp8 [], fp8_pc [out], fp8_block [ceil(out/b), ceil(in/b)] (the file's weight_scale_inv),
+    # fp8_pb_wo [out/128, 1, in/128, 1], nvfp4 FP8 [out, in/16]
+    weight_scale: torch.Tensor | None = None
+    weight_scale_2: torch.Tensor | None = None  # NVFP4 global scale
+    input_scale: torch.Tensor | None = None  # static activation scale (fp8, nvfp4)
+    bias: torch.Tensor | None = None
+    block_size: tuple[int, int] | None = None  # fp8_block / fp8_pb_wo tile, nvfp4 (1, group)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Logical ``[out, in]``."""
+        out, inp = self.weight.shape
+        return (out, inp * 2) if self.format == "nvfp4" else (out, inp)
+
+
+@dataclass
+class KvScales:
+    """FP8 KV cache dequant scales of one layer; `q_scale` is None in checkpoints that do not carry it."""
+
+    k_scale: float
+    v_scale: float
+    q_scale: float | None = None
+
+
+@dataclass
+class QuantizedCheckpoint:
+    path: Path
+    config: dict
+    quant_algo: str | None  # ModelOpt name, "FP8_BLOCK_FINE_GRAINED" for the HF layout, None for plain
+    kv_cache_quant_algo: str | None
+    exclude_modules: list[str]
+    linears: dict[str, QuantizedLinear]
+    kv_scales: dict[int, KvScales]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # everything that is not part of a linear or KV
+    kv_cache_fp16_layers: list[int] = field(default_factory=list)
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint: the files named by `model.safetensors.index.json`, else every *.safetensors."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(f.name for f in path.glob("*.safetensors"))
+    if not files:
+        raise InputError(f"{path}: expected *.safetensors weights, found none")
+    tensors = {}
+    for name in files:
+        if not (path / name).is_file():
+            raise InputError(f"{index}: names {name}, found no such file")
+        tensors.update(load_file(path / name))
+    return tensors
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: expected JSON, found a parse error at line {e.lineno}") from None
+
+
+def _metadata(path: Path, config: dict) -> dict:
+    """The `quantization` section in ModelOpt terms, from hf_quant_config.json or config.json."""
+    hf_quant = path / "hf_quant_config.json"
+    if hf_quant.is_file():
+        meta = dict(_read_json(hf_quant).get("quantization", {}))
+    else:
+        meta = dict(config.get("quantization_config") or {})
+        method = meta.get("quant_method")
+        if method not in (None, "modelopt", "fp8"):
+            raise InputError(
+                f"{path / 'config.json'}: quantization_config.quant_method: expected modelopt or fp8, found {method!r}"
+            )
+        meta.setdefault("exclude_modules", meta.get("ignore", []))
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") == "fp8":  # HF fine-grained: config.json declares the weights
+        block = qc.get("weight_block_size")
+        if not (isinstance(block, list) and len(block) == 2):
+            raise InputError(
+                f"{path / 'config.json'}: quantization_config.weight_block_size: expected [rows, cols], found {block!r}"
+            )
+        meta["quant_algo"] = "FP8_BLOCK_FINE_GRAINED"
+        meta["block_size"] = tuple(block)
+        not_converted = qc.get("modules_to_not_convert") or []
+        meta["exclude_modules"] = sorted({*(meta.get("exclude_modules") or []), *not_converted})
+    return meta
+
+
+def _expected_format(module: str, meta: dict) -> str | None:
+    """The format the metadata claims for `module`, or None if it claims none (excluded or unquantized)."""
+    algo = meta.get("quant_algo")
+    if algo is None or any(fnmatch.fnmatch(module, p) for p in meta.get("exclude_modules") or []):
+        return None
+    if algo == "MIXED_PRECISION":
+        entry = (meta.get("quantized_layers") or {}).get(module)
+        return ALGO_FORMAT.get(entry["quant_algo"]) if entry else None
+    if algo == "FP8_BLOCK_FINE_GRAINED":
+        return "fp8_block"
+    if algo not in ALGO_FORMAT:
+        raise InputError(f"quant_algo: expected one of {', '.join(ALGO_FORMAT)} or MIXED_PRECISION, found {algo!r}")
+    return ALGO_FORMAT[algo]
+
+
+def _need(tensors: dict, name: str, what: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    if name not in tensors:
+        raise InputError(f"tensor {name}: expected by {what}, found none")
+    t = tensors[name]
+    if dtype is not None and t.dtype != dtype:
+        raise InputError(f"tensor {name}: expected {dtype} for {what}, found {t.dtype}")
+    return t
+
+
+def _classify(module: str, tensors: dict) -> str:
+    """The format a module's tensors actually hold."""
+    if f"{module}.weight_scale_inv" in tensors:
+        return "fp8_block"
+    if f"{module}.weight_scale_2" in tensors:
+        return "nvfp4"
+    scale = tensors.get(f"{module}.weight_scale")
+    if scale is None:
+        return "fp16"
+    if scale.numel() == 1:
+        return "fp8"
+    return "fp8_pb_wo" if scale.dim() == 4 else "fp8_pc"
+
+
+def _check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...]) -> None:
+    if tuple(t.shape) != expected:
+        raise InputError(f"tensor {name}: expected shape {list(expected)}, found {list(t.shape)}")
+
+
+def _read_linear(module: str, fmt: str, tensors: dict, meta: dict) -> QuantizedLinear:
+    """Collect and check one module's tensors for the format it holds."""
+    what = f"format {fmt}"
+    bias = tensors.get(f"{module}.bias")
+    if fmt == "fp16":
+        return QuantizedLinear(module, fmt, tensors[f"{module}.weight"], bias=bias)
+    if fmt == "nvfp4":
+        weight = _need(tensors, f"{module}.weight", what, torch.uint8)
+        scale = _need(tensors, f"{module}.weight_scale", what, FP8)
+        group = int(meta.get("group_size") or formats.NVFP4_GROUP)
+        _check_shape(f"{module}.weight_scale", scale, (weight.shape[0], weight.shape[1] * 2 // group))
+        global_scale = _need(tensors, f"{module}.weight_scale_2", what)
+        input_scale = _need(tensors, f"{module}.input_scale", what)
+        return QuantizedLinear(module, fmt, weight, scale, global_scale, input_scale, bias, (1, group))
+
+    weight = _need(tensors, f"{module}.weight", what, FP8)
+    out, inp = weight.shape
+    input_scale, block = None, None
+    if fmt == "fp8_block":
+        scale = _need(tensors, f"{module}.weight_scale_inv", what)
+        block = tuple(meta.get("block_size") or (formats.WEIGHT_BLOCK, formats.WEIGHT_BLOCK))
+        _check_shape(f"{module}.weight_scale_inv", scale, (-(-out // block[0]), -(-inp // block[1])))
+    elif fmt == "fp8_pb_wo":
+        scale = _need(tensors, f"{module}.weight_scale", what)
+        block = (formats.WEIGHT_BLOCK, formats.WEIGHT_BLOCK)
+        _check_shape(f"{module}.weight_scale", scale, (out // 128, 1, inp // 128, 1))
+    elif fmt == "fp8_pc":
+        scale = _need(tensors, f"{module}.weight_scale", what).reshape(-1)  # [out] or [out, 1]
+        _check_shape(f"{module}.weight_scale", scale, (out,))
+    else:
+        scale = _need(tensors, f"{module}.weight_scale", what).reshape(())
+        input_scale = _need(tensors, f"{module}.input_scale", what)
+    return QuantizedLinear(module, fmt, weight, scale.float(), None, input_scale, bias, block)
+
+
+SCALE_SUFFIXES = ("weight_scale", "weight_scale_inv", "weight_scale_2", "input_scale")
+KV_SUFFIXES = ("k_proj.k_scale", "v_proj.v_scale", "q_proj.q_scale")
+
+
+def read_quantized_checkpoint(path: Path | str) -> QuantizedCheckpoint:
+    """Read `path` (any layout above) and check that every module holds the format the metadata claims."""
+    path = Path(path)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise InputError(f"{config_path}: expected the HF config, found no such file")
+    config = _read_json(config_path)
+    meta = _metadata(path, config)
+    tensors = load_tensors(path)
+    # linears: modules with a 2-D weight, minus embedding tables
+    modules = sorted(
+        n.removesuffix(".weight")
+        for n, t in tensors.items()
+        if n.endswith(".weight") and t.dim() == 2 and "embed" not in n
+    )
+    try:
+        linears = {}
+        for module in modules:
+            expected, actual = _expected_format(module, meta), _classify(module, tensors)
+            if expected is not None and actual != expected:
+                missing = {"fp8_block": "weight_scale_inv", "nvfp4": "weight_scale_2"}.get(expected, "weight_scale")
+                raise InputError(
+                    f"tensor {module}.{missing}: expected by quant_algo {meta.get('quant_algo')} "
+                    f"(format {expected}), found a {actual} module"
+                )
+            linears[module] = _read_linear(module, actual, tensors, meta)
+        kv_scales, fp16_layers = _read_kv(tensors, meta, config)
+    except InputError as e:
+        raise InputError(f"{path}: {e}") from None
+    used = {f"{m}.{s}" for m in modules for s in ("weight", "bias", *SCALE_SUFFIXES)}
+    rest = {n: t for n, t in tensors.items() if n not in used and not n.endswith(KV_SUFFIXES)}
+    return QuantizedCheckpoint(
+        path,
+        config,
+        meta.get("quant_algo"),
+        meta.get("kv_cache_quant_algo"),
+        list(meta.get("exclude_modules") or []),
+        linears,
+        kv_scales,
+        rest,
+        fp16_layers,
+    )
+
+
+def _read_kv(tensors: dict, meta: dict, config: dict) -> tuple[dict[int, KvScales], list[int]]:
+    """Per-layer k/v (and q) scales; with FP8 KV every layer not kept in fp16 must have k and v scales."""
+    fp8 = str(meta.get("kv_cache_quant_algo") or "").upper() == "FP8"
+    fp16_layers = sorted(meta.get("kv_cache_fp16_layers") or [])
+    scales = {}
+    for layer in range(int(config.get("num_hidden_layers", 0))):
+        prefix = f"model.layers.{layer}.self_attn"
+        k, v, q = (tensors.get(f"{prefix}.{p}") for p in ("k_proj.k_scale", "v_proj.v_scale", "q_proj.q_scale"))
+        if fp8 and layer not in fp16_layers:
+            for name, t in ((f"{prefix}.k_proj.k_scale", k), (f"{prefix}.v_proj.v_scale", v)):
+                if t is None:
+                    raise InputError(f"tensor {name}: expected by kv_cache_quant_algo FP8, found none")
+        if k is not None and v is not None:
+            scales[layer] = KvScales(_scalar(k), _scalar(v), None if q is None else _scalar(q))
+    return scales, fp16_layers
+
+
+def _scalar(t: torch.Tensor) -> float:
+    return float(t.float().reshape(-1)[0])
+
+
+def dequantize_linear(linear: QuantizedLinear) -> torch.Tensor:
+    """fp32 ``[out, in]`` weight the stored tensors stand for (the fake-quant reference)."""
+    w, s = linear.weight, linear.weight_scale
+    if linear.format == "fp16":
+        return w.float()
+    if linear.format == "fp8":
+        return w.float() * s.float()
+    if linear.format == "fp8_pc":
+        return w.float() * s.float()[:, None]
+    if linear.format == "fp8_block":
+        return formats.dequantize_fp8_block(w, s, linear.block_size)
+    if linear.format == "fp8_pb_wo":
+        return formats.dequantize_fp8_block(w, s.reshape(s.shape[0], s.shape[2]), linear.block_size)
+    if linear.format == "nvfp4":
+        return formats.dequantize_nvfp4(w, s, linear.weight_scale_2, linear.block_size[1])
+    raise ValueError(f"unknown format {linear.format}")

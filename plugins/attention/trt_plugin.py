@@ -1,0 +1,148 @@
+"""`trt_edgellm::AttentionPlugin` as a TensorRT Python plugin (`tensorrt.plugin`, TensorRT >= 10.6).
+
+Importing this module never needs TensorRT; `register()` does the registration and returns False without it. What
+the plugin decides (attributes -> AttentionAttrs, input dtypes, output shape) lives in plain functions that CI tests;
+the registered functions only translate between TensorRT descriptors and those functions.
+
+Two facts of `tensorrt.plugin` shape the registration:
+- A plugin has a fixed input list, so it always takes the seven inputs `qkv, past_key_value, context_lengths,
+  rope_rotary_cos_sin, kvcache_start_index, q_norm_gamma, k_norm_gamma`. For a layer without QK-norm
+  (`enable_qk_norm=0`, five inputs in the ONNX contract) the TensorRT builder appends two fp16 `[head_size]`
+  placeholders; the kernels never read them.
+- The TensorRT ONNX parser finds the plugin by op type plus a string attribute `plugin_namespace="trt_edgellm"` on
+  the node; the builder adds it (ONNX Runtime never sees it).
+`present_key_value` is declared aliased to `past_key_value`: the kernels write the new K/V into the cache in place.
+No annotations are postponed here (`tensorrt.plugin` reads the real type hints of the decorated functions).
+"""
+
+import math
+
+import numpy as np
+
+from llm_loader.errors import InputError
+from plugins.attention.schema import AttentionAttrs
+
+PLUGIN_ID = "trt_edgellm::AttentionPlugin"
+INPUT_NAMES = (
+    "qkv", "past_key_value", "context_lengths", "rope_rotary_cos_sin", "kvcache_start_index", "q_norm_gamma",
+    "k_norm_gamma",
+)
+
+# TensorRT DataType names -> what torch calls them, and the `__cuda_array_interface__` typestr of their bytes
+TORCH_DTYPE_NAMES = {"HALF": "float16", "FLOAT": "float32", "INT32": "int32", "INT64": "int64", "FP8": "float8_e4m3fn"}
+CUDA_TYPESTR = {"HALF": "<f2", "FLOAT": "<f4", "INT32": "<i4", "INT64": "<i8", "FP8": "|u1"}
+
+_registered = False
+
+
+def attrs_from_fields(
+    num_q_heads, num_kv_heads, head_size, attention_scale, enable_fp8_kv_cache, qkv_scales, enable_qk_norm,
+    rms_norm_eps, sliding_window_size=-1, enable_tree_attention=0,
+) -> AttentionAttrs:
+    """The plugin's attributes as TensorRT hands them over (ints, floats, a float32 array), checked."""
+    where = f"{PLUGIN_ID} attributes"
+    if int(sliding_window_size) != -1:
+        raise InputError(f"{where}: expected sliding_window_size -1 (off), found {sliding_window_size}")
+    if int(enable_tree_attention) != 0:
+        raise InputError(f"{where}: expected enable_tree_attention 0, found {enable_tree_attention}")
+    hq, hkv, d = int(num_q_heads), int(num_kv_heads), int(head_size)
+    if hkv <= 0 or hq % hkv:
+        raise InputError(f"{where}: expected num_q_heads a multiple of num_kv_heads, found {hq} and {hkv}")
+    if d not in (64, 128):
+        raise InputError(f"{where}: expected head_size 64 or 128 (the GPU kernels' tile sizes), found {d}")
+    scales = tuple(float(s) for s in np.asarray(qkv_scales, dtype=np.float32).reshape(-1))
+    if len(scales) != 3 or not all(s > 0 and math.isfinite(s) for s in scales):
+        raise InputError(f"{where}: expected qkv_scales of 3 positive floats, found {list(scales)}")
+    return AttentionAttrs(
+        num_q_heads=hq, num_kv_heads=hkv, head_size=d, attention_scale=float(attention_scale),
+        enable_fp8_kv_cache=bool(enable_fp8_kv_cache), qkv_scales=scales, enable_qk_norm=bool(enable_qk_norm),
+        rms_norm_eps=float(rms_norm_eps),
+    )
+
+
+def expected_input_dtypes(attrs: AttentionAttrs) -> tuple[str, ...]:
+    """TensorRT DataType names of the seven inputs, in order."""
+    cache = "FP8" if attrs.enable_fp8_kv_cache else "HALF"
+    return ("HALF", cache, "INT32", "FLOAT", "INT32", "HALF", "HALF")
+
+
+def check_input_dtypes(dtype_names, attrs: AttentionAttrs) -> None:
+    for name, want, found in zip(INPUT_NAMES, expected_input_dtypes(attrs), dtype_names, strict=True):
+        if want != found:
+            raise InputError(f"{PLUGIN_ID} input {name}: expected {want}, found {found}")
+
+
+def attn_output_shape(qkv_shape, attrs: AttentionAttrs) -> tuple:
+    """`attn [B, S, Hq, D]` from `qkv [B, S, (Hq + 2 Hkv) D]`; B and S may be TensorRT shape expressions."""
+    return (qkv_shape[0], qkv_shape[1], attrs.num_q_heads, attrs.head_size)
+
+
+def as_torch(tensor):
+    """A zero-copy torch view of a `tensorrt.plugin.Tensor` on the GPU (FP8 goes through its bytes)."""
+    import torch
+
+    name = tensor.dtype.name
+
+    class _Buffer:
+        __cuda_array_interface__ = {
+            "shape": tuple(int(n) for n in tensor.shape), "typestr": CUDA_TYPESTR[name],
+            "data": (int(tensor.data_ptr), False), "version": 3, "strides": None,
+        }
+
+    return torch.as_tensor(_Buffer(), device="cuda").view(getattr(torch, TORCH_DTYPE_NAMES[name]))
+
+
+def register() -> bool:
+    """Register the plugin with `tensorrt.plugin` (once); False when TensorRT is not installed."""
+    global _registered
+    if _registered:
+        return True
+    try:
+        import tensorrt as trt
+        import tensorrt.plugin as trtp
+    except ImportError:
+        return False
+    from typing import Tuple
+
+    import numpy.typing as npt
+
+    @trtp.register(PLUGIN_ID)
+    def _describe(
+        qkv: trtp.TensorDesc, past_key_value: trtp.TensorDesc, context_lengths: trtp.TensorDesc,
+        rope_rotary_cos_sin: trtp.TensorDesc, kvcache_start_index: trtp.TensorDesc, q_norm_gamma: trtp.TensorDesc,
+        k_norm_gamma: trtp.TensorDesc, num_q_heads: int, num_kv_heads: int, head_size: int, attention_scale: float,
+        enable_fp8_kv_cache: int, qkv_scales: npt.NDArray[np.float32], enable_qk_norm: int, rms_norm_eps: float,
+        sliding_window_size: int, enable_tree_attention: int,
+    ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
+        attrs = attrs_from_fields(
+            num_q_heads, num_kv_heads, head_size, attention_scale, enable_fp8_kv_cache, qkv_scales, enable_qk_norm,
+            rms_norm_eps, sliding_window_size, enable_tree_attention,
+        )
+        inputs = (qkv, past_key_value, context_lengths, rope_rotary_cos_sin, kvcache_start_index, q_norm_gamma, k_norm_gamma)
+        check_input_dtypes([t.dtype.name for t in inputs], attrs)
+        attn = trtp.from_shape_expr(attn_output_shape(qkv.shape_expr, attrs), dtype=trt.float16)
+        return attn, past_key_value.aliased()
+
+    @trtp.impl(PLUGIN_ID)
+    def _run(
+        qkv: trtp.Tensor, past_key_value: trtp.Tensor, context_lengths: trtp.Tensor, rope_rotary_cos_sin: trtp.Tensor,
+        kvcache_start_index: trtp.Tensor, q_norm_gamma: trtp.Tensor, k_norm_gamma: trtp.Tensor, num_q_heads: int,
+        num_kv_heads: int, head_size: int, attention_scale: float, enable_fp8_kv_cache: int,
+        qkv_scales: npt.NDArray[np.float32], enable_qk_norm: int, rms_norm_eps: float,
+        outputs: Tuple[trtp.Tensor], stream: int,
+    ) -> None:
+        import torch
+
+        from plugins.attention.triton_kernels import attention_forward
+
+        attrs = attrs_from_fields(
+            num_q_heads, num_kv_heads, head_size, attention_scale, enable_fp8_kv_cache, qkv_scales, enable_qk_norm,
+            rms_norm_eps,
+        )
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            views = [as_torch(t) for t in (qkv, past_key_value, context_lengths, rope_rotary_cos_sin,
+                                            kvcache_start_index, q_norm_gamma, k_norm_gamma)]
+            attention_forward(*views, attrs, out=as_torch(outputs[0]))  # outputs[1] aliases past: written in place
+
+    _registered = True
+    return True

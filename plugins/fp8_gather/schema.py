@@ -1,0 +1,32 @@
+"""`trt_edgellm::Fp8Gather`: the FP8 embedding lookup node (contracts.md section 3.2).
+
+`table` FLOAT8E4M3FN `[V,H]`, `scale` fp32 `[V, ceil(H/block_size)]`, `input_ids` int32 `[B,S]` -> fp16 `[B,S,H]`.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from llm_loader.errors import InputError
+
+DOMAIN = "trt_edgellm"
+OP_TYPE = "Fp8Gather"
+OPSET = onnx.helper.make_opsetid(DOMAIN, 1)
+DEFAULT_BLOCK_SIZE = 128
+
+
+def make_node(table: str, scale: str, input_ids: str, output: str, *, name: str, block_size: int = DEFAULT_BLOCK_SIZE) -> onnx.NodeProto:
+    return onnx.helper.make_node(
+        OP_TYPE, [table, scale, input_ids], [output], name=name, domain=DOMAIN, block_size=int(block_size)
+    )
+
+
+def read_block_size(node: onnx.NodeProto) -> int:
+    """The node's `block_size`, checked."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    block = int(attrs.get("block_size", DEFAULT_BLOCK_SIZE))
+    if block <= 0:
+        raise InputError(f"Fp8Gather node {node.name!r}: expected a positive block_size, found {block}")
+    if len(node.input) != 3:
+        raise InputError(f"Fp8Gather node {node.name!r}: expected 3 inputs (table, scale, input_ids), found {len(node.input)}")
+    return block

@@ -1,0 +1,115 @@
+"""Replace every `trt_edgellm` node with standard ONNX (opset 23) / `com.microsoft` ops that ONNX Runtime runs on CPU.
+
+Each op package exports `ORT_LOWERING = {(domain, op_type): lower_fn}`; a `lower_fn(node, ctx)` returns the nodes
+that replace `node` and may add initializers, shared nodes (built once per graph, e.g. the attention mask) and
+graph input/output shape changes through `ctx`. The caller saves the returned model (external data stays as is).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import onnx
+from onnx import helper
+
+from llm_loader.errors import InputError
+
+CUSTOM_DOMAIN = "trt_edgellm"
+MS_DOMAIN = "com.microsoft"
+ONNX_OPSET = 23
+
+
+class LoweringContext:
+    """What a lowering function may touch: fresh names, new initializers, shared sub-graphs, graph I/O shapes."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.inputs = {v.name: v for v in graph.input}
+        self.outputs = {v.name: v for v in graph.output}
+        self.initializers = {t.name for t in graph.initializer}
+        self.new_initializers: list[onnx.TensorProto] = []
+        self.pending: list[onnx.NodeProto] = []  # shared nodes to place before the node being lowered
+        self.shared: dict[tuple, object] = {}
+        self.used_domains: set[str] = set()
+        self._names = {n for n in self.inputs} | self.initializers | {o for node in graph.node for o in node.output}
+        self._counter = 0
+
+    def name(self, hint: str) -> str:
+        """A tensor/node name not yet used in the graph."""
+        while True:
+            self._counter += 1
+            candidate = f"{hint}__{self._counter}"
+            if candidate not in self._names:
+                self._names.add(candidate)
+                return candidate
+
+    def const(self, hint: str, tensor: onnx.TensorProto) -> str:
+        tensor.name = self.name(hint)
+        self.new_initializers.append(tensor)
+        return tensor.name
+
+    def shared_value(self, key: tuple, build: Callable[[], object]) -> object:
+        """`build()` once per graph for `key`; its nodes must go to `ctx.pending`."""
+        if key not in self.shared:
+            self.shared[key] = build()
+        return self.shared[key]
+
+    def set_dim(self, value_name: str, axis: int, dim_param: str) -> None:
+        """Rename one dim of a graph input or output to a symbolic dim (no-op for inner tensors)."""
+        info = self.inputs.get(value_name) or self.outputs.get(value_name)
+        if info is None or not info.type.tensor_type.HasField("shape"):
+            return
+        dim = info.type.tensor_type.shape.dim[axis]
+        dim.Clear()
+        dim.dim_param = dim_param
+
+
+def _registry() -> dict[tuple[str, str], Callable]:
+    from plugins.attention.ort_lowering import ORT_LOWERING as attention
+    from plugins.fp8_gather.ort_lowering import ORT_LOWERING as fp8_gather
+
+    return {**attention, **fp8_gather}
+
+
+def lower_for_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` with every `trt_edgellm` node lowered; raises InputError for a custom op it does not know."""
+    lowered = onnx.ModelProto()
+    lowered.CopyFrom(model)  # no serialization: works past protobuf's 2 GB limit and keeps external data references
+    model = lowered
+    graph = model.graph
+    registry = _registry()
+    ctx = LoweringContext(graph)
+    nodes: list[onnx.NodeProto] = []
+    replaced_outputs: set[str] = set()
+    for node in graph.node:
+        if node.domain != CUSTOM_DOMAIN:
+            nodes.append(node)
+            continue
+        lower = registry.get((node.domain, node.op_type))
+        if lower is None:
+            known = ", ".join(sorted(f"{d}::{o}" for d, o in registry))
+            raise InputError(f"node {node.name!r}: expected a known custom op ({known}), found {node.domain}::{node.op_type}")
+        new_nodes = lower(node, ctx)
+        nodes.extend(ctx.pending)
+        ctx.pending.clear()
+        nodes.extend(new_nodes)
+        replaced_outputs.update(node.output)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(ctx.new_initializers)
+    # shapes inferred for the custom op's outputs may no longer hold (the ORT KV contract changes them)
+    kept = [v for v in graph.value_info if v.name not in replaced_outputs]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    _fix_opsets(model, ctx.used_domains)
+    return model
+
+
+def _fix_opsets(model: onnx.ModelProto, used_domains: set[str]) -> None:
+    imports = {o.domain: o.version for o in model.opset_import if o.domain not in (CUSTOM_DOMAIN, "ai.onnx")}
+    imports[""] = max(imports.get("", ONNX_OPSET), ONNX_OPSET)
+    if MS_DOMAIN in used_domains:
+        imports.setdefault(MS_DOMAIN, 1)
+    del model.opset_import[:]
+    model.opset_import.extend(helper.make_opsetid(d, v) for d, v in sorted(imports.items()))
+    model.ir_version = max(model.ir_version, 10)

@@ -1,0 +1,109 @@
+"""Calibration: run text through the HF model and keep the running max |x| that the static scales need.
+
+Two kinds of amax, both over real tokens only (the batch's attention mask drops right padding, which the reference
+lets into its calibrators):
+- the input of each quantized linear (`input_scale` of FP8 and NVFP4);
+- the post-RoPE (and, for Qwen3, post-QK-norm) Q, K and V of every layer (the FP8 KV cache's q/k/v scales). These
+  exist only inside HF's attention forward, so we register an attention function with `transformers`'
+  `AttentionInterface` that records them and then runs the stock SDPA attention.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from tqdm import tqdm
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from quantization.datasets import Batch
+
+ATTN_IMPL = "edgellm_calibration"
+
+
+@dataclass
+class Calibration:
+    """amax per linear input (module name -> float) and per layer post-RoPE q/k/v (layer -> (q, k, v))."""
+
+    input_amax: dict[str, float] = field(default_factory=dict)
+    qkv_amax: dict[int, tuple[float, float, float]] = field(default_factory=dict)
+    num_tokens: int = 0
+
+
+class _Observer:
+    """Holds the current batch's token mask and folds each observed tensor's masked amax into a running max."""
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None  # bool [B, S]
+        self.input_amax: dict[str, torch.Tensor] = {}
+        self.qkv_amax: dict[int, torch.Tensor] = {}
+
+    def tokens_amax(self, x: torch.Tensor) -> torch.Tensor:
+        """max |x| over the real tokens of a ``[B, S, ...]`` tensor."""
+        return x[self.mask].detach().abs().amax().float()
+
+    def update(self, table: dict, key, value: torch.Tensor) -> None:
+        table[key] = value if key not in table else torch.maximum(table[key], value)
+
+
+def _calibration_attention(module, query, key, value, attention_mask, **kwargs):
+    """SDPA attention that first records amax of q/k/v ``[B, H, S, D]`` (post-RoPE, before the GQA repeat)."""
+    observer: _Observer | None = getattr(module, "_edgellm_observer", None)
+    if observer is not None:
+        amax = torch.stack([observer.tokens_amax(t.transpose(1, 2)) for t in (query, key, value)])
+        observer.update(observer.qkv_amax, module.layer_idx, amax)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTN_IMPL, _calibration_attention)
+AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
+
+
+@contextmanager
+def _observing(model, linear_names: Iterable[str], observer: _Observer, kv: bool):
+    """Install the hooks (and the recording attention) for the duration of the block, then restore the model."""
+    modules = dict(model.named_modules())
+    handles = []
+    for name in linear_names:
+
+        def hook(_module, args, name=name):
+            observer.update(observer.input_amax, name, observer.tokens_amax(args[0]))
+
+        handles.append(modules[name].register_forward_pre_hook(hook))
+    attention = [m for m in modules.values() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")] if kv else []
+    previous_impl = model.config._attn_implementation
+    for m in attention:
+        m._edgellm_observer = observer
+    if kv:
+        model.set_attn_implementation(ATTN_IMPL)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m in attention:
+            del m._edgellm_observer
+        if kv:
+            model.set_attn_implementation(previous_impl)
+
+
+@torch.no_grad()
+def calibrate(model, batches: list[Batch], linear_names: Iterable[str], kv: bool) -> Calibration:
+    """Run `batches` through `model` (no KV cache) and return the amax of the named linears' inputs and of q/k/v."""
+    observer = _Observer()
+    device = next(model.parameters()).device
+    num_tokens = 0
+    with _observing(model, list(linear_names), observer, kv):
+        for batch in tqdm(batches, desc="calibrating", unit="batch"):
+            observer.mask = batch.attention_mask.to(device).bool()
+            num_tokens += int(observer.mask.sum())
+            model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
+    return Calibration(
+        input_amax={k: float(v) for k, v in observer.input_amax.items()},
+        qkv_amax={k: tuple(float(x) for x in v) for k, v in sorted(observer.qkv_amax.items())},
+        num_tokens=num_tokens,
+    )

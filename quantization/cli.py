@@ -1,0 +1,209 @@
+"""`python -m quantization llm|draft`: HF checkpoint in, quantized checkpoint (ModelOpt unified HF layout) out.
+
+    python -m quantization llm --model_dir M --output_dir Q --quantization nvfp4 --kv_cache_quantization fp8
+
+Steps: check the inputs, load the model (fp32 on CPU, fp16 on CUDA), calibrate only what needs static scales
+(input amax for fp8/nvfp4, post-RoPE q/k/v amax for the FP8 KV cache), quantize the weights, write the directory
+atomically, print and save the calibration report.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import torch
+
+from llm_loader.errors import InputError
+from quantization import checkpoint_writer as writer
+from quantization.datasets import DEFAULT_DATASET, load_texts, make_batches
+from quantization.report import build_report, format_table
+
+REPORT_FILE = "quantization_report.json"
+CHARS_PER_TOKEN = 4  # how much text a sample needs to fill --max_seq_len tokens
+
+
+@dataclass
+class LlmOptions:
+    model_dir: Path
+    output_dir: Path
+    quantization: str = "fp8"
+    kv_cache_quantization: str | None = None
+    lm_head_quantization: str | None = None
+    kv_cache_fp16_layers: list[int] = field(default_factory=list)
+    text_dataset: str = DEFAULT_DATASET
+    num_samples: int = 512
+    max_seq_len: int = 512
+    batch_size: int = 4
+    device: str = "cpu"
+    seed: int = 0
+    max_shard_bytes: int = writer.DEFAULT_MAX_SHARD_BYTES
+
+
+def _check_choice(flag: str, value: str | None, choices: tuple[str, ...]) -> None:
+    if value is not None and value not in choices:
+        raise InputError(f"{flag}: expected one of {', '.join(choices)}, found {value!r}")
+
+
+def check_options(o: LlmOptions) -> None:
+    """Everything that can be rejected before a model is loaded."""
+    _check_choice("--quantization", o.quantization, writer.METHODS)
+    _check_choice("--kv_cache_quantization", o.kv_cache_quantization, ("fp8",))
+    _check_choice("--lm_head_quantization", o.lm_head_quantization, writer.LM_HEAD_METHODS)
+    if o.lm_head_quantization and o.quantization == "fp8_block":
+        raise InputError("--lm_head_quantization: expected none with --quantization fp8_block (one layout per file)")
+    if o.kv_cache_fp16_layers and o.kv_cache_quantization != "fp8":
+        raise InputError("--kv_cache_fp16_layers: expected --kv_cache_quantization fp8 with it, found none")
+    counts = {"--num_samples": o.num_samples, "--max_seq_len": o.max_seq_len, "--batch_size": o.batch_size}
+    for flag, value in counts.items():
+        if value < 1:
+            raise InputError(f"{flag}: expected a positive integer, found {value}")
+    if o.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: expected a CUDA GPU, found none")
+    config = o.model_dir / "config.json"
+    if not config.is_file():
+        raise InputError(f"{config}: expected the HF config of --model_dir, found no such file")
+    if not any(o.model_dir.glob("*.safetensors")) and not any(o.model_dir.glob("pytorch_model*.bin")):
+        raise InputError(f"{o.model_dir}: expected *.safetensors weights, found none")
+    if "quantization_config" in json.loads(config.read_text()) or (o.model_dir / "hf_quant_config.json").exists():
+        raise InputError(f"{o.model_dir}: expected an unquantized checkpoint, found a quantization config")
+    if o.output_dir.resolve() == o.model_dir.resolve():
+        raise InputError(f"--output_dir {o.output_dir}: expected a directory other than --model_dir")
+
+
+def check_finite(state_dict: dict[str, torch.Tensor], model_dir: Path) -> None:
+    """NaN or Inf in a weight would silently poison every scale computed from it."""
+    for name, t in state_dict.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            kind = "NaN" if torch.isnan(t).any() else "Inf"
+            raise InputError(f"{model_dir}: tensor {name}: expected finite values, found {kind}")
+
+
+def quantization_plan(model, o: LlmOptions) -> dict[str, str]:
+    """Module name -> method for every linear that gets quantized: the decoder layers' linears, lm_head on request."""
+    plan = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if name == "lm_head" or name.endswith(".lm_head"):
+            if o.lm_head_quantization:
+                plan[name] = o.lm_head_quantization
+        elif ".layers." in name and o.quantization != "none":
+            plan[name] = o.quantization
+    return plan
+
+
+def parse_layers(value: str | None) -> list[int]:
+    """"0, 27" -> [0, 27]."""
+    try:
+        return sorted({int(v) for v in (value or "").split(",") if v.strip()})
+    except ValueError:
+        raise InputError(f"--kv_cache_fp16_layers: expected comma-separated layer indices, found {value!r}") from None
+
+
+def quantize_llm(o: LlmOptions) -> dict:
+    """The `llm` subcommand; returns the calibration report."""
+    from quantization.calibrate import Calibration, calibrate
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_options(o)
+    kv_fp8 = o.kv_cache_quantization == "fp8"
+    methods = {o.quantization, o.lm_head_quantization}
+    needs_calibration = kv_fp8 or any(m and writer.needs_input_amax(m) for m in methods)
+    texts = []
+    if needs_calibration:  # before loading the model, so a bad dataset fails fast
+        texts = load_texts(o.text_dataset, o.num_samples, o.max_seq_len * CHARS_PER_TOKEN, o.seed)
+
+    torch.manual_seed(o.seed)
+    dtype = torch.float16 if o.device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(o.model_dir, dtype=dtype, attn_implementation="sdpa").to(o.device)
+    model.eval()
+    num_layers = model.config.num_hidden_layers
+    bad = [i for i in o.kv_cache_fp16_layers if not 0 <= i < num_layers]
+    if bad:
+        raise InputError(f"--kv_cache_fp16_layers: expected layer indices in [0, {num_layers}), found {bad}")
+    check_finite(model.state_dict(), o.model_dir)
+
+    plan = quantization_plan(model, o)
+    calib = Calibration()
+    if needs_calibration:
+        tokenizer = AutoTokenizer.from_pretrained(o.model_dir)
+        batches = list(make_batches(tokenizer, texts, o.max_seq_len, o.batch_size))
+        static = [m for m, meth in plan.items() if writer.needs_input_amax(meth)]
+        calib = calibrate(model, batches, static, kv=kv_fp8)
+
+    state_dict = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    config = json.loads((o.model_dir / "config.json").read_text())
+    lm_head = [m for m in plan if m.endswith("lm_head")]
+    if config.get("tie_word_embeddings"):
+        if lm_head:  # a quantized lm_head can no longer share the fp16 embedding table
+            config["tie_word_embeddings"] = False
+        else:
+            state_dict.pop("lm_head.weight", None)
+    kv_scales = {i: a for i, a in calib.qkv_amax.items() if i not in o.kv_cache_fp16_layers} if kv_fp8 else {}
+    qt = writer.quantize_state_dict(state_dict, plan, calib.input_amax, kv_scales)
+
+    all_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    quant_config = writer.hf_quant_config(qt, all_linears, kv_fp8, o.kv_cache_fp16_layers)
+    if o.quantization == "fp8_block":
+        config["quantization_config"] = writer.fine_grained_fp8_config(quant_config["quantization"]["exclude_modules"])
+    report = build_report(calib, o.quantization, kv_fp8, o.kv_cache_fp16_layers, qt.excluded, len(texts))
+    writer.write_checkpoint(
+        o.output_dir,
+        qt.tensors,
+        config,
+        quant_config,
+        o.model_dir,
+        extra_files={REPORT_FILE: json.dumps(report, indent=2)},
+        max_shard_bytes=o.max_shard_bytes,
+    )
+    return report
+
+
+@click.group()
+def cli() -> None:
+    """Quantize Hugging Face checkpoints to FP8 / NVFP4 with an optional calibrated FP8 KV cache."""
+
+
+@cli.command()
+@click.option("--model_dir", required=True, type=click.Path(path_type=Path), help="HF checkpoint (fp16/bf16).")
+@click.option("--output_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--quantization", default="fp8", show_default=True, help="fp8 | fp8_pc | fp8_block | nvfp4 | none")
+@click.option("--kv_cache_quantization", default=None, help="fp8: calibrated per-layer q/k/v scales.")
+@click.option("--lm_head_quantization", default=None, help="fp8 | nvfp4 (lm_head stays fp16 otherwise).")
+@click.option("--kv_cache_fp16_layers", default=None, help="Comma-separated layers whose KV stays fp16, e.g. 0,27.")
+@click.option("--text_dataset", default=DEFAULT_DATASET, show_default=True, help="Name or .txt/.jsonl/.json path.")
+@click.option("--num_samples", default=512, show_default=True, type=int)
+@click.option("--max_seq_len", default=512, show_default=True, type=int)
+@click.option("--batch_size", default=4, show_default=True, type=int)
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--seed", default=0, show_default=True, type=int, help="Picks the calibration samples.")
+def llm(model_dir, output_dir, kv_cache_fp16_layers, **kwargs) -> None:
+    """Quantize a causal LM checkpoint."""
+    layers = parse_layers(kv_cache_fp16_layers)
+    report = quantize_llm(LlmOptions(model_dir, output_dir, kv_cache_fp16_layers=layers, **kwargs))
+    table = format_table(report)
+    if table:
+        click.echo(table)
+    click.echo(f"wrote {output_dir} ({report['quantization']}, kv cache {report['kv_cache_quantization'] or 'fp16'})")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def draft() -> None:
+    """Quantize an EAGLE3 draft with the base model's calibration hidden states (not implemented yet)."""
+    raise InputError("draft: not implemented yet; quantize the base with `llm` and export the draft in fp16")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: bad input of any kind -> `error: <message>` on stderr, exit code 2, no output directory."""
+    try:
+        cli.main(args=argv, prog_name="python -m quantization", standalone_mode=False)
+    except (InputError, click.ClickException) as e:
+        message = e.format_message() if isinstance(e, click.ClickException) else str(e)
+        click.echo(f"error: {message}", err=True)
+        sys.exit(2)
+    except click.Abort:
+        sys.exit(130)

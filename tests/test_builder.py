@@ -1,0 +1,220 @@
+"""llm-build: detection, disagreement errors, profiles and the engine directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from builder.cli import main as llm_build
+from builder.cli import resolve_backend
+from builder.detect import detect
+from builder.engine_dir import load_engine_config
+from builder.profiles import Limits, ModelDims, embedding_profiles, llm_profiles, validate_limits
+from conftest import make_tiny_checkpoint
+from llm_loader.errors import InputError
+from llm_loader.export_all_cli import export
+
+LIMITS = Limits(max_batch_size=4, max_input_len=1024, max_kv_cache_capacity=4096)
+DIMS = ModelDims(num_layers=3, hidden_size=576, num_kv_heads=3, head_dim=64, rotary_dim=64)
+
+
+def test_profiles_cover_every_input_with_ordered_shapes():
+    context, generation = llm_profiles(LIMITS, DIMS)
+    assert (context.name, generation.name) == ("context", "generation")
+    expected = {"inputs_embeds", "context_lengths", "kvcache_start_index", "rope_rotary_cos_sin", "last_token_ids",
+                "past_key_values_0", "past_key_values_1", "past_key_values_2"}
+    for profile in (context, generation):
+        assert set(profile.shapes) == expected
+        for name, (lo, opt, hi) in profile.shapes.items():
+            assert len(lo) == len(opt) == len(hi), name
+            assert all(1 <= a <= b <= c for a, b, c in zip(lo, opt, hi)), (profile.name, name, lo, opt, hi)
+
+
+def test_profiles_match_the_limits():
+    context, generation = llm_profiles(LIMITS, DIMS)
+    assert context.shapes["inputs_embeds"] == ((1, 1, 576), (4, 512, 576), (4, 1024, 576))
+    assert generation.shapes["inputs_embeds"] == ((1, 1, 576), (4, 1, 576), (4, 1, 576))
+    for profile in (context, generation):
+        assert profile.shapes["past_key_values_1"] == ((1, 2, 3, 4096, 64), (4, 2, 3, 4096, 64), (4, 2, 3, 4096, 64))
+        assert profile.shapes["rope_rotary_cos_sin"] == ((1, 4096, 64),) * 3
+        assert profile.shapes["context_lengths"][2] == (4,)
+        assert profile.shapes["last_token_ids"][2] == (4, 1)
+    (lookup,) = embedding_profiles(LIMITS)
+    assert lookup.shapes == {"input_ids": ((1, 1), (4, 512), (4, 1024))}
+
+
+def test_generation_profile_grows_with_speculative_tokens():
+    _, generation = llm_profiles(LIMITS, DIMS, gen_tokens=60)
+    assert generation.shapes["inputs_embeds"][2] == (4, 60, 576)
+
+
+@pytest.mark.parametrize("limits, flag", [
+    (Limits(0, 16, 64), "--maxBatchSize"),
+    (Limits(1, 0, 64), "--maxInputLen"),
+    (Limits(1, 128, 64), "--maxKVCacheCapacity"),
+])
+def test_impossible_limits_are_input_errors(limits, flag):
+    with pytest.raises(InputError, match=flag):
+        validate_limits(limits)
+
+
+# --- detection and the CLI on real (tiny) exports -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, smollm2_checkpoint) -> dict[str, Path]:
+    """One tiny llama checkpoint exported twice: FP16 and FP8 embedding."""
+    root = tmp_path_factory.mktemp("exports")
+    ckpt = make_tiny_checkpoint("llama", root / "ckpt", smollm2_checkpoint)
+    return {"fp16": export(ckpt, root / "fp16"), "fp8": export(ckpt, root / "fp8", fp8_embedding=True)}
+
+
+@pytest.fixture
+def onnx_dir(exports, tmp_path) -> Path:
+    """A private copy of the FP16 export that a test may edit."""
+    return Path(shutil.copytree(exports["fp16"], tmp_path / "llm"))
+
+
+def make_fp8_kv(onnx_dir: Path, inputs: bool = True, plugins: bool = True, config: bool = True) -> None:
+    """Edit an export's KV-cache witnesses to FP8, each on request (graph only; the weights file is untouched)."""
+    path = onnx_dir / "model.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    for value in [*model.graph.input, *model.graph.output]:
+        if inputs and "key_values_" in value.name:
+            value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT8E4M3FN
+    for node in model.graph.node:
+        if plugins and node.op_type == "AttentionPlugin":
+            for attr in node.attribute:
+                if attr.name == "enable_fp8_kv_cache":
+                    attr.i = 1
+    onnx.save(model, str(path))
+    if config:
+        edit_config(onnx_dir, kv_cache_dtype="fp8")
+
+
+def edit_config(onnx_dir: Path, **changes) -> None:
+    path = onnx_dir / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def run_build(onnx_dir: Path, engine_dir: Path, *extra: str):
+    return CliRunner().invoke(llm_build, ["--onnxDir", str(onnx_dir), "--engineDir", str(engine_dir),
+                                          "--backend", "onnxruntime", "--maxInputLen", "32",
+                                          "--maxKVCacheCapacity", "64", *extra])
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: "), result.stderr
+    assert not any("Traceback" in line for line in lines)
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+
+
+def test_detect_fp16_and_fp8_embedding(exports):
+    plain, fp8 = detect(exports["fp16"]), detect(exports["fp8"])
+    assert (plain.embedding_format, plain.kv_cache_dtype) == ("fp16", "fp16")
+    assert (fp8.embedding_format, fp8.kv_cache_dtype) == ("fp8_e4m3_row_block", "fp16")
+    assert (plain.num_layers, plain.vocab_size, plain.hidden_size, plain.head_dim) == (2, 49152, 64, 16)
+    assert "fp8_e4m3_row_block" in fp8.summary()
+
+
+def test_detect_fp8_kv_when_all_witnesses_agree(onnx_dir):
+    make_fp8_kv(onnx_dir)
+    assert detect(onnx_dir).kv_cache_dtype == "fp8"
+
+
+@pytest.mark.parametrize("which", ["config", "plugins", "inputs"])
+def test_kv_dtype_disagreement_names_the_witnesses(onnx_dir, which):
+    make_fp8_kv(onnx_dir, **{which: True, **{k: False for k in ("config", "plugins", "inputs") if k != which}})
+    with pytest.raises(InputError, match="KV cache dtype disagrees") as err:
+        detect(onnx_dir)
+    assert "config.json kv_cache_dtype says" in str(err.value) and "AttentionPlugin" in str(err.value)
+
+
+def test_sidecar_with_wrong_dtype_is_rejected(onnx_dir):
+    path = onnx_dir / "embedding.safetensors"
+    save_file({"embedding": load_file(path)["embedding"].float()}, path, metadata={"format": "fp16"})
+    with pytest.raises(InputError, match="embedding"):
+        detect(onnx_dir)
+
+
+def test_sidecar_with_wrong_shape_is_rejected(onnx_dir):
+    path = onnx_dir / "embedding.safetensors"
+    save_file({"embedding": load_file(path)["embedding"][:100].contiguous()}, path, metadata={"format": "fp16"})
+    with pytest.raises(InputError, match=r"expected \[49152, 64\].*found \[100, 64\]"):
+        detect(onnx_dir)
+
+
+def test_sidecar_metadata_disagreeing_with_dtype_is_rejected(onnx_dir):
+    path = onnx_dir / "embedding.safetensors"
+    save_file(load_file(path), path, metadata={"format": "fp8_e4m3_row_block", "block_size": "128"})
+    with pytest.raises(InputError, match="metadata format"):
+        detect(onnx_dir)
+
+
+def test_missing_weights_file_is_rejected(onnx_dir):
+    (onnx_dir / "model.onnx.data").unlink()
+    with pytest.raises(InputError, match="model.onnx.data"):
+        detect(onnx_dir)
+
+
+def test_cli_builds_a_complete_engine_dir_and_replaces_an_old_one(exports, tmp_path):
+    eng = tmp_path / "eng"
+    eng.mkdir()
+    (eng / "stale.txt").write_text("from an older build")
+    result = run_build(exports["fp8"], eng, "--maxBatchSize", "2")
+    assert result.exit_code == 0, result.stderr
+    names = {p.name for p in eng.iterdir()}
+    assert {"llm.onnx", "llm.onnx.data", "embedding.onnx", "config.json", "embedding.safetensors",
+            "tokenizer.json", "chat_template.jinja"} <= names and "stale.txt" not in names
+    config = load_engine_config(eng)
+    source = json.loads((exports["fp8"] / "config.json").read_text())
+    assert {k: v for k, v in config.items() if k != "builder_config"} == source
+    assert config["builder_config"] == {
+        "backend": "onnxruntime", "max_batch_size": 2, "max_input_len": 32, "max_kv_cache_capacity": 64,
+        "spec_base": False, "spec_draft": False, "max_lora_rank": 0, "kv_cache_dtype": "fp16",
+        "embedding_format": "fp8_e4m3_row_block", "weight_format": "fp16", "contract_version": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eng"]
+    assert "detect" in result.stderr and "fp8_e4m3_row_block" in result.stderr
+
+
+def test_cli_reports_disagreement_in_one_line_and_writes_nothing(onnx_dir, tmp_path):
+    edit_config(onnx_dir, kv_cache_dtype="fp8")
+    result = run_build(onnx_dir, tmp_path / "eng")
+    assert_one_line_error(result, "KV cache dtype disagrees")
+    assert not (tmp_path / "eng").exists()
+
+
+def test_cli_failure_inside_the_build_leaves_no_partial_engine_dir(onnx_dir, tmp_path):
+    path = onnx_dir / "model.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    model.graph.node.append(onnx.helper.make_node("Bogus", ["inputs_embeds"], ["bogus"], domain="trt_edgellm"))
+    onnx.save(model, str(path))
+    result = run_build(onnx_dir, tmp_path / "eng")
+    assert_one_line_error(result, "Bogus")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llm"]  # no ENG, no temp sibling
+
+
+def test_cli_rejects_an_engine_dir_as_onnx_dir_and_spec_flags(onnx_dir, tmp_path):
+    edit_config(onnx_dir, builder_config={"backend": "onnxruntime"})
+    assert_one_line_error(run_build(onnx_dir, tmp_path / "eng"), "engine dir")
+    assert_one_line_error(run_build(onnx_dir, tmp_path / "eng", "--specBase"), "--specBase")
+    assert not (tmp_path / "eng").exists()
+
+
+def test_cli_tensorrt_without_tensorrt_is_a_clear_error(onnx_dir, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present; TensorRT may be too")
+    result = CliRunner().invoke(llm_build, ["--onnxDir", str(onnx_dir), "--engineDir", str(tmp_path / "eng"),
+                                            "--backend", "tensorrt"])
+    assert_one_line_error(result, "--backend tensorrt")
+    assert resolve_backend("auto") == "onnxruntime"

@@ -1,0 +1,237 @@
+"""runtime.rope and runtime.engine against transformers (the independent reference)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from builder.cli import build
+from conftest import make_tiny_checkpoint
+from llm_loader.errors import InputError
+from llm_loader.export_all_cli import export
+from quantization.formats import dequantize_fp8_row_block
+from runtime.engine import Engine
+from runtime.rope import rope_cos_sin
+
+ROPE_SCALINGS = [
+    None,
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 128},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+]
+
+
+@pytest.mark.parametrize("scaling", ROPE_SCALINGS, ids=lambda s: s["rope_type"] if s else "default")
+def test_rope_table_matches_hf_rotary_embedding(scaling):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    runtime = dict(model="llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   max_position_embeddings=512, rope_theta=5000.0, rope_scaling=scaling, partial_rotary_factor=1.0)
+    hf = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                     max_position_embeddings=512, rope_parameters={"rope_theta": 5000.0, **(scaling or {"rope_type": "default"})})
+    length = 300
+    cos, sin = LlamaRotaryEmbedding(hf)(torch.zeros(1, dtype=torch.float32), torch.arange(length)[None])
+    table = rope_cos_sin(runtime, length)
+    assert table.shape == (1, length, 16) and table.dtype == np.float32
+    # HF computes the angles in fp32 (error ~ulp(300 rad) = 3e-5, times a few in cos/sin); ours in fp64
+    np.testing.assert_allclose(table[0, :, :8], cos[0, :, :8].numpy(), rtol=0, atol=3e-4)
+    np.testing.assert_allclose(table[0, :, 8:], sin[0, :, :8].numpy(), rtol=0, atol=3e-4)
+    if scaling and scaling["rope_type"] == "yarn":  # attention_scaling is folded in
+        assert abs(table[0, 0, 0] - 1.0) > 1e-3
+
+
+# --- Engine on tiny exports, against transformers -------------------------------------------------------------------
+
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+CAPACITY = 64
+
+
+def build_engine(root: Path, ckpt: Path, name: str, fp8_embedding: bool = False, edit=None) -> Path:
+    onnx_dir = export(ckpt, root / f"onnx-{name}", fp8_embedding=fp8_embedding)
+    if edit:
+        edit(onnx_dir)
+    return build(onnx_dir, root / f"eng-{name}", max_batch_size=2, max_input_len=16,
+                 max_kv_cache_capacity=CAPACITY, backend="onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, smollm2_checkpoint) -> dict[str, tuple[Path, Path]]:
+    """name -> (checkpoint, engine dir) for each family, plus llama with an FP8 embedding table."""
+    root = tmp_path_factory.mktemp("engines")
+    out = {}
+    for family in FAMILIES:
+        ckpt = make_tiny_checkpoint(family, root / f"ckpt-{family}", smollm2_checkpoint)
+        out[family] = (ckpt, build_engine(root, ckpt, family))
+    out["llama-fp8emb"] = (out["llama"][0], build_engine(root, out["llama"][0], "llama-fp8emb", fp8_embedding=True))
+    return out
+
+
+def hf_model(ckpt: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+
+
+def assert_logits_close(ours: np.ndarray, ref: np.ndarray) -> None:
+    """fp16 activations against an fp32 reference: within 0.5% of the logit range, and the same top-1 token at
+    nearly every position (random tokens give flat distributions where a near-tie may flip)."""
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=0.005 * float(np.abs(ref).max()))
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+def tokens(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 49152, n).astype(np.int32)
+
+
+def run(engine: Engine, cache, rows: list[np.ndarray], all_logits: bool = False) -> np.ndarray:
+    """One forward over right-padded `rows`; logits of every position (all_logits) or of each row's last token."""
+    seq = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), seq), np.int32)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = r
+    ctx = np.array([len(r) for r in rows], np.int32)
+    last = np.tile(np.arange(seq), (len(rows), 1)) if all_logits else np.maximum(ctx - 1, 0)[:, None]
+    return engine.forward(cache, ids, ctx, last.astype(np.int64))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_then_decode_matches_transformers(built, family):
+    ckpt, eng = built[family]
+    engine, hf = Engine.load(eng), hf_model(ckpt)
+    ids = tokens(12)
+    cache = engine.new_cache(1)
+    prefill = run(engine, cache, [ids[:5]], all_logits=True)
+    with torch.no_grad():
+        out = hf(torch.tensor(ids[None, :5], dtype=torch.long), use_cache=True)
+    assert_logits_close(prefill, out.logits.numpy())
+    past = out.past_key_values
+    for t in range(5, 12):
+        step = run(engine, cache, [ids[t:t + 1]])
+        with torch.no_grad():
+            out = hf(torch.tensor([[ids[t]]], dtype=torch.long), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        assert_logits_close(step, out.logits.numpy())
+    assert cache.lengths.tolist() == [12]
+
+
+def test_batch_of_two_lengths_equals_each_row_alone(built):
+    engine = Engine.load(built["llama"][1])
+    a, b = tokens(9, seed=1), tokens(6, seed=2)
+    batch = engine.new_cache(2)
+    got = [run(engine, batch, [a[:7], b[:3]])]
+    got += [run(engine, batch, [a[t:t + 1], b[t - 4:t - 3]]) for t in (7, 8)]  # rows at different positions
+    for row, (prompt, rest) in enumerate(((a[:7], a[7:9]), (b[:3], b[3:5]))):
+        alone = engine.new_cache(1)
+        expected = [run(engine, alone, [prompt])] + [run(engine, alone, [rest[i:i + 1]]) for i in range(2)]
+        for g, e in zip(got, expected):
+            np.testing.assert_allclose(g[row], e[0], rtol=0, atol=1e-2 * float(np.abs(e).max()))
+        np.testing.assert_array_equal(batch.layers[0][row, :, :, :alone.lengths[0]],
+                                      alone.layers[0][0, :, :, :alone.lengths[0]])
+    assert batch.lengths.tolist() == [9, 5]
+
+
+def test_a_finished_row_sits_a_step_out(built):
+    engine = Engine.load(built["llama"][1])
+    cache = engine.new_cache(2)
+    run(engine, cache, [tokens(4), tokens(4, seed=3)])
+    before = [layer[1].copy() for layer in cache.layers]
+    ids = np.array([[5], [0]], np.int32)
+    engine.forward(cache, ids, np.array([1, 0], np.int32), np.zeros((2, 1), np.int64))
+    assert cache.lengths.tolist() == [5, 4]
+    for layer, old in zip(cache.layers, before):
+        np.testing.assert_array_equal(layer[1], old)
+
+
+def test_fp16_embedding_lookup_is_the_table_row(built):
+    engine = Engine.load(built["llama"][1])
+    table = load_file(engine.engine_dir / "embedding.safetensors")["embedding"]
+    ids = np.array([[0, 5, 49151], [17, 17, 3]], np.int32)
+    np.testing.assert_array_equal(engine.embed(ids), table[torch.from_numpy(ids).long()].numpy())
+
+
+def test_fp8_embedding_lookup_is_the_dequant_formula(built):
+    engine = Engine.load(built["llama-fp8emb"][1])
+    sidecar = load_file(engine.engine_dir / "embedding.safetensors")
+    ids = np.array([[0, 5, 49151], [17, 17, 3]], np.int32)
+    rows = torch.from_numpy(ids.reshape(-1)).long()
+    expected = dequantize_fp8_row_block(sidecar["embedding"][rows], sidecar["embedding_scale"][rows]).half()
+    np.testing.assert_array_equal(engine.embed(ids), expected.reshape(2, 3, -1).numpy())
+    graph = onnx.load(str(engine.engine_dir / "embedding.onnx"), load_external_data=False).graph
+    tables = [t for t in graph.initializer if list(t.dims) == [49152, 64]]  # the table stays FP8 at rest
+    assert [t.data_type for t in tables] == [onnx.TensorProto.FLOAT8E4M3FN]
+
+
+def test_out_of_range_ids_and_overfull_cache_are_input_errors(built):
+    engine = Engine.load(built["llama"][1])
+    with pytest.raises(InputError, match="49152"):
+        engine.embed(np.array([[1, 49152]], np.int32))
+    with pytest.raises(InputError, match="-1"):
+        engine.embed(np.array([[-1]], np.int32))
+    cache = engine.new_cache(1)
+    cache.lengths[:] = CAPACITY - 2
+    with pytest.raises(InputError, match="capacity"):
+        run(engine, cache, [tokens(3)])
+    with pytest.raises(InputError, match="max_batch_size"):
+        engine.new_cache(3)
+
+
+def test_load_rejects_what_is_not_a_complete_matching_engine_dir(built, tmp_path):
+    eng = built["llama"][1]
+    with pytest.raises(InputError, match="not an engine directory"):
+        Engine.load(tmp_path)
+    onnx_dir = eng.parent / "onnx-llama" / "llm"
+    with pytest.raises(InputError, match="builder_config"):
+        Engine.load(onnx_dir)
+    copy = Path(shutil.copytree(eng, tmp_path / "eng"))
+    (copy / "llm.onnx").unlink()
+    with pytest.raises(InputError, match="llm.onnx is missing"):
+        Engine.load(copy)
+    copy = Path(shutil.copytree(eng, tmp_path / "eng2"))
+    config = json.loads((copy / "config.json").read_text())
+    config["kv_cache_dtype"] = config["builder_config"]["kv_cache_dtype"] = "fp8"
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="past_key_values dtype is 'fp16'"):
+        Engine.load(copy)
+    config["builder_config"]["contract_version"] = 2
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="contract_version"):
+        Engine.load(copy)
+
+
+def test_fp8_kv_cache_is_half_the_bytes_and_holds_fp8_of_the_fp16_keys(built, tmp_path):
+    from test_builder import make_fp8_kv
+
+    ckpt, fp16_eng = built["llama"]
+    fp8, fp16 = Engine.load(build_engine(tmp_path, ckpt, "fp8kv", edit=make_fp8_kv)), Engine.load(fp16_eng)
+    c8, c16 = fp8.new_cache(2), fp16.new_cache(2)
+    assert c8.dtype == "fp8" and c8.layers[0].dtype == np.uint8
+    assert c8.nbytes * 2 == c16.nbytes
+    rows = [tokens(6), tokens(4, seed=5)]
+    l8, l16 = run(fp8, c8, rows), run(fp16, c16, rows)
+    # layer 0's K/V do not depend on the cache, so they are exactly fp8(fp16 value / 1.0) (qkv_scales are 1)
+    expected = torch.from_numpy(c16.layers[0][:, :, :, :6]).float().clamp(-448, 448).to(torch.float8_e4m3fn)
+    np.testing.assert_array_equal(c8.layers[0][:, :, :, :6], expected.view(torch.uint8).numpy())
+    np.testing.assert_allclose(l8, l16, rtol=0, atol=0.1 * float(np.abs(l16).max()))
+
+
+@pytest.mark.slow
+def test_smollm2_prefill_and_decode_match_transformers(smollm2_checkpoint, tmp_path):
+    engine = Engine.load(build(export(smollm2_checkpoint, tmp_path / "onnx"), tmp_path / "eng", max_batch_size=1,
+                               max_input_len=64, max_kv_cache_capacity=128, backend="onnxruntime"))
+    hf = hf_model(smollm2_checkpoint)
+    ids = tokens(24, seed=7)
+    cache = engine.new_cache(1)
+    got = [run(engine, cache, [ids[:16]], all_logits=True)] + [run(engine, cache, [ids[t:t + 1]]) for t in range(16, 24)]
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids[None], dtype=torch.long)).logits.numpy()
+    assert_logits_close(np.concatenate(got, axis=1), ref)

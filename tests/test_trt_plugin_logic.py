@@ -1,0 +1,116 @@
+"""What the TensorRT plugins decide, without TensorRT: attributes, dtypes and output shapes.
+
+The registered `tensorrt.plugin` functions only translate TensorRT descriptors into calls of these functions, so
+this file covers every decision they make. Registration itself needs TensorRT and a GPU (docs/gpu-kernels.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from llm_loader.errors import InputError
+from plugins.attention import schema
+from plugins.attention import trt_plugin as attn_plugin
+from plugins.fp8_gather import trt_plugin as gather_plugin
+
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def node_fields(node: onnx.NodeProto) -> dict:
+    """The attributes as TensorRT's ONNX parser hands them to the plugin (FLOATS become a float32 array)."""
+    fields = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    fields["qkv_scales"] = np.asarray(fields["qkv_scales"], dtype=np.float32)
+    return fields
+
+
+@pytest.mark.parametrize("fp8,qk_norm", [(False, False), (True, True)])
+def test_attrs_from_fields_agree_with_schema(fp8, qk_norm):
+    inputs = list(schema.INPUTS) + (list(schema.QK_NORM_INPUTS) if qk_norm else [])
+    node = schema.make_node(inputs, list(schema.OUTPUTS), name="layer0", num_q_heads=16, num_kv_heads=8, head_size=128,
+                            enable_fp8_kv_cache=fp8, qkv_scales=(0.5, 0.25, 0.125), enable_qk_norm=qk_norm, rms_norm_eps=1e-5)
+    got = attn_plugin.attrs_from_fields(**node_fields(node))
+    want = schema.read_attrs(node)
+    assert got.num_q_heads == want.num_q_heads and got.num_kv_heads == want.num_kv_heads
+    assert got.head_size == want.head_size and got.enable_fp8_kv_cache == want.enable_fp8_kv_cache
+    assert got.enable_qk_norm == want.enable_qk_norm
+    assert got.qkv_scales == pytest.approx(want.qkv_scales) and got.rms_norm_eps == pytest.approx(want.rms_norm_eps)
+    assert got.attention_scale == pytest.approx(1 / math.sqrt(128))
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(sliding_window_size=512), "sliding_window_size"),
+        (dict(enable_tree_attention=1), "enable_tree_attention"),
+        (dict(num_q_heads=10, num_kv_heads=4), "multiple of num_kv_heads"),
+        (dict(head_size=96), "head_size 64 or 128"),
+        (dict(qkv_scales=np.array([1.0, 0.0, 1.0], np.float32)), "qkv_scales"),
+        (dict(qkv_scales=np.array([1.0, 1.0], np.float32)), "qkv_scales"),
+    ],
+)
+def test_attrs_from_fields_rejects(change, message):
+    node = schema.make_node(list(schema.INPUTS), list(schema.OUTPUTS), name="l", num_q_heads=8, num_kv_heads=2, head_size=64)
+    with pytest.raises(InputError, match=message):
+        attn_plugin.attrs_from_fields(**{**node_fields(node), **change})
+
+
+def test_attention_dtypes_follow_the_cache_format():
+    attrs = attn_plugin.attrs_from_fields(8, 2, 64, 0.125, 1, np.ones(3, np.float32), 0, 1e-6)
+    attn_plugin.check_input_dtypes(["HALF", "FP8", "INT32", "FLOAT", "INT32", "HALF", "HALF"], attrs)
+    with pytest.raises(InputError, match="past_key_value: expected FP8, found HALF"):
+        attn_plugin.check_input_dtypes(["HALF", "HALF", "INT32", "FLOAT", "INT32", "HALF", "HALF"], attrs)
+    fp16 = attn_plugin.attrs_from_fields(8, 2, 64, 0.125, 0, np.ones(3, np.float32), 0, 1e-6)
+    with pytest.raises(InputError, match="context_lengths: expected INT32, found INT64"):
+        attn_plugin.check_input_dtypes(["HALF", "HALF", "INT64", "FLOAT", "INT32", "HALF", "HALF"], fp16)
+
+
+def test_attention_output_shape_keeps_symbolic_batch_and_seq():
+    attrs = attn_plugin.attrs_from_fields(9, 3, 64, 0.125, 0, np.ones(3, np.float32), 0, 1e-6)
+    batch, seq = object(), object()  # stand-ins for TensorRT shape expressions: passed through untouched
+    shape = attn_plugin.attn_output_shape((batch, seq, (9 + 2 * 3) * 64), attrs)
+    assert shape[0] is batch and shape[1] is seq and shape[2:] == (9, 64)
+
+
+def test_plugin_inputs_are_the_contract_inputs_plus_both_gammas():
+    assert attn_plugin.INPUT_NAMES == schema.INPUTS + schema.QK_NORM_INPUTS
+
+
+def test_cuda_views_have_the_torch_itemsize():
+    """`as_torch` reads bytes with one typestr and views them as a torch dtype: both must agree on the width."""
+    assert attn_plugin.CUDA_TYPESTR.keys() == attn_plugin.TORCH_DTYPE_NAMES.keys()
+    for name, typestr in attn_plugin.CUDA_TYPESTR.items():
+        torch_dtype = getattr(torch, attn_plugin.TORCH_DTYPE_NAMES[name])
+        assert np.dtype(typestr).itemsize == torch.empty(0, dtype=torch_dtype).element_size(), name
+
+
+def test_fp8_gather_logic():
+    gather_plugin.check_input_dtypes(["FP8", "FLOAT", "INT32"])
+    with pytest.raises(InputError, match="table: expected FP8, found HALF"):
+        gather_plugin.check_input_dtypes(["HALF", "FLOAT", "INT32"])
+    with pytest.raises(InputError, match="block_size"):
+        gather_plugin.check_block_size(0)
+    gather_plugin.check_scale_shape((49152, 576), (49152, 5), 128)  # SmolLM2: the short last block has a scale
+    with pytest.raises(InputError, match=r"expected shape \[49152, 5\], found \[49152, 4\]"):
+        gather_plugin.check_scale_shape((49152, 576), (49152, 4), 128)
+    batch, seq = object(), object()
+    shape = gather_plugin.output_shape((batch, seq), (49152, 576))
+    assert shape[0] is batch and shape[1] is seq and shape[2] == 576
+
+
+@pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here")
+def test_register_without_tensorrt_is_a_no_op():
+    assert attn_plugin.register() is False
+    assert gather_plugin.register() is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_TRT and torch.cuda.is_available()), reason="needs TensorRT and a CUDA GPU")
+def test_register_with_tensorrt():
+    assert attn_plugin.register() is True and gather_plugin.register() is True
+    assert attn_plugin.register() is True  # idempotent
