@@ -7,6 +7,8 @@ Frequencies come from `transformers`' own init functions, so the table matches H
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from transformers import AutoConfig
@@ -22,7 +24,9 @@ def hf_config(config: dict):
     """A `transformers` config of the model's own class, built from the runtime config's RoPE-relevant keys."""
     kwargs = {k: config[k] for k in _HF_KEYS if config.get(k) is not None}
     try:
-        return AutoConfig.for_model(config["model"], **kwargs)
+        with warnings.catch_warnings():  # transformers 5 renamed rope_scaling; both spellings still build the config
+            warnings.filterwarnings("ignore", message=".*rope_scaling.*", category=FutureWarning)
+            return AutoConfig.for_model(config["model"], **kwargs)
     except (KeyError, ValueError) as e:
         raise InputError(f"config.json: cannot build a transformers config for model {config.get('model')!r}: {e}") from e
 
