@@ -17,6 +17,7 @@ from builder.detect import detect
 from builder.profiles import Limits, ModelDims, validate_limits
 from llm_loader.embedding import read_embedding_sidecar
 from llm_loader.errors import InputError
+from llm_loader.staging import staged_dir
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
@@ -59,7 +60,7 @@ def build(onnx_dir: str | Path, engine_dir: str | Path, *, max_batch_size: int =
         backend=backend, max_batch_size=max_batch_size, max_input_len=max_input_len,
         max_kv_cache_capacity=max_kv_cache_capacity, kv_cache_dtype=found.kv_cache_dtype,
         embedding_format=found.embedding_format, weight_format=found.weight_format)
-    with engine_dir_mod.staged_dir(engine_dir) as out:
+    with staged_dir(engine_dir) as out:
         sidecar = read_embedding_sidecar(onnx_dir / "embedding.safetensors")
         if backend == "onnxruntime":
             from builder import onnxruntime_backend as ort_backend

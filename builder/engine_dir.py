@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -23,30 +21,6 @@ COPIED_FILES = ("embedding.safetensors", "tokenizer.json", "tokenizer_config.jso
                 "chat_template.jinja")
 KV_ONNX_TYPES = {"fp16": onnx.TensorProto.FLOAT16, "fp8": onnx.TensorProto.FLOAT8E4M3FN}
 EMBEDDING_DTYPES = {"fp16": "F16", "fp8_e4m3_row_block": "F8_E4M3"}
-
-
-@contextmanager
-def staged_dir(final: Path):
-    """Yield a temporary sibling of `final`; on success it replaces `final`, on any error it is removed."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    tmp.chmod(0o755)  # mkdtemp makes it private; an engine dir is shared like any build output
-    for path in tmp.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
 
 
 def make_builder_config(*, backend: str, max_batch_size: int, max_input_len: int, max_kv_cache_capacity: int,

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
+import sys
 from pathlib import Path
 
 import click
 
 from llm_loader.errors import InputError
+from llm_loader.staging import staged_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -63,18 +63,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     model.generation_config = gguf_model.generation_config
     del gguf_model
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)
-    try:
+    with staged_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -99,7 +90,8 @@ def main(gguf_file: Path | None, out_dir: Path | None) -> None:
         else:
             path = convert_gguf(gguf_file, out_dir)
     except InputError as e:
-        raise SystemExit(f"error: {e}") from None
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
     click.echo(str(path))
 
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from llm_loader.staging import staged_dir
 from quantization import formats
 
 METHODS = ("fp8", "fp8_pc", "fp8_block", "nvfp4", "none")
@@ -176,10 +176,7 @@ def write_checkpoint(
     Everything goes to a temporary sibling that is renamed into place only when complete.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)
-    try:
+    with staged_dir(out_dir) as tmp:
         shards = _shards(tensors, max_shard_bytes)
         if len(shards) == 1:
             save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
@@ -199,12 +196,6 @@ def write_checkpoint(
                 shutil.copyfile(source_dir / name, tmp / name)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
