@@ -1,9 +1,10 @@
 """The TensorRT (GPU) backend: a strongly typed network parsed from the ONNX, two optimization profiles.
 
 TensorRT comes only from NVIDIA's package index, so this module imports it inside functions and keeps every decision
-(profiles, flags) in pure code elsewhere (builder/profiles.py). Precision is not chosen here: with a strongly typed
-network the ONNX dtypes (FP8 KV binding, FP8 table, Q/DQ) decide it, which is how FP8 KV and FP8 embedding "just
-work" after detection. The custom ops are registered by importing the plugins' `trt_plugin` modules.
+in pure code elsewhere: the profiles in builder/profiles.py, the graph changes TensorRT needs (plugin namespace,
+7-input AttentionPlugin) in builder/trt_graph.py. Precision is not chosen here: with a strongly typed network the
+ONNX dtypes (FP8 KV binding, FP8 table, Q/DQ) decide it, which is how FP8 KV and FP8 embedding "just work" after
+detection. The custom ops are TensorRT Python plugins, registered by the plugins' `register()` before parsing.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import onnx
+
 from builder.profiles import Limits, ModelDims, Profile, embedding_profiles, llm_profiles
+from builder.trt_graph import check_profiles, prepare_for_tensorrt
 from llm_loader.embedding import EmbeddingSidecar
 from llm_loader.errors import InputError
 
@@ -27,55 +31,65 @@ def tensorrt_available() -> bool:
 
 
 def _import_tensorrt():
+    """`tensorrt`, with both trt_edgellm plugins registered."""
     try:
         import tensorrt as trt
     except ImportError as e:
         raise InputError("--backend tensorrt: expected the tensorrt Python package (pip install --extra-index-url "
                          f"https://pypi.nvidia.com tensorrt), found none ({e})") from e
-    import plugins.attention.trt_plugin  # noqa: F401  registers trt_edgellm::AttentionPlugin
-    import plugins.fp8_gather.trt_plugin  # noqa: F401  registers trt_edgellm::Fp8Gather
+    from plugins.attention import trt_plugin as attention_plugin
+    from plugins.fp8_gather import trt_plugin as fp8_gather_plugin
+
+    for plugin in (attention_plugin, fp8_gather_plugin):
+        if not plugin.register():
+            raise InputError(f"--backend tensorrt: expected tensorrt.plugin (TensorRT >= 10.6) to register "
+                             f"{plugin.PLUGIN_ID}, found tensorrt {trt.__version__} without it")
     return trt
 
 
-def build_engine(onnx_path: Path, engine_path: Path, profiles: list[Profile]) -> None:
-    """Parse `onnx_path` into a strongly typed network and serialize an engine with `profiles` to `engine_path`."""
+def build_engine(model: onnx.ModelProto, model_path: Path, engine_path: Path, profiles: list[Profile]) -> None:
+    """Parse `model` into a strongly typed network and serialize an engine with `profiles` to `engine_path`.
+
+    `model` holds its large weights as external-data references, which TensorRT's parser resolves against the
+    directory of `model_path` (it rejects `../` and does not take absolute locations), so `model_path` is the file
+    the model was loaded from; the graph itself is handed over in memory."""
     trt = _import_tensorrt()
+    check_profiles(model, profiles)
     logger = trt.Logger(trt.Logger.WARNING)
     trt.init_libnvinfer_plugins(logger, "")
     builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    if hasattr(trt.NetworkDefinitionCreationFlag, "PREFER_AOT_PYTHON_PLUGINS"):  # 10.9+: engine runs without Python
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)  # owns the parsed weights: keep it alive until the build is done
+    if not parser.parse(model.SerializeToString(), str(model_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise InputError(f"{onnx_path}: TensorRT could not parse it: {errors}")
+        raise InputError(f"{model_path}: TensorRT could not parse it: {errors}")
     config = builder.create_builder_config()
-    config.set_flag(trt.BuilderFlag.MONITOR_MEMORY)
     config.set_preview_feature(trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03, True)  # present aliases past in place
-    inputs = {network.get_input(i).name for i in range(network.num_inputs)}
     for profile in profiles:
         trt_profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in profile.shapes.items():
-            if name in inputs:
-                trt_profile.set_shape(name, lo, opt, hi)
+            trt_profile.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(trt_profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise InputError(f"{onnx_path}: TensorRT failed to build an engine (see the TensorRT log above)")
-    engine_path.write_bytes(bytes(serialized))
+        raise InputError(f"{model_path}: TensorRT failed to build an engine (see the TensorRT log above)")
+    engine_path.write_bytes(serialized)
 
 
 def build_llm(onnx_dir: Path, out: Path, limits: Limits, dims: ModelDims) -> None:
-    build_engine(onnx_dir / "model.onnx", out / "llm.engine", llm_profiles(limits, dims))
+    """out/llm.engine from model.onnx, whose weights stay in (and are read from) the ONNX dir."""
+    model_path = onnx_dir / "model.onnx"
+    model = prepare_for_tensorrt(onnx.load(str(model_path), load_external_data=False))
+    build_engine(model, model_path, out / "llm.engine", llm_profiles(limits, dims))
 
 
 def build_embedding(sidecar: EmbeddingSidecar, out: Path, limits: Limits) -> None:
-    """The un-lowered embedding graph (Gather, or the Fp8Gather plugin) built into out/embedding.engine."""
+    """The un-lowered embedding graph the ORT backend starts from (Gather, or the Fp8Gather plugin), built into
+    out/embedding.engine; the table goes through a temporary external-data file, like any large ONNX weight."""
     from builder.onnxruntime_backend import embedding_model, save_with_external_data
 
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         path = Path(tmp) / "embedding.onnx"
-        save_with_external_data(embedding_model(sidecar), path)
-        build_engine(path, out / "embedding.engine", embedding_profiles(limits))
+        save_with_external_data(prepare_for_tensorrt(embedding_model(sidecar)), path)
+        model = onnx.load(str(path), load_external_data=False)
+        build_engine(model, path, out / "embedding.engine", embedding_profiles(limits))

@@ -1,0 +1,71 @@
+"""What TensorRT needs changed in an exported graph before its ONNX parser sees it; pure, so CI tests it.
+
+Two facts of TensorRT Python plugins (`tensorrt.plugin`, docs/gpu-kernels.md) shape this:
+- the ONNX parser finds a plugin by op type plus the string attribute `plugin_namespace`, so every `trt_edgellm`
+  node gets `plugin_namespace="trt_edgellm"`;
+- a plugin has a fixed input list, so `AttentionPlugin` always takes 7 inputs: a layer without QK-norm (5 inputs in
+  the ONNX contract) gets two fp16 `[head_size]` placeholders, which the kernels never read.
+The exported `model.onnx` and the ONNX Runtime path never see these changes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from builder.profiles import Profile
+from llm_loader.errors import InputError
+from plugins.attention import schema as attention_schema
+from plugins.fp8_gather import schema as fp8_gather_schema
+
+PLUGIN_NAMESPACE = "trt_edgellm"
+PLUGIN_OPS = {attention_schema.OP_TYPE, fp8_gather_schema.OP_TYPE}
+
+
+def _placeholder_name(head_size: int) -> str:
+    return f"trt_unused_qk_norm_gamma_{head_size}"
+
+
+def prepare_for_tensorrt(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose custom nodes TensorRT can parse; `model` is left unchanged.
+
+    Initializers are copied as they are, so a model loaded with `load_external_data=False` keeps its external data as
+    references (resolved against the original file's directory); the placeholders are small inline tensors."""
+    prepared = onnx.ModelProto()
+    prepared.CopyFrom(model)
+    graph = prepared.graph
+    placeholders = {}  # head_size -> initializer name
+    for node in graph.node:
+        if node.domain != PLUGIN_NAMESPACE or node.op_type not in PLUGIN_OPS:
+            continue
+        attrs = [a for a in node.attribute if a.name != "plugin_namespace"]
+        del node.attribute[:]
+        node.attribute.extend([*attrs, onnx.helper.make_attribute("plugin_namespace", PLUGIN_NAMESPACE)])
+        if node.op_type != attention_schema.OP_TYPE:
+            continue
+        full = len(attention_schema.INPUTS) + len(attention_schema.QK_NORM_INPUTS)
+        if len(node.input) == full:
+            continue
+        if len(node.input) != len(attention_schema.INPUTS):
+            raise InputError(f"AttentionPlugin node {node.name!r}: expected {len(attention_schema.INPUTS)} or "
+                             f"{full} inputs, found {len(node.input)}")
+        head_size = attention_schema.read_attrs(node).head_size
+        if head_size not in placeholders:
+            placeholders[head_size] = _placeholder_name(head_size)
+            graph.initializer.append(
+                onnx.numpy_helper.from_array(np.ones(head_size, np.float16), placeholders[head_size]))
+        node.input.extend([placeholders[head_size]] * len(attention_schema.QK_NORM_INPUTS))
+    return prepared
+
+
+def check_profiles(model: onnx.ModelProto, profiles: list[Profile]) -> None:
+    """Every runtime input of `model` has a shape in every profile, and no profile names an input it lacks.
+
+    TensorRT rejects a profile that misses a dynamic input only deep inside the build; this says which one."""
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = {i.name for i in model.graph.input if i.name not in initializers}
+    for profile in profiles:
+        missing, extra = sorted(inputs - set(profile.shapes)), sorted(set(profile.shapes) - inputs)
+        if missing or extra:
+            raise InputError(f"optimization profile {profile.name!r}: expected shapes for the graph inputs "
+                             f"{sorted(inputs)}, found {missing} missing and {extra} not in the graph")
