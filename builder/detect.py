@@ -1,6 +1,6 @@
 """What an ONNX dir holds, read from the files themselves (contracts.md sections 1, 2, 4).
 
-The build takes no precision flags: FP8 embedding and FP8 KV cache are detected here. Each fact has more than one
+The build takes no precision flags: weight format, FP8 embedding and FP8 KV cache are detected here. Each fact has more than one
 witness (tensor dtype and metadata; graph bindings, plugin attributes and config.json), and they must agree, so an
 export that was edited by hand or half-converted fails before a long build instead of producing a wrong engine.
 """
@@ -41,7 +41,7 @@ class Detection:
             f"ONNX dir        {self.onnx_dir}",
             f"model           {self.model}: {self.num_layers} layers, hidden {self.hidden_size}, "
             f"vocab {self.vocab_size}, {self.num_kv_heads} kv heads x {self.head_dim}",
-            f"weights         {self.weight_format}",
+            f"weights         {self.weight_format} (model.onnx initializers/DQ nodes and config.json agree)",
             f"embedding       {self.embedding_format}",
             f"KV cache        {self.kv_cache_dtype} (graph bindings, AttentionPlugin and config.json agree)",
         ])
@@ -89,6 +89,25 @@ def graph_kv_facts(model_path: Path) -> tuple[set[str], set[str], int]:
     return binding, plugin, len(pasts)
 
 
+def graph_weight_format(model_path: Path) -> str:
+    """The weight format model.onnx holds (contracts.md 2.1), from initializer dtypes and the weight DQ nodes:
+    FLOAT4E2M1 -> nvfp4; FP8 with a blocked DQ -> fp8_block, with a per-channel scale -> fp8_pc, else fp8."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    inits = {t.name: t for t in graph.initializer}
+    types = {t.data_type for t in inits.values()}
+    if onnx.TensorProto.FLOAT4E2M1 in types:
+        return "nvfp4"
+    fp8_dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+              and inits[n.input[0]].data_type == onnx.TensorProto.FLOAT8E4M3FN]
+    if not fp8_dq:
+        return "fp16"
+    if any(a.name == "block_size" and a.i > 0 for n in fp8_dq for a in n.attribute):
+        return "fp8_block"
+    if any(n.input[1] in inits and len(inits[n.input[1]].dims) > 0 for n in fp8_dq):
+        return "fp8_pc"
+    return "fp8"
+
+
 def detect(onnx_dir: str | Path) -> Detection:
     """Read config.json, model.onnx (graph only, no weights) and embedding.safetensors; cross-check them."""
     onnx_dir = Path(onnx_dir)
@@ -104,6 +123,10 @@ def detect(onnx_dir: str | Path) -> Detection:
     if num_layers != config["num_hidden_layers"]:
         raise InputError(f"{onnx_dir}/model.onnx: expected {config['num_hidden_layers']} past_key_values inputs "
                          f"(config.json num_hidden_layers), found {num_layers}")
+    weights = graph_weight_format(onnx_dir / "model.onnx")
+    if weights != config.get("weight_format", "fp16"):
+        raise InputError(f"{onnx_dir}: weight format disagrees: model.onnx initializers and DequantizeLinear nodes "
+                         f"say {weights}, config.json weight_format says {config.get('weight_format', 'fp16')}")
     sidecar = read_embedding_sidecar(onnx_dir / "embedding.safetensors")
     expected = [config["vocab_size"], config["hidden_size"]]
     if [sidecar.vocab_size, sidecar.hidden_size] != expected:
@@ -112,7 +135,7 @@ def detect(onnx_dir: str | Path) -> Detection:
     head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
     return Detection(
         onnx_dir=onnx_dir, config=config, model=config["model"], embedding_format=sidecar.format,
-        kv_cache_dtype=config["kv_cache_dtype"], weight_format=config.get("weight_format", "fp16"),
+        kv_cache_dtype=config["kv_cache_dtype"], weight_format=weights,
         num_layers=num_layers, vocab_size=int(config["vocab_size"]), hidden_size=int(config["hidden_size"]),
         num_kv_heads=int(config["num_key_value_heads"]), head_dim=head_dim,
         rotary_dim=int(head_dim * (config.get("partial_rotary_factor") or 1.0)),

@@ -2,6 +2,9 @@
 
     python -m llm_loader.export_all_cli CKPT OUT [--fp8-embedding] [--dtype fp16]
 
+A quantized checkpoint (FP8, FP8 per-channel, HF fine-grained FP8, NVFP4; optional FP8 KV cache) is detected from
+its own files and exported with Q/DQ linears (contracts.md 2.1); no flag is needed.
+
 Writes model.onnx + model.onnx.data, the runtime config.json, embedding.safetensors (FP16, or FP8 with row-block
 scales) and the tokenizer with its chat template. Everything is written into a hidden sibling folder first and moved
 into place only when complete, so a failed export never leaves a half-written `OUT/llm`.
@@ -22,7 +25,8 @@ from llm_loader.checkpoint import open_checkpoint
 from llm_loader.embedding import write_embedding_sidecar
 from llm_loader.errors import InputError
 from llm_loader.model_config import model_config_from_dict
-from llm_loader.onnx_graph import write_model
+from llm_loader.onnx_graph import kv_cache_dtype, weight_format, write_model
+from llm_loader.quantized_checkpoint import read_quantized_checkpoint
 from llm_loader.runtime_config import runtime_config
 from llm_loader.tokenizer_files import copy_tokenizer_files
 
@@ -46,10 +50,11 @@ def export(checkpoint_dir: Path, out_dir: Path, fp8_embedding: bool = False, dty
     if dtype not in DTYPES:
         raise InputError(f"--dtype: expected one of {DTYPES}, found {dtype!r}")
     ckpt = open_checkpoint(checkpoint_dir)
+    quant = None  # a quantized checkpoint says so itself: hf_quant_config.json or config.json quantization_config
     if (ckpt.path / "hf_quant_config.json").exists() or "quantization_config" in ckpt.config:
-        raise InputError(f"{ckpt.path}: expected an fp16/bf16/fp32 checkpoint, found a quantized one "
-                         "(hf_quant_config.json or quantization_config); quantized export is not supported yet")
+        quant = read_quantized_checkpoint(ckpt.path)
     cfg = model_config_from_dict(ckpt.config, ckpt.path / "config.json")
+    formats = {"kv_cache_dtype": kv_cache_dtype(quant), "weight_format": weight_format(quant)}
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -60,9 +65,9 @@ def export(checkpoint_dir: Path, out_dir: Path, fp8_embedding: bool = False, dty
         table = ckpt.tensor_fp16("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
         write_embedding_sidecar(llm / "embedding.safetensors", table, fp8=fp8_embedding)
         del table
-        (llm / "config.json").write_text(json.dumps(runtime_config(cfg, ckpt.config, ckpt.path), indent=2) + "\n")
+        (llm / "config.json").write_text(json.dumps(runtime_config(cfg, ckpt.config, ckpt.path, **formats), indent=2) + "\n")
         wrap = (lambda it: tqdm(it, desc="export layers", unit="layer")) if progress else iter
-        write_model(ckpt, cfg, llm, wrap_layers=wrap)
+        write_model(ckpt, cfg, llm, wrap_layers=wrap, quant=quant)
         for path in llm.iterdir():  # like the reference: readable by all (safetensors writes 0600)
             path.chmod(0o644)
         work.chmod(0o755)

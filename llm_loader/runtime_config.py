@@ -32,7 +32,8 @@ def _eos_list(value, where: str) -> list[int]:
     return values
 
 
-def runtime_config(cfg: ModelConfig, hf_config: dict, checkpoint_dir: Path, kv_cache_dtype: str = "fp16") -> dict:
+def runtime_config(cfg: ModelConfig, hf_config: dict, checkpoint_dir: Path, kv_cache_dtype: str = "fp16",
+                   weight_format: str = "fp16") -> dict:
     """The runtime config dict; `eos_token_id` comes from config.json, else from generation_config.json."""
     gen_path = Path(checkpoint_dir) / "generation_config.json"
     generation_config = read_json(gen_path, "the generation config") if gen_path.exists() else {}
@@ -64,6 +65,6 @@ def runtime_config(cfg: ModelConfig, hf_config: dict, checkpoint_dir: Path, kv_c
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "producer": {"name": PRODUCER, "version": producer_version()},
         "contract_version": CONTRACT_VERSION,
-        "weight_format": "fp16",
+        "weight_format": weight_format,
         "generation_config": generation_config,
     }

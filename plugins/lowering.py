@@ -79,6 +79,9 @@ def lower_for_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     registry = _registry()
     ctx = LoweringContext(graph)
+    from plugins.nvfp4.ort_lowering import lower_fp4  # trt:: NVFP4 ops and FLOAT4E2M1 DQ are patterns, not one node
+
+    lower_fp4(graph, ctx)
     nodes: list[onnx.NodeProto] = []
     replaced_outputs: set[str] = set()
     for node in graph.node:
@@ -106,7 +109,7 @@ def lower_for_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _fix_opsets(model: onnx.ModelProto, used_domains: set[str]) -> None:
-    imports = {o.domain: o.version for o in model.opset_import if o.domain not in (CUSTOM_DOMAIN, "ai.onnx")}
+    imports = {o.domain: o.version for o in model.opset_import if o.domain not in (CUSTOM_DOMAIN, "trt", "ai.onnx")}
     imports[""] = max(imports.get("", ONNX_OPSET), ONNX_OPSET)
     if MS_DOMAIN in used_domains:
         imports.setdefault(MS_DOMAIN, 1)

@@ -1,0 +1,277 @@
+"""Quantized checkpoints through export -> llm-build -> Engine, against a torch fake-quant reference.
+
+The reference is the `transformers` model of the source checkpoint in fp16 (like the engine's activations) with every quantized linear's weight
+replaced by `dequantize_linear` of the stored tensors, its inputs fake-quantized by forward pre-hooks with the
+activation semantics of contracts.md 2.1, and, with FP8 KV, post-RoPE Q/K/V fake-quantized with the checkpoint's
+scales by a registered attention function. The math is the same; fp16 rounding order differs (fused kernels), which
+flips a few quantization codes at rounding boundaries, and a tiny random model amplifies each flip; the bounds
+(cosine >= 0.99 FP8 / 0.9 NVFP4, max-abs <= 12% / 40% of the logit range) are set from measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from builder.cli import build
+from builder.detect import detect
+from llm_loader.embedding import read_embedding_sidecar
+from llm_loader.errors import InputError
+from llm_loader.export_all_cli import export
+from llm_loader.export_all_cli import main as export_main
+from llm_loader.onnx_graph import MIN_ACT_AMAX
+from llm_loader.quantized_checkpoint import read_quantized_checkpoint, dequantize_linear
+from plugins.nvfp4.reference import nvfp4_activation_qdq
+from quantization import formats
+from quantization.cli import main as quantize_main
+from runtime.engine import Engine, session_options
+
+DATASET = Path(__file__).resolve().parents[1] / "quantization" / "data" / "tinyshakespeare.txt"
+NUM_TOKENS = 12
+
+
+def quantize(src: Path, out: Path, method: str, kv: bool = False) -> Path:
+    args = ["llm", "--model_dir", str(src), "--output_dir", str(out), "--quantization", method,
+            "--text_dataset", str(DATASET), "--num_samples", "8", "--max_seq_len", "32"]
+    try:
+        quantize_main(args + (["--kv_cache_quantization", "fp8"] if kv else []))
+    except SystemExit as e:  # click may exit 0 after a successful command
+        assert not e.code, f"quantization failed: {e.code}"
+    return out
+
+
+def build_engine(ckpt: Path, root: Path, fp8_embedding: bool = False) -> tuple[Path, Path]:
+    onnx_dir = export(ckpt, root / "onnx", fp8_embedding=fp8_embedding)
+    return onnx_dir, build(onnx_dir, root / "engine", backend="onnxruntime", max_batch_size=2, max_input_len=32,
+                           max_kv_cache_capacity=64)
+
+
+def dynamic_fp8(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Per token per `block` channels: fp8(x / s) * s with s = max(amax, MIN_ACT_AMAX) / 448, fp32."""
+    size = x.shape[-1]
+    nblocks = -(-size // block)
+    padded = torch.nn.functional.pad(x.float(), (0, nblocks * block - size))
+    amax = padded.unflatten(-1, (nblocks, block)).abs().amax(-1)
+    scale = formats.expand_row_block_scale(amax.clamp_min(MIN_ACT_AMAX) / formats.FP8_MAX, size, block)
+    return formats.to_fp8(x, scale).float() * scale
+
+
+def activation_qdq(linear):
+    """The activation fake-quant of a QuantizedLinear, as a function of its fp32 input."""
+    if linear.format == "fp8":
+        scale = linear.input_scale.float().half().float()
+        return lambda x: formats.to_fp8(x, scale).float() * scale
+    if linear.format == "fp8_pc":
+        return lambda x: dynamic_fp8(x, x.shape[-1])
+    if linear.format == "fp8_block":
+        return lambda x: dynamic_fp8(x, linear.block_size[1])
+    if linear.format == "nvfp4":
+        scale = float(linear.input_scale)
+        return lambda x: nvfp4_activation_qdq(x.half(), scale).float()
+    return None
+
+
+def fp8_kv_attention(kv_scales):
+    """An attention function that fake-quantizes post-RoPE Q, K, V with the layer's checkpoint scales."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attention(module, query, key, value, *args, **kwargs):
+        s = kv_scales[module.layer_idx]
+        q_scale = 1.0 if s.q_scale is None else s.q_scale
+        qdq = [(formats.to_fp8(t, sc).float() * sc).to(t.dtype)
+               for t, sc in ((query, q_scale), (key, s.k_scale), (value, s.v_scale))]
+        return sdpa_attention_forward(module, *qdq, *args, **kwargs)
+
+    return attention
+
+
+def reference_logits(src: Path, qckpt: Path, ids: torch.Tensor, embedding: torch.Tensor | None = None) -> np.ndarray:
+    from transformers import AttentionInterface, AutoModelForCausalLM
+
+    q = read_quantized_checkpoint(qckpt)
+    attn = "sdpa"
+    if str(q.kv_cache_quant_algo or "").upper() == "FP8":
+        AttentionInterface.register("fp8_kv_reference", fp8_kv_attention(q.kv_scales))
+        attn = "fp8_kv_reference"
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16, attn_implementation=attn).eval()
+    modules = dict(model.named_modules())
+    for name, linear in q.linears.items():
+        modules[name].weight.data = dequantize_linear(linear).half()
+        qdq = activation_qdq(linear)
+        if qdq is not None:
+            modules[name].register_forward_pre_hook(lambda m, args, f=qdq: (f(args[0].float()).half(),))
+    if embedding is not None:
+        model.model.embed_tokens.weight.data = embedding.half()
+    with torch.no_grad():
+        return model(ids).logits.float().numpy()
+
+
+def engine_logits(engine_dir: Path, ids: np.ndarray) -> tuple[np.ndarray, Engine]:
+    engine = Engine.load(engine_dir)
+    cache = engine.new_cache(ids.shape[0])
+    last = np.tile(np.arange(ids.shape[1]), (ids.shape[0], 1))
+    logits = engine.forward(cache, ids, np.full(ids.shape[0], ids.shape[1], np.int32), last)
+    return logits, cache
+
+
+def compare(ours: np.ndarray, ref: np.ndarray, label: str, min_cos: float, max_abs_rel: float) -> None:
+    a, b = ours.reshape(-1, ours.shape[-1]).astype(np.float64), ref.reshape(-1, ref.shape[-1]).astype(np.float64)
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    max_abs = float(np.abs(a - b).max())
+    scale = float(np.abs(b).max())
+    print(f"{label}: min cosine {cos.min():.6f}, max-abs {max_abs:.4f} (logit range {scale:.2f})")
+    assert cos.min() >= min_cos, f"{label}: cosine {cos.min()}"
+    assert max_abs <= max_abs_rel * scale, f"{label}: max-abs {max_abs} vs logit range {scale}"
+
+
+RECIPES = [  # (id, family, --quantization, FP8 KV, --fp8-embedding)
+    ("fp8", "llama", "fp8", False, False),
+    ("fp8_pc", "llama", "fp8_pc", False, False),
+    ("fp8_block", "llama", "fp8_block", False, False),
+    ("nvfp4", "llama", "nvfp4", False, False),
+    ("fp8+fp8kv-qwen3", "qwen3", "fp8", True, False),
+    ("nvfp4+fp8kv+fp8emb", "llama", "nvfp4", True, True),
+]
+
+
+@pytest.mark.parametrize("label,family,method,kv,fp8_emb", RECIPES, ids=[r[0] for r in RECIPES])
+def test_recipe_engine_matches_fake_quant_reference(tiny_checkpoint, tmp_path, label, family, method, kv, fp8_emb):
+    src = tiny_checkpoint(family)
+    qckpt = quantize(src, tmp_path / "q", method, kv)
+    onnx_dir, engine_dir = build_engine(qckpt, tmp_path, fp8_embedding=fp8_emb)
+
+    config = json.loads((engine_dir / "config.json").read_text())
+    assert config["weight_format"] == method == config["builder_config"]["weight_format"]
+    assert config["kv_cache_dtype"] == ("fp8" if kv else "fp16")
+    found = detect(onnx_dir)
+    assert (found.weight_format, found.kv_cache_dtype) == (method, config["kv_cache_dtype"])
+
+    ids = np.random.default_rng(0).integers(0, 49152, (2, NUM_TOKENS))
+    ours, cache = engine_logits(engine_dir, ids)
+    embedding = None
+    if fp8_emb:
+        sidecar = read_embedding_sidecar(onnx_dir / "embedding.safetensors")
+        embedding = formats.dequantize_fp8_row_block(sidecar.table, sidecar.scale).half().float()
+    # Measured: single quantization codes at rounding boundaries flip between the fp16 engine and the fp16 torch
+    # reference (1 element of 768 in a layer), and the tiny random model amplifies each flip; hence the bounds
+    bounds = (0.9, 0.4) if method == "nvfp4" else (0.99, 0.12)
+    compare(ours, reference_logits(src, qckpt, torch.from_numpy(ids), embedding), label, *bounds)
+
+    graph = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph
+    plugins = [n for n in graph.node if n.op_type == "AttentionPlugin"]
+    if kv:
+        q = read_quantized_checkpoint(qckpt)
+        fp16_bytes = sum(2 * layer.size for layer in cache.layers)  # the same cache shape at 2 bytes an element
+        assert cache.dtype == "fp8" and cache.nbytes * 2 == fp16_bytes
+        for i, node in enumerate(plugins):
+            attrs = {a.name: a for a in node.attribute}
+            assert attrs["enable_fp8_kv_cache"].i == 1
+            s = q.kv_scales[i]
+            assert list(attrs["qkv_scales"].floats) == pytest.approx([s.q_scale, s.k_scale, s.v_scale], rel=1e-6)
+    # excluded modules (lm_head) stay fp16; quantized weights are FP8 / FP4 initializers
+    inits = {t.name: t.data_type for t in graph.initializer}
+    assert inits["lm_head.weight"] == onnx.TensorProto.FLOAT16
+    wanted = onnx.TensorProto.FLOAT4E2M1 if method == "nvfp4" else onnx.TensorProto.FLOAT8E4M3FN
+    assert inits["model.layers.0.self_attn.q_proj.weight"] == wanted
+
+
+@pytest.mark.parametrize("method", ["fp8", "nvfp4"])
+def test_ort_keeps_quantized_weights_low_precision_at_rest(tiny_checkpoint, tmp_path, method):
+    """ORT's optimized graph (ORT_ENABLE_ALL, the runtime's options) still holds the FP8 / packed FP4 weights."""
+    qckpt = quantize(tiny_checkpoint("llama"), tmp_path / "q", method)
+    _, engine_dir = build_engine(qckpt, tmp_path)
+    opts = session_options()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(engine_dir / "llm.onnx"), opts, providers=["CPUExecutionProvider"])
+    inits = {t.name: t for t in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.initializer}
+    name = "model.layers.0.mlp.down_proj.weight"
+    expected = onnx.TensorProto.FLOAT8E4M3FN if method == "fp8" else onnx.TensorProto.UINT8
+    assert inits[name].data_type == expected
+    widened = [t.name for t in inits.values() if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) >= 64 * 64]
+    assert not [n for n in widened if "layers" in n], f"weights folded to fp32: {widened}"
+
+
+def test_lowered_fp4_activation_matches_reference(tiny_checkpoint, tmp_path):
+    """The lowered TRT_FP4DynamicQuantize + DQs on awkward inputs (zero blocks, ties, saturation) = reference.py."""
+    from llm_loader.onnx_graph import FP16
+    from onnx import helper
+    from plugins.lowering import lower_for_onnxruntime
+    from plugins.nvfp4 import schema
+
+    input_scale = 0.0625
+    x = torch.randn(2, 3, 64) * 3
+    x[0, 0, :16] = 0  # an all-zero block
+    # amax 3 = 6 * step with block scale 8, step 8 * 0.0625 = 0.5: the other values sit exactly on the midpoints
+    mids = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]
+    x[1, 2, 16:32] = torch.tensor([6.0, *mids, -6.0, *[-m for m in mids]]) * 0.5
+    x[1, 1, :16] *= 1000  # block scale saturates at 448
+    x = x.half()
+    cases = [(x, input_scale), (torch.randn(2, 3, 64).half() * 2, 0.00137)]  # a scale that is not a power of two
+    nodes = [
+        helper.make_node(schema.OP_TYPE, ["x", "s"], ["xq", "sq"], domain=schema.DOMAIN, **schema.attrs(16)),
+        helper.make_node("Cast", ["s"], ["s16"], to=FP16),
+        helper.make_node("DequantizeLinear", ["sq", "s16"], ["sdq"]),
+        helper.make_node("DequantizeLinear", ["xq", "sdq"], ["y"], axis=-1, block_size=16),
+    ]
+    for x, input_scale in cases:
+        graph = helper.make_graph(nodes, "fp4", [helper.make_tensor_value_info("x", FP16, [2, 3, 64])],
+                                  [helper.make_tensor_value_info("y", FP16, [2, 3, 64])],
+                                  [onnx.numpy_helper.from_array(np.array(input_scale, np.float32), "s")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), schema.OPSET], ir_version=11)
+        session = ort.InferenceSession(lower_for_onnxruntime(model).SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        (y,) = session.run(["y"], {"x": x.numpy()})
+        # codes and block scales must match exactly; the fp16 products may differ by one fp16 ulp
+        np.testing.assert_allclose(y, nvfp4_activation_qdq(x, input_scale).numpy(), rtol=2 ** -10, atol=0)
+
+
+def test_missing_kv_scale_is_an_export_error(tiny_checkpoint, tmp_path, capsys):
+    qckpt = quantize(tiny_checkpoint("llama"), tmp_path / "q", "fp8", kv=True)
+    for file in qckpt.glob("*.safetensors"):
+        tensors = load_file(file)
+        if tensors.pop("model.layers.1.self_attn.v_proj.v_scale", None) is not None:
+            save_file(tensors, file)
+    assert export_main([str(qckpt), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "model.layers.1.self_attn.v_proj.v_scale" in err.split("error: ")[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_edited_kv_dtype_or_weight_format_is_refused(tiny_checkpoint, tmp_path):
+    qckpt = quantize(tiny_checkpoint("llama"), tmp_path / "q", "fp8", kv=True)
+    onnx_dir, engine_dir = build_engine(qckpt, tmp_path)
+    for key, value, words in (("kv_cache_dtype", "fp16", "KV cache dtype disagrees"),
+                              ("weight_format", "fp16", "weight format disagrees")):
+        edited = tmp_path / f"edited-{key}"
+        shutil.copytree(onnx_dir, edited)
+        config = json.loads((edited / "config.json").read_text())
+        (edited / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(InputError, match=words):
+            build(edited, tmp_path / f"never-{key}", backend="onnxruntime", max_input_len=32, max_kv_cache_capacity=64)
+        assert not (tmp_path / f"never-{key}").exists()
+    config = json.loads((engine_dir / "config.json").read_text())
+    config["kv_cache_dtype"] = config["builder_config"]["kv_cache_dtype"] = "fp16"
+    (engine_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="past_key_values dtype is 'fp8'"):
+        Engine.load(engine_dir)
+
+
+def test_per_layer_fp16_kv_is_refused_at_export(tiny_checkpoint, tmp_path):
+    src = tiny_checkpoint("llama")
+    out = tmp_path / "q"
+    try:
+        quantize_main(["llm", "--model_dir", str(src), "--output_dir", str(out), "--quantization", "fp8",
+                       "--kv_cache_quantization", "fp8", "--kv_cache_fp16_layers", "0",
+                       "--text_dataset", str(DATASET), "--num_samples", "8", "--max_seq_len", "32"])
+    except SystemExit as e:
+        assert not e.code
+    with pytest.raises(InputError, match="kv_cache_fp16_layers"):
+        export(out, tmp_path / "onnx")
