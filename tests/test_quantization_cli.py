@@ -223,7 +223,7 @@ def test_bad_inputs_exit_2_without_output(tiny_checkpoint, tmp_path, capsys):
     empty.mkdir()
     (empty / "config.json").write_text((ckpt / "config.json").read_text())
     assert_failed(run(["llm", "--model_dir", str(empty), "--output_dir", str(out)], capsys), out, "safetensors")
-    assert_failed(run(["draft", "--base_model_dir", str(ckpt)], capsys), out, "not implemented")
+    assert_failed(run(["draft", "--base_model_dir", str(ckpt)], capsys), out, "--draft_model_dir")
 
 
 def test_module_entry_point_exit_code(tmp_path):

@@ -1,15 +1,24 @@
 """Quantized checkpoints through export -> llm-build -> Engine, against a torch fake-quant reference.
 
-The reference is the `transformers` model of the source checkpoint in fp16 (like the engine's activations) with every quantized linear's weight
-replaced by `dequantize_linear` of the stored tensors, its inputs fake-quantized by forward pre-hooks with the
-activation semantics of contracts.md 2.1, and, with FP8 KV, post-RoPE Q/K/V fake-quantized with the checkpoint's
-scales by a registered attention function. The math is the same; fp16 rounding order differs (fused kernels), which
-flips a few quantization codes at rounding boundaries, and a tiny random model amplifies each flip; the bounds
-(cosine >= 0.99 FP8 / 0.9 NVFP4, max-abs <= 12% / 40% of the logit range) are set from measurement.
+The reference is the `transformers` model of the source checkpoint in fp16 (like the engine's activations) with every
+quantized linear's weight replaced by what the graph's DequantizeLinear yields (`graph_weight`: FP8 weight scales
+rounded to fp16 like the initializers), its inputs fake-quantized by forward pre-hooks with the activation semantics
+of contracts.md 2.1, and, with FP8 KV, post-RoPE Q/K/V fake-quantized with the checkpoint's scales by a registered
+attention function. The first quantized linear (layer 0 q_proj) is bit-exact against the engine for FP8. The math is
+not identical past it: ONNX Runtime CPU computes most fp16 nodes in fp32 and drops the fp16 roundings between them
+(its InsertCastTransformer; the o_proj MatMul, the residual Adds and the fused RMSNorm stay fp32), and the attention
+lowering does RoPE and softmax in fp32, so quantizer inputs differ from the fp16 reference by about one fp16 ulp; one
+in ~100 such elements crosses an FP8 rounding boundary (21 of 1536 gate/up input codes in layer 0 of the fp8 recipe)
+and a network amplifies every flipped code. The tiny models here use HF's default init (0.02), which amplifies as
+little as a trained model does; with it the bounds, from measurement with a margin for other CPUs' MLAS kernels, are
+min cosine >= 0.999 for FP8 weights (measured 0.9994-0.9997), >= 0.998 with the FP8 KV cache as well (0.9988: K/V
+codes flip too), >= 0.99 for NVFP4 (0.9950-0.9959); max-abs <= 5% / 6% / 12% of the logit range (measured 3.5% /
+4.3% / 9.6%). With init 0.1 the same flips give cosines of 0.994-0.997 (FP8) and 0.93-0.97 (NVFP4).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -79,6 +88,14 @@ def activation_qdq(linear):
     return None
 
 
+def graph_weight(linear) -> torch.Tensor:
+    """The fp16 `[out, in]` weight the graph's DequantizeLinear produces: FP8 weight scales are fp16 initializers
+    (contracts.md 2.1), so the reference rounds them to fp16 before the fp32 multiply and the one rounding to fp16."""
+    if linear.format in ("fp8", "fp8_pc", "fp8_block"):
+        linear = dataclasses.replace(linear, weight_scale=linear.weight_scale.half().float())
+    return dequantize_linear(linear).half()
+
+
 def fp8_kv_attention(kv_scales):
     """An attention function that fake-quantizes post-RoPE Q, K, V with the layer's checkpoint scales."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -104,7 +121,7 @@ def reference_logits(src: Path, qckpt: Path, ids: torch.Tensor, embedding: torch
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16, attn_implementation=attn).eval()
     modules = dict(model.named_modules())
     for name, linear in q.linears.items():
-        modules[name].weight.data = dequantize_linear(linear).half()
+        modules[name].weight.data = graph_weight(linear)
         qdq = activation_qdq(linear)
         if qdq is not None:
             modules[name].register_forward_pre_hook(lambda m, args, f=qdq: (f(args[0].float()).half(),))
@@ -144,7 +161,7 @@ RECIPES = [  # (id, family, --quantization, FP8 KV, --fp8-embedding)
 
 @pytest.mark.parametrize("label,family,method,kv,fp8_emb", RECIPES, ids=[r[0] for r in RECIPES])
 def test_recipe_engine_matches_fake_quant_reference(tiny_checkpoint, tmp_path, label, family, method, kv, fp8_emb):
-    src = tiny_checkpoint(family)
+    src = tiny_checkpoint(family, initializer_range=0.02)  # HF's default init: a network that does not amplify flips
     qckpt = quantize(src, tmp_path / "q", method, kv)
     onnx_dir, engine_dir = build_engine(qckpt, tmp_path, fp8_embedding=fp8_emb)
 
@@ -160,9 +177,9 @@ def test_recipe_engine_matches_fake_quant_reference(tiny_checkpoint, tmp_path, l
     if fp8_emb:
         sidecar = read_embedding_sidecar(onnx_dir / "embedding.safetensors")
         embedding = formats.dequantize_fp8_row_block(sidecar.table, sidecar.scale).half().float()
-    # Measured: single quantization codes at rounding boundaries flip between the fp16 engine and the fp16 torch
-    # reference (1 element of 768 in a layer), and the tiny random model amplifies each flip; hence the bounds
-    bounds = (0.9, 0.4) if method == "nvfp4" else (0.99, 0.12)
+    # quantization codes at rounding boundaries flip between ORT's fp32-computed fp16 graph and the fp16 reference
+    # (module docstring), and the tiny random model amplifies each flip; hence the bounds
+    bounds = {"nvfp4": (0.99, 0.12)}.get(method, (0.998, 0.06) if kv else (0.999, 0.05))
     compare(ours, reference_logits(src, qckpt, torch.from_numpy(ids), embedding), label, *bounds)
 
     graph = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph
@@ -229,8 +246,8 @@ def test_lowered_fp4_activation_matches_reference(tiny_checkpoint, tmp_path):
         session = ort.InferenceSession(lower_for_onnxruntime(model).SerializeToString(),
                                        providers=["CPUExecutionProvider"])
         (y,) = session.run(["y"], {"x": x.numpy()})
-        # codes and block scales must match exactly; the fp16 products may differ by one fp16 ulp
-        np.testing.assert_allclose(y, nvfp4_activation_qdq(x, input_scale).numpy(), rtol=2 ** -10, atol=0)
+        # bit-exact under the session's default ORT_ENABLE_ALL, which must not drop the fp16 rounding of the block scales
+        np.testing.assert_array_equal(y, nvfp4_activation_qdq(x, input_scale).numpy())
 
 
 def test_missing_kv_scale_is_an_export_error(tiny_checkpoint, tmp_path, capsys):

@@ -81,14 +81,22 @@ def _weight_values(b: _Builder, init: onnx.TensorProto) -> str:
 
 
 def _dequantize(node: onnx.NodeProto, ctx, values: str, rank: int, scale_type: int) -> list[onnx.NodeProto]:
-    """Blocked DQ of decoded values: `values[..., j] * scale[..., j // block]` in the scale's dtype."""
+    """Blocked DQ of decoded values: `values[..., j] * scale[..., j // block]`, rounded once to the scale's dtype.
+
+    An fp16 scale is read through an explicit `Cast` to fp32 and the exact fp32 product is `Cast` back: ORT CPU runs
+    fp16 DQ/Mul in fp32 and drops the fp16 roundings between the casts it inserts itself, which would multiply by the
+    unrounded fp32 block scale; explicit casts keep the graph's (and `reference.py`'s) fp16 rounding of the scale.
+    """
     block = next(a.i for a in node.attribute if a.name == "block_size")
     b = _Builder(ctx, node.name)
-    if scale_type != FP32:
-        values = b.op("Cast", [values], to=scale_type)
+    scale = node.input[1] if scale_type == FP32 else b.op("Cast", [node.input[1]], to=FP32)
     blocks = b.op("Reshape", [values, b.const([0] * (rank - 1) + [-1, block], np.int64)])
-    scaled = b.op("Mul", [blocks, b.op("Unsqueeze", [node.input[1], b.const([-1], np.int64)])])
-    b.op("Reshape", [scaled, b.const([0] * (rank - 1) + [-1], np.int64)], out=node.output[0])
+    scaled = b.op("Mul", [blocks, b.op("Unsqueeze", [scale, b.const([-1], np.int64)])])
+    shape = b.const([0] * (rank - 1) + [-1], np.int64)
+    if scale_type == FP32:
+        b.op("Reshape", [scaled, shape], out=node.output[0])
+    else:
+        b.op("Cast", [b.op("Reshape", [scaled, shape])], out=node.output[0], to=scale_type)
     return b.nodes
 
 
