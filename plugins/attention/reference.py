@@ -10,7 +10,7 @@ import torch
 
 from llm_loader.errors import InputError
 from plugins.attention.schema import AttentionAttrs
-from quantization.formats import FP8_DTYPE, to_fp8
+from quantization.formats import to_fp8
 
 
 def rms_norm(x: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
