@@ -30,6 +30,19 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT_SHORT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 
 
+def machine() -> str:
+    """CPU model, whether it has AMX (torch's bf16 fast path), cores and OS."""
+    model = platform.processor() or platform.machine()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        model = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        if "amx_bf16" in info:
+            model += " with AMX-BF16"
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores, {platform.system()}"
+
+
 def child_peak_rss(cmd: list[str]) -> tuple[float, int]:
     """Run `cmd`; return (seconds, peak RSS bytes of that child)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -100,7 +113,7 @@ def main(new_tokens: int, prefill_tokens: int, work: str) -> None:
     ckpt = smollm2_checkpoint()
     threads = os.cpu_count() or 1
     weight_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
-    results: dict = {"machine": f"{platform.machine()} {platform.processor()}, {threads} cores, {platform.system()}",
+    results: dict = {"machine": machine(),
                      "weight_bytes": weight_bytes}
 
     for flag in ("", "--fp8-embedding"):
