@@ -91,7 +91,8 @@ def graph_kv_facts(model_path: Path) -> tuple[set[str], set[str], int]:
 
 def graph_weight_format(model_path: Path) -> str:
     """The weight format model.onnx holds (contracts.md 2.1), from initializer dtypes and the weight DQ nodes:
-    FLOAT4E2M1 -> nvfp4; FP8 with a blocked DQ -> fp8_block, with a per-channel scale -> fp8_pc, else fp8."""
+    FLOAT4E2M1 -> nvfp4; FP8 with a blocked DQ -> fp8_block (fp8_pb_wo when no activation is quantized), with a
+    per-channel scale -> fp8_pc, else fp8."""
     graph = onnx.load(str(model_path), load_external_data=False).graph
     inits = {t.name: t for t in graph.initializer}
     types = {t.data_type for t in inits.values()}
@@ -102,7 +103,8 @@ def graph_weight_format(model_path: Path) -> str:
     if not fp8_dq:
         return "fp16"
     if any(a.name == "block_size" and a.i > 0 for n in fp8_dq for a in n.attribute):
-        return "fp8_block"
+        # 128x128 weights with dynamic activation quantization (HF fine-grained), or weight-only (ModelOpt FP8_PB_WO)
+        return "fp8_block" if any(n.op_type == "QuantizeLinear" for n in graph.node) else "fp8_pb_wo"
     if any(n.input[1] in inits and len(inits[n.input[1]].dims) > 0 for n in fp8_dq):
         return "fp8_pc"
     return "fp8"

@@ -37,7 +37,7 @@ FP8, FP4 = TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT4E2M1
 # dynamic FP8 activation scale of a token (block): max(amax, MIN_ACT_AMAX) / 448, so an all-zero block stays 0
 MIN_ACT_AMAX = formats.MIN_BLOCK_AMAX
 # the weight formats of config.json, per linear format (QuantizedLinear.format)
-WEIGHT_FORMATS = ("fp8", "fp8_pc", "fp8_block", "nvfp4")
+WEIGHT_FORMATS = ("fp8", "fp8_pc", "fp8_block", "fp8_pb_wo", "nvfp4")
 
 
 class WeightFile:
@@ -130,9 +130,10 @@ def linear(g: Graph, x: str, module: str, shape: tuple[int, int], name: str) -> 
         act = dynamic_fp8_activation(g, x, shape[1], shape[1], name)
     elif q.format == "fp8_block":
         act = dynamic_fp8_activation(g, x, shape[1], q.block_size[1], name)
+    elif q.format == "fp8_pb_wo":  # ModelOpt's weight-only 128x128 FP8: activations stay fp16
+        act = x
     else:
-        raise InputError(f"tensor {module}.weight_scale: expected a format in {WEIGHT_FORMATS} (fp8_pb_wo, ModelOpt's "
-                         f"weight-only 128x128 FP8, is not exported), found {q.format}")
+        raise InputError(f"tensor {module}.weight_scale: expected a format in {WEIGHT_FORMATS}, found {q.format}")
     return g.op("MatMul", [act, fp8_weight(g, q, name)], name)
 
 
@@ -147,8 +148,11 @@ def fp8_weight(g: Graph, q: QuantizedLinear, name: str) -> str:
     if q.format == "fp8_pc":  # one scale per output channel = axis 1 of [in, out]
         return g.op("DequantizeLinear", [w, g.weight(f"{q.name}.weight_scale", scale.half())], f"{name}/weight_dq",
                     axis=1)
-    # fp8_block: a [rows x cols] tile scale is a scale blocked along `in` (axis 0, block cols) and repeated along out
+    # fp8_block / fp8_pb_wo: a [rows x cols] tile scale is a scale blocked along `in` (axis 0, block cols) and
+    # repeated along out; ModelOpt stores the tiles as [out/128, 1, in/128, 1]
     rows, cols = q.block_size
+    if q.format == "fp8_pb_wo":
+        scale = scale.reshape(scale.shape[0], scale.shape[2])
     expanded = scale.repeat_interleave(rows, dim=0)[:out].t().contiguous()  # [ceil(in/cols), out]
     return g.op("DequantizeLinear", [w, g.weight(f"{q.name}.weight_scale_inv", expanded.half())], f"{name}/weight_dq",
                 axis=0, block_size=cols)

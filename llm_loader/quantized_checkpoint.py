@@ -162,9 +162,9 @@ def _classify(module: str, tensors: dict) -> str:
     scale = tensors.get(f"{module}.weight_scale")
     if scale is None:
         return "fp16"
-    if scale.numel() == 1:
-        return "fp8"
-    return "fp8_pb_wo" if scale.dim() == 4 else "fp8_pc"
+    if scale.dim() == 4:  # ModelOpt's [out/128, 1, in/128, 1] tiles, even when there is only one
+        return "fp8_pb_wo"
+    return "fp8" if scale.numel() == 1 else "fp8_pc"
 
 
 def _check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...]) -> None:

@@ -91,7 +91,7 @@ def activation_qdq(linear):
 def graph_weight(linear) -> torch.Tensor:
     """The fp16 `[out, in]` weight the graph's DequantizeLinear produces: FP8 weight scales are fp16 initializers
     (contracts.md 2.1), so the reference rounds them to fp16 before the fp32 multiply and the one rounding to fp16."""
-    if linear.format in ("fp8", "fp8_pc", "fp8_block"):
+    if linear.format in ("fp8", "fp8_pc", "fp8_block", "fp8_pb_wo"):
         linear = dataclasses.replace(linear, weight_scale=linear.weight_scale.half().float())
     return dequantize_linear(linear).half()
 
@@ -214,6 +214,31 @@ def test_ort_keeps_quantized_weights_low_precision_at_rest(tiny_checkpoint, tmp_
     assert inits[name].data_type == expected
     widened = [t.name for t in inits.values() if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) >= 64 * 64]
     assert not [n for n in widened if "layers" in n], f"weights folded to fp32: {widened}"
+
+
+def test_modelopt_fp8_pb_wo_checkpoint_exports_weight_only(tiny_checkpoint, tmp_path):
+    """ModelOpt's weight-only 128x128 FP8 (weight_scale [out/128, 1, in/128, 1]), hand-written as ModelOpt lays it out."""
+    dims = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4, head_dim=32,
+                initializer_range=0.02)
+    src = tiny_checkpoint("llama", **dims)
+    tensors = load_file(str(src / "model.safetensors"))
+    for name in [n for n in tensors if n.endswith("_proj.weight")]:
+        q, scale = formats.quantize_fp8_block(tensors[name].float())
+        tensors[name] = q
+        tensors[name.replace(".weight", ".weight_scale")] = scale.reshape(scale.shape[0], 1, scale.shape[1], 1)
+    ckpt = tmp_path / "pb_wo"
+    shutil.copytree(src, ckpt)
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    quant = {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "FP8_PB_WO", "exclude_modules": ["lm_head"]}}
+    (ckpt / "hf_quant_config.json").write_text(json.dumps(quant))
+
+    onnx_dir, engine_dir = build_engine(ckpt, tmp_path)
+    assert detect(onnx_dir).weight_format == "fp8_pb_wo"
+    graph = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph
+    assert not any(n.op_type == "QuantizeLinear" for n in graph.node)  # weight-only: activations stay fp16
+    ids = np.random.default_rng(0).integers(0, 49152, (2, NUM_TOKENS))
+    ours, _ = engine_logits(engine_dir, ids)
+    compare(ours, reference_logits(src, ckpt, torch.from_numpy(ids)), "fp8_pb_wo", 0.9999, 0.02)
 
 
 def test_lowered_fp4_activation_matches_reference(tiny_checkpoint, tmp_path):
