@@ -68,7 +68,7 @@ def build(onnx_dir: str | Path, engine_dir: str | Path, *, max_batch_size: int =
             with stage("load model.onnx"):
                 model = ort_backend.load_model(onnx_dir)
             with stage("lower for onnxruntime"):
-                model = ort_backend.lower(model)
+                model = ort_backend.lower_llm(model)
             with stage("save llm.onnx"):
                 ort_backend.save_with_external_data(model, out / "llm.onnx")
             del model

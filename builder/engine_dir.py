@@ -19,7 +19,7 @@ CONTRACT_VERSION = 1
 ENGINE_FILES = {"onnxruntime": ("llm.onnx", "embedding.onnx"), "tensorrt": ("llm.engine", "embedding.engine")}
 COPIED_FILES = ("embedding.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "chat_template.jinja")
-KV_ONNX_TYPES = {"fp16": onnx.TensorProto.FLOAT16, "fp8": onnx.TensorProto.FLOAT8E4M3FN}
+ORT_KV_ONNX_TYPES = {"fp16": onnx.TensorProto.FLOAT, "fp8": onnx.TensorProto.FLOAT8E4M3FN}  # lowered llm.onnx
 EMBEDDING_DTYPES = {"fp16": "F16", "fp8_e4m3_row_block": "F8_E4M3"}
 
 
@@ -79,13 +79,15 @@ def load_engine_config(engine_dir: str | Path) -> dict:
 
 
 def llm_onnx_kv_dtype(path: Path) -> str:
-    """'fp16' / 'fp8' from the elem type of the graph's past_key_values_* inputs (weights are not loaded)."""
+    """'fp16' / 'fp8' from the elem type of the lowered graph's `past_key_values_*` inputs (weights are not loaded);
+    the CPU engine holds an fp16 cache in fp32 (builder.onnxruntime_backend)."""
     graph = onnx.load(str(path), load_external_data=False).graph
     types = {i.type.tensor_type.elem_type for i in graph.input if i.name.startswith("past_key_values_")}
-    names = {v: k for k, v in KV_ONNX_TYPES.items()}
+    names = {v: k for k, v in ORT_KV_ONNX_TYPES.items()}
     if len(types) != 1 or next(iter(types)) not in names:
         found = sorted(onnx.helper.tensor_dtype_to_np_dtype(t).name if t else "?" for t in types)
-        raise InputError(f"{path}: expected past_key_values_* inputs all fp16 or all float8e4m3fn, found {found}")
+        raise InputError(f"{path}: expected past_key_values_* inputs all float32 (an fp16 cache) or all float8e4m3fn, "
+                         f"found {found}")
     return names[types.pop()]
 
 

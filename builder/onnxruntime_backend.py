@@ -1,9 +1,10 @@
 """The ONNX Runtime (CPU) backend: engines are ONNX files whose custom ops are lowered to ops ORT runs natively.
 
-`llm.onnx` is `model.onnx` after `plugins.lowering.lower_for_onnxruntime` (the "ORT engine" contract of
-contracts.md 3.1: past = filled prefix, present = this call's K/V). `embedding.onnx` maps `input_ids` int32 [B,S] to
-`inputs_embeds` fp16 [B,S,H]: a plain Gather for an FP16 table, an `Fp8Gather` node (then lowered) for an FP8 one,
-so the FP8 table stays FP8 in memory.
+`llm.onnx` is `model.onnx` after `plugins.lowering.lower_for_onnxruntime` (the "ORT engine" KV contract of
+contracts.md 3.1) and `widen_to_fp32`: ORT's CPU provider has no fp16 kernels on x86, so the engine computes in
+fp32 and holds an fp16 model's KV cache in fp32 (an FP8 cache stays FP8). `embedding.onnx` maps `input_ids` int32
+[B,S] to `inputs_embeds` fp16 [B,S,H]: a plain Gather for an FP16 table, an `Fp8Gather` node (then lowered) for an
+FP8 one, so the FP8 table stays FP8 in memory.
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ def lower(model: onnx.ModelProto) -> onnx.ModelProto:
     from plugins.lowering import lower_for_onnxruntime
 
     return lower_for_onnxruntime(model)
+
+
+def lower_llm(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The LLM graph lowered and computing in fp32; `inputs_embeds` keeps its fp16 binding (the embedding engine's
+    output)."""
+    from plugins.lowering import widen_to_fp32
+
+    return widen_to_fp32(lower(model), {"inputs_embeds"})
 
 
 def build_embedding(sidecar: EmbeddingSidecar, out: Path) -> None:

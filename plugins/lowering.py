@@ -1,8 +1,11 @@
 """Replace every `trt_edgellm` node with standard ONNX (opset 23) / `com.microsoft` ops that ONNX Runtime runs on CPU.
 
 Each op package exports `ORT_LOWERING = {(domain, op_type): lower_fn}`; a `lower_fn(node, ctx)` returns the nodes
-that replace `node` and may add initializers, shared nodes (built once per graph, e.g. the attention mask) and
-graph input/output shape changes through `ctx`. The caller saves the returned model (external data stays as is).
+that replace `node` and may add initializers, shared nodes (built once per graph, e.g. the RoPE tables) and
+graph input/output changes through `ctx`. The caller saves the returned model (external data stays as is).
+
+`widen_to_fp32` then makes the LLM graph compute in fp32: ORT's CPU provider has no fp16 kernels on x86 and would
+otherwise wrap every fp16 node in inserted Casts.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 from typing import Callable
 
 import onnx
-from onnx import helper
+from onnx import TensorProto, helper
 
 from llm_loader.errors import InputError
 
@@ -31,6 +34,7 @@ class LoweringContext:
         self.pending: list[onnx.NodeProto] = []  # shared nodes to place before the node being lowered
         self.shared: dict[tuple, object] = {}
         self.used_domains: set[str] = set()
+        self.replaced_io: dict[str, list[onnx.ValueInfoProto]] = {}  # graph input/output name -> its replacements
         self._names = {n for n in self.inputs} | self.initializers | {o for node in graph.node for o in node.output}
         self._counter = 0
 
@@ -53,6 +57,10 @@ class LoweringContext:
         if key not in self.shared:
             self.shared[key] = build()
         return self.shared[key]
+
+    def replace_io(self, name: str, *new: onnx.ValueInfoProto) -> None:
+        """Replace graph input or output `name` by `new` (in its place, in order)."""
+        self.replaced_io[name] = list(new)
 
     def set_dim(self, value_name: str, axis: int, dim_param: str) -> None:
         """Rename one dim of a graph input or output to a symbolic dim (no-op for inner tensors)."""
@@ -100,11 +108,46 @@ def lower_for_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(ctx.new_initializers)
+    for io in (graph.input, graph.output):
+        kept = [new for v in io for new in ctx.replaced_io.get(v.name, [v])]
+        del io[:]
+        io.extend(kept)
     # shapes inferred for the custom op's outputs may no longer hold (the ORT KV contract changes them)
     kept = [v for v in graph.value_info if v.name not in replaced_outputs]
     del graph.value_info[:]
     graph.value_info.extend(kept)
     _fix_opsets(model, ctx.used_domains)
+    return model
+
+
+def widen_to_fp32(model: onnx.ModelProto, fp16_inputs: set[str]) -> onnx.ModelProto:
+    """`model` (lowered) computing in fp32: the graph inputs named in `fp16_inputs` keep their fp16 binding and are
+    cast on entry; every other fp16 graph input and output (the KV cache) becomes fp32; fp16 initializers are cast
+    (ORT folds those Casts once at load, as it would for its own inserted ones); Casts to fp16 cast to fp32.
+
+    Numerically this is the fp16 graph without its fp16 roundings, which is closer to an fp32 reference.
+    """
+    graph = model.graph
+    renamed = {v.name: f"{v.name}.fp32" for v in graph.input
+               if v.name in fp16_inputs and v.type.tensor_type.elem_type == TensorProto.FLOAT16}
+    fp16_inits = [t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT16]
+    renamed.update({name: f"{name}.fp32" for name in fp16_inits})
+    for node in graph.node:
+        for j, name in enumerate(node.input):
+            node.input[j] = renamed.get(name, name)
+        if node.op_type == "Cast":
+            for attr in node.attribute:
+                if attr.name == "to" and attr.i == TensorProto.FLOAT16:
+                    attr.i = TensorProto.FLOAT
+    casts = [helper.make_node("Cast", [name], [widened], name=f"{name}/to_fp32", to=TensorProto.FLOAT)
+             for name, widened in renamed.items()]
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for v in [*graph.input, *graph.output]:
+        if v.name not in fp16_inputs and v.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            v.type.tensor_type.elem_type = TensorProto.FLOAT
+    del graph.value_info[:]  # fp16 shapes inferred before no longer hold; ORT infers again
     return model
 
 

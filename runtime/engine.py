@@ -1,17 +1,17 @@
 """The engine layer: one LLM engine and one embedding engine behind a small numpy API (ONNX Runtime backend).
 
 Everything above this module (sampling, generation, the CLI) sees only `Engine` and `KVCache`. The KV cache lives
-here, in numpy, because ONNX Runtime cannot update a graph input in place: the lowered graph (contracts.md 3.1,
-"ONNX Runtime lowering") reads only the filled prefix of each layer's cache and returns only this call's K/V, which
-`forward` writes into the cache at each row's length. Passing the prefix copies it (a slice of the capacity axis
-is not contiguous): about 2 ms per decode step at 128 cached tokens and 16 ms at 1000 for SmolLM2-135M (30 layers),
-against 20-30 ms for the step itself on two cores.
+here, in numpy, one contiguous buffer per layer and K/V. The lowered graph (contracts.md 3.1, "ORT engine") takes
+it in one of two forms: in place, the engine reads and updates the whole buffers (bound as both past and present,
+no copy); or, for an FP8 cache, it reads only the filled prefix (a copy: a slice of the capacity axis is not
+contiguous) and returns this call's K/V, which `forward` writes into the cache at each row's length.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +27,13 @@ _FP8 = onnx.TensorProto.FLOAT8E4M3FN
 
 @dataclass
 class KVCache:
-    """Per layer [batch, 2, Hkv, capacity, D] (index 0 of dim 1 = K); fp16, or uint8 holding FP8 E4M3 bytes."""
+    """Per layer `[2, batch, Hkv, capacity, D]` (index 0 = K, 1 = V): float32 for an fp16 cache (the CPU engine
+    computes in fp32), or uint8 holding FP8 E4M3 bytes."""
 
     layers: list[np.ndarray]
     lengths: np.ndarray  # int32 [batch]: tokens already cached per row
-    dtype: str  # "fp16" | "fp8"
+    dtype: str  # "fp16" | "fp8": the engine's kv_cache_dtype
+    binding: ort.IOBinding | None = field(default=None, repr=False)  # in-place engines: these buffers, bound once
 
     @property
     def nbytes(self) -> int:
@@ -56,6 +58,24 @@ def session_options() -> ort.SessionOptions:
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return opts
+
+
+def _return_freed_buffers_to_the_os() -> None:
+    """Pin glibc's mmap threshold at 1 MiB, so each freed dequantized weight goes back to the OS at once. By default
+    glibc raises the threshold to the largest buffer freed so far, which moves the next ones onto the heap, where
+    freed memory stays resident: measured on the SmolLM2 fp8 engine, peak RSS growth 777 MiB by default, 547 MiB
+    pinned, for about 5% of its (already slow) decode speed. Process-wide; a no-op off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold = -3  # <malloc.h>
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+
+
+def _halves(cache: KVCache) -> list[np.ndarray]:
+    """The cache's K and V buffers `[B,Hkv,capacity,D]` (contiguous) in the engine's binding order."""
+    return [layer[j] for layer in cache.layers for j in (0, 1)]
 
 
 def _ort_input(array: np.ndarray, fp8: bool):
@@ -95,9 +115,13 @@ class Engine:
             # buffer. The arena would keep all those buffers for good (measured on SmolLM2 fp8: 1002 MiB against
             # 413 MiB without it, and 737 MiB for the fp16 engine); without it the low-precision weights pay off.
             opts.enable_cpu_mem_arena = False
+            _return_freed_buffers_to_the_os()
         self.llm_session = ort.InferenceSession(str(engine_dir / "llm.onnx"), opts, providers=providers)
-        self._past_names = [f"past_key_values_{i}" for i in range(self.num_layers)]
-        self._present_names = [f"present_key_values_{i}" for i in range(self.num_layers)]
+        # (past, present) binding names per layer and K/V, in the order of KVCache's buffers
+        self._kv_names = [(f"past_key_values_{i}.{kind}", f"present_key_values_{i}.{kind}")
+                          for i in range(self.num_layers) for kind in ("key", "value")]
+        present = {o.name: o.shape for o in self.llm_session.get_outputs()}[self._kv_names[0][1]]
+        self.kv_in_place = present[2] == "kv_capacity"  # else: prefix in, this call's K/V out
 
     @classmethod
     def load(cls, engine_dir: str | Path) -> "Engine":
@@ -120,8 +144,8 @@ class Engine:
         """An empty cache of `max_kv_cache_capacity` tokens per row, in the engine's KV dtype."""
         if not 1 <= batch <= self.max_batch_size:
             raise InputError(f"batch: expected 1..{self.max_batch_size} (the engine's max_batch_size), found {batch}")
-        shape = (batch, 2, self.num_kv_heads, self.max_kv_cache_capacity, self.head_dim)
-        dtype = np.uint8 if self.kv_cache_dtype == "fp8" else np.float16
+        shape = (2, batch, self.num_kv_heads, self.max_kv_cache_capacity, self.head_dim)
+        dtype = np.uint8 if self.kv_cache_dtype == "fp8" else np.float32
         return KVCache([np.zeros(shape, dtype) for _ in range(self.num_layers)], np.zeros(batch, np.int32),
                        self.kv_cache_dtype)
 
@@ -143,23 +167,38 @@ class Engine:
         fp8 = cache.dtype == "fp8"
         feeds = {"inputs_embeds": embeds, "rope_rotary_cos_sin": self.rope, "context_lengths": ctx,
                  "kvcache_start_index": start, "last_token_ids": last}
-        binding = self.llm_session.io_binding()
+        if self.kv_in_place:
+            if cache.binding is None:
+                cache.binding = self._bind_in_place(cache)
+            binding = cache.binding
+        else:
+            binding = self.llm_session.io_binding()
+            for (past, present), half in zip(self._kv_names, _halves(cache)):
+                binding.bind_ortvalue_input(past, _ort_input(np.ascontiguousarray(half[:, :, :prefix]), fp8))
+                binding.bind_output(present)
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
-        for name, layer in zip(self._past_names, cache.layers):  # the filled prefix, copied contiguous (see module doc)
-            binding.bind_ortvalue_input(name, _ort_input(np.ascontiguousarray(layer[:, :, :, :prefix]), fp8))
-        binding.bind_output("logits")
-        for name in self._present_names:
-            binding.bind_output(name)
+        logits = np.empty((batch, last.shape[1], self.vocab_size), np.float32)
+        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))  # written in place
         self.llm_session.run_with_iobinding(binding)
-        logits, *presents = (v.numpy() for v in binding.get_outputs())
-        for layer, present in zip(cache.layers, presents):
-            for b in range(batch):
-                n, s = int(ctx[b]), int(start[b])
-                if n:
-                    layer[b, :, :, s:s + n] = present[b, :, :, :n]
+        if not self.kv_in_place:
+            presents = binding.get_outputs()[:-1]  # in binding order: the presents, then logits
+            for half, present in zip(_halves(cache), presents):
+                present = present.numpy()
+                for b in range(batch):
+                    n, s = int(ctx[b]), int(start[b])
+                    half[b, :, s:s + n] = present[b, :, :n]
         cache.lengths += ctx
         return logits
+
+    def _bind_in_place(self, cache: KVCache) -> ort.IOBinding:
+        """A binding of the cache's buffers as both past and present (OrtValues wrap them: no copy)."""
+        binding = self.llm_session.io_binding()
+        for (past, present), half in zip(self._kv_names, _halves(cache)):
+            value = _ort_input(half, cache.dtype == "fp8")
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        return binding
 
     def _check(self, cache: KVCache, ids: np.ndarray, ctx: np.ndarray, last: np.ndarray) -> tuple[int, int]:
         if ids.ndim != 2:
@@ -181,4 +220,10 @@ class Engine:
             b = int(np.argmax(over))
             raise InputError(f"KV cache: row {b} would hold {int(cache.lengths[b] + ctx[b])} tokens, more than the "
                              f"capacity {cache.capacity} (max_kv_cache_capacity)")
+        # the in-place kernel needs room for the whole padded call in every row that takes part in it
+        tight = (ctx > 0) & (cache.lengths + seq > cache.capacity) if self.kv_in_place else np.zeros(batch, bool)
+        if tight.any():
+            b = int(np.argmax(tight))
+            raise InputError(f"KV cache: row {b} holds {int(cache.lengths[b])} tokens; a call padded to {seq} tokens "
+                             f"would pass the capacity {cache.capacity}; send that row in a shorter call")
         return batch, seq

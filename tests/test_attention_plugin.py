@@ -1,5 +1,6 @@
-"""AttentionPlugin: torch reference vs an independent per-token loop (HF RoPE / RMSNorm), and the ORT lowering vs
-the reference under the ORT engine KV contract (prefix in, this call's K/V out)."""
+"""AttentionPlugin: torch reference vs an independent per-token loop (HF RoPE / RMSNorm), and the ORT lowering (as
+llm-build ships it: lowered, widened to fp32) vs the reference under the ORT engine KV contract, in both its forms
+(the whole cache updated in place; prefix in, this call's K/V out)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper
+from onnx.reference import ReferenceEvaluator
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from llm_loader.errors import InputError
 from plugins.attention import schema
 from plugins.attention.reference import attention_reference
-from plugins.lowering import lower_for_onnxruntime
+from plugins.lowering import lower_for_onnxruntime, widen_to_fp32
 from quantization.formats import FP8_MAX, to_fp8
 
 HQ, HKV, D, CAPACITY = 4, 2, 16, 12
@@ -157,6 +159,54 @@ def ort_value(t: torch.Tensor) -> ort.OrtValue:
     return ort.OrtValue.ortvalue_from_numpy(t.contiguous().numpy())
 
 
+def lowered_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """The lowering as llm-build ships it: lowered, then widened to fp32 compute."""
+    lowered = widen_to_fp32(lower_for_onnxruntime(model), {"qkv", "qkv1", "q_norm", "k_norm"})
+    onnx.checker.check_model(lowered)
+    return ort.InferenceSession(lowered.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def run_lowered(session: ort.InferenceSession, feeds: dict, caches: dict[str, torch.Tensor], starts, seq: int):
+    """Run under the ORT engine KV contract; returns the outputs by name plus, per cache, this call's K/V
+    `[B,2,Hkv,S,D]` and the whole cache after the call (None for the prefix form, which does not hold one)."""
+    kinds = {o.name: o.shape[2] for o in session.get_outputs() if o.name.endswith((".key", ".value"))}
+    in_place = set(kinds.values()) == {"kv_capacity"}
+    binding, held, bound = session.io_binding(), {}, []
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, ort_value(value))
+    for past, cache in caches.items():
+        present, held[past] = "present" + past[len("past"):], {}
+        for j, kind in enumerate(("key", "value")):
+            half = cache[:, j]
+            if in_place:  # the whole cache (fp16 held as fp32), updated in the same buffer
+                held[past][kind] = half.float().numpy().copy()
+                value = ort.OrtValue.ortvalue_from_numpy(held[past][kind])
+                binding.bind_ortvalue_input(f"{past}.{kind}", value)
+                binding.bind_ortvalue_output(f"{present}.{kind}", value)
+                bound.append(f"{present}.{kind}")
+            else:
+                prefix = half[:, :, : max(starts)].contiguous()
+                binding.bind_ortvalue_input(f"{past}.{kind}", ort_value(prefix.float() if half.dtype == torch.float16 else prefix))
+                binding.bind_output(f"{present}.{kind}")
+                bound.append(f"{present}.{kind}")
+    for o in session.get_outputs():
+        if not o.name.endswith((".key", ".value")):
+            binding.bind_output(o.name)
+            bound.append(o.name)
+    session.run_with_iobinding(binding)
+    got = dict(zip(bound, (v.numpy() for v in binding.get_outputs())))
+    results = {}
+    for past in caches:
+        present = "present" + past[len("past"):]
+        if in_place:
+            k, v = held[past]["key"], held[past]["value"]
+            new = np.stack([np.stack([k[b, :, s:s + seq], v[b, :, s:s + seq]]) for b, s in enumerate(starts)])
+            results[past] = (new, np.stack([k, v], axis=1))
+        else:
+            results[past] = (np.stack([got[f"{present}.key"], got[f"{present}.value"]], axis=1), None)
+    return got, results
+
+
 @pytest.mark.parametrize("fp8,qk_norm,rotary_dim", PARAMS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_ort_lowering_matches_reference(case, fp8, qk_norm, rotary_dim):
@@ -164,30 +214,45 @@ def test_ort_lowering_matches_reference(case, fp8, qk_norm, rotary_dim):
     qkv, past, lens, rope, st, gammas = make_inputs(seq, lengths, starts, fp8, rotary_dim, seed=1)
     attn, present = attention_reference(qkv, past, lens, rope, st, *(gammas if qk_norm else ()), attrs=make_attrs(fp8, qk_norm))
 
-    lowered = lower_for_onnxruntime(single_node_model(fp8, qk_norm, rotary_dim))
-    onnx.checker.check_model(lowered)
-    session = ort.InferenceSession(lowered.SerializeToString(), providers=["CPUExecutionProvider"])
-    prefix = past[:, :, :, : max(starts)].contiguous()  # the ORT engine contract: only the filled prefix
-    feeds = {"qkv": qkv, "past": prefix, "context_lengths": lens, "rope_rotary_cos_sin": rope, "kvcache_start_index": st}
+    session = lowered_session(single_node_model(fp8, qk_norm, rotary_dim))
+    feeds = {"qkv": qkv, "context_lengths": lens, "rope_rotary_cos_sin": rope, "kvcache_start_index": st}
     if qk_norm:
         feeds.update(q_norm=gammas[0], k_norm=gammas[1])
-    got_attn, got_new = session.run(None, {k: ort_value(v) for k, v in feeds.items()})
+    got, results = run_lowered(session, feeds, {"past": past}, starts, seq)
+    got_new, cache_after = results["past"]
+    # fp16 KV without FP8 and with a RoPE width GQA takes (a multiple of 16) runs in place; the rest as prefix form
+    assert (cache_after is not None) == (not fp8 and rotary_dim % 16 == 0)
     assert got_new.shape == (len(lengths), 2, HKV, seq, D)
     for row, (n, start) in enumerate(zip(lengths, starts)):
         want_new = present[row, :, :, start : start + n]
-        if fp8:  # FP8 outputs come back as their bytes
+        if fp8:  # FP8 outputs come back as their bytes; fp32 compute may round K/V across an FP8 step, rarely
             assert got_new.dtype == np.uint8
             got_bytes, want_bytes = got_new[row, :, :, :n], want_new.view(torch.uint8).numpy()
-            if not qk_norm:  # same fp16 K/V in, so the same bytes out (to_fp8 semantics)
-                np.testing.assert_array_equal(got_bytes, want_bytes)
-            else:  # ORT's RMSNormalization may round K one fp16 ulp differently: allow one FP8 step, rarely
-                decode = lambda a: a.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
-                np.testing.assert_allclose(decode(got_bytes), decode(want_bytes), rtol=0.13, atol=2**-9)
-                assert (got_bytes != want_bytes).mean() < 0.02
+            decode = lambda a: a.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+            np.testing.assert_allclose(decode(got_bytes), decode(want_bytes), rtol=0.13, atol=2**-9)
+            assert (got_bytes != want_bytes).mean() < 0.02
         else:
-            np.testing.assert_allclose(got_new[row, :, :, :n].astype(np.float32), want_new.float().numpy(), atol=2e-3, rtol=0)
-        np.testing.assert_allclose(got_attn[row, :n].astype(np.float32), attn[row, :n].float().numpy(), atol=1e-2, rtol=0)
-        assert not got_attn[row, n:].any()
+            # the reference rounds K/V to fp16 after the norm and after RoPE; the engine keeps them fp32
+            np.testing.assert_allclose(got_new[row, :, :, :n], want_new.float().numpy(), atol=2e-3, rtol=2e-3)
+        np.testing.assert_allclose(got["attn"][row, :n], attn[row, :n].float().numpy(), atol=2e-2 if fp8 else 1e-2, rtol=0)
+        assert not got["attn"][row, n:].any()
+    if cache_after is not None:  # in place: every slot but this call's is untouched
+        untouched = np.ones(cache_after.shape, bool)
+        for row, (n, start) in enumerate(zip(lengths, starts)):
+            untouched[row, :, :, start : start + n] = False
+        np.testing.assert_array_equal(cache_after[untouched], past.float().numpy()[untouched])
+
+
+def test_in_place_form_with_an_idle_row_at_full_capacity():
+    """A row that sits a decode step out with a full cache: the other row decodes, the idle row's cache stays."""
+    seq, lengths, starts = 1, [1, 0], [5, CAPACITY]
+    qkv, past, lens, rope, st, _ = make_inputs(seq, lengths, starts, False, D, seed=4)
+    attn, present = attention_reference(qkv, past, lens, rope, st, attrs=make_attrs(False, False))
+    session = lowered_session(single_node_model(False, False, D))
+    feeds = {"qkv": qkv, "context_lengths": lens, "rope_rotary_cos_sin": rope, "kvcache_start_index": st}
+    got, results = run_lowered(session, feeds, {"past": past}, [5, 0], seq)
+    np.testing.assert_allclose(got["attn"][0], attn[0].float().numpy(), atol=1e-2, rtol=0)
+    np.testing.assert_array_equal(results["past"][1][1], past[1].float().numpy())
 
 
 def test_quantize_linear_saturate_matches_to_fp8_bit_exactly():
@@ -203,13 +268,17 @@ def test_quantize_linear_saturate_matches_to_fp8_bit_exactly():
     np.testing.assert_array_equal(got.view(np.uint8), to_fp8(x, scale).view(torch.uint8).numpy())
 
 
-def test_lowering_rewrites_kv_io_and_opsets():
-    lowered = lower_for_onnxruntime(single_node_model(True, False, D))
+@pytest.mark.parametrize("fp8", [False, True])
+def test_lowering_rewrites_kv_io_and_opsets(fp8):
+    lowered = lower_for_onnxruntime(single_node_model(fp8, False, D))
     assert {o.domain for o in lowered.opset_import} == {"", "com.microsoft"}
     assert not any(n.domain == schema.DOMAIN for n in lowered.graph.node)
     dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*lowered.graph.input, *lowered.graph.output]}
-    assert dims["past"] == ["batch", 2, HKV, "past_len", D]
-    assert dims["present"] == ["batch", 2, HKV, "seq_len", D]
+    past, present = ("past_len", "seq_len") if fp8 else ("kv_capacity", "kv_capacity")
+    for kind in ("key", "value"):
+        assert dims[f"past.{kind}"] == ["batch", HKV, past, D]
+        assert dims[f"present.{kind}"] == ["batch", HKV, present, D]
+    assert "past" not in dims and "present" not in dims
 
 
 def test_unsupported_attributes_raise_input_error():
@@ -221,6 +290,25 @@ def test_unsupported_attributes_raise_input_error():
             schema.read_attrs(bad)
 
 
+def test_widen_to_fp32_computes_the_fp16_graph_in_fp32():
+    """fp16 input kept (cast on entry), fp16 weight cast once, Cast-to-fp16 retargeted, fp16 outputs retyped: the
+    result is the fp32 product of the fp16 values, which the fp16 graph would have rounded."""
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((3, 64)).astype(np.float16), rng.standard_normal((64, 5)).astype(np.float16)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y16"]), helper.make_node("Cast", ["y16"], ["y"], to=TensorProto.FLOAT16)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [3, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [3, 5])],
+                              initializer=[onnx.numpy_helper.from_array(w, "w")])
+    widened = widen_to_fp32(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]), {"x"})
+    onnx.checker.check_model(widened, full_check=True)
+    assert widened.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    assert widened.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    got = ReferenceEvaluator(widened).run(None, {"x": x})[0]
+    want = x.astype(np.float64) @ w.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.abs(want.astype(np.float16) - want).max() > 1e-3  # so fp16 rounding would have been visible
+
+
 def test_unknown_custom_op_raises_input_error():
     node = helper.make_node("Mystery", ["x"], ["y"], name="m0", domain=schema.DOMAIN)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
@@ -229,30 +317,33 @@ def test_unknown_custom_op_raises_input_error():
         lower_for_onnxruntime(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), schema.OPSET]))
 
 
-def test_layers_share_mask_and_rope_rows():
-    """Two layers in one graph: the per-graph tensors (mask, RoPE rows) are built once; both layers stay exact."""
-    model = single_node_model(False, False, D)
-    second = make_node(False, False)
+@pytest.mark.parametrize("fp8", [False, True])
+def test_layers_share_the_per_graph_tensors(fp8):
+    """Two layers in one graph: the per-graph tensors (RoPE tables, masks) are built once; both layers stay exact."""
+    model = single_node_model(fp8, False, D)
+    second = make_node(fp8, False)
     second.name = "layer1"
-    second.input[1], second.output[0], second.output[1] = "past1", "attn1", "present1"
+    second.input[0], second.input[1], second.output[0], second.output[1] = "qkv1", "past1", "attn1", "present1"
     model.graph.node.append(second)
-    model.graph.input.append(onnx.ValueInfoProto.FromString(model.graph.input[1].SerializeToString()))
-    model.graph.input[-1].name = "past1"
+    for source, name in ((0, "qkv1"), (1, "past1")):  # each layer its own qkv and cache, as in a real graph
+        model.graph.input.append(onnx.ValueInfoProto.FromString(model.graph.input[source].SerializeToString()))
+        model.graph.input[-1].name = name
     for name in ("attn1", "present1"):
         model.graph.output.append(onnx.ValueInfoProto.FromString(model.graph.output[0 if name == "attn1" else 1].SerializeToString()))
         model.graph.output[-1].name = name
     lowered = lower_for_onnxruntime(model)
-    assert sum(n.op_type == "Tile" for n in lowered.graph.node) == 1
-    assert sum(n.op_type == "RotaryEmbedding" for n in lowered.graph.node) == 2
+    shared = [n for n in lowered.graph.node if n.name.startswith("attention_shared/")]
+    assert sum(n.op_type == "Range" for n in shared) == (2 if fp8 else 1)
+    assert sum(n.op_type == ("RotaryEmbedding" if fp8 else "GroupQueryAttention") for n in lowered.graph.node) == 2
 
     seq, lengths, starts = CASES["prefill"]
-    qkv, past, lens, rope, st, _ = make_inputs(seq, lengths, starts, False, D, seed=2)
-    past1 = make_inputs(seq, lengths, starts, False, D, seed=3)[1]
-    session = ort.InferenceSession(lowered.SerializeToString(), providers=["CPUExecutionProvider"])
-    feeds = {"qkv": qkv, "past": past[:, :, :, : max(starts)], "past1": past1[:, :, :, : max(starts)], "context_lengths": lens,
-             "rope_rotary_cos_sin": rope, "kvcache_start_index": st}
-    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {k: ort_value(v.contiguous()) for k, v in feeds.items()})))
+    qkv, past, lens, rope, st, _ = make_inputs(seq, lengths, starts, fp8, D, seed=2)
+    past1 = make_inputs(seq, lengths, starts, fp8, D, seed=3)[1]
+    session = lowered_session(model)
+    feeds = {"qkv": qkv, "qkv1": qkv, "context_lengths": lens, "rope_rotary_cos_sin": rope, "kvcache_start_index": st}
+    got, _ = run_lowered(session, feeds, {"past": past, "past1": past1}, starts, seq)
     for attn_name, cache in (("attn", past), ("attn1", past1)):
-        want, _ = attention_reference(qkv, cache, lens, rope, st, attrs=make_attrs(False, False))
+        want, _ = attention_reference(qkv, cache, lens, rope, st, attrs=make_attrs(fp8, False))
         for row, n in enumerate(lengths):
-            np.testing.assert_allclose(got[attn_name][row, :n].astype(np.float32), want[row, :n].float().numpy(), atol=1e-2, rtol=0)
+            np.testing.assert_allclose(got[attn_name][row, :n], want[row, :n].float().numpy(), atol=2e-2 if fp8 else 1e-2,
+                                       rtol=0)

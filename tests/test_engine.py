@@ -135,21 +135,48 @@ def test_batch_of_two_lengths_equals_each_row_alone(built):
         expected = [run(engine, alone, [prompt])] + [run(engine, alone, [rest[i:i + 1]]) for i in range(2)]
         for g, e in zip(got, expected):
             np.testing.assert_allclose(g[row], e[0], rtol=0, atol=1e-2 * float(np.abs(e).max()))
-        np.testing.assert_array_equal(batch.layers[0][row, :, :, :alone.lengths[0]],
-                                      alone.layers[0][0, :, :, :alone.lengths[0]])
+        np.testing.assert_array_equal(batch.layers[0][:, row, :, :alone.lengths[0]],
+                                      alone.layers[0][:, 0, :, :alone.lengths[0]])
     assert batch.lengths.tolist() == [9, 5]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_chunks_on_top_of_a_prefix_equal_one_prefill(built, family):
+    """Rows of different lengths sent in two right-padded chunks (the second on top of each row's own prefix)
+    give the same logits and cache as each whole prompt in one call."""
+    engine = Engine.load(built[family][1])
+    a, b = tokens(11, seed=6), tokens(7, seed=7)
+    chunked = engine.new_cache(2)
+    run(engine, chunked, [a[:6], b[:2]])
+    got = run(engine, chunked, [a[6:], b[2:]], all_logits=True)
+    whole = engine.new_cache(2)
+    want = run(engine, whole, [a, b], all_logits=True)
+    for row, (done, n) in enumerate(((6, 11), (2, 7))):
+        np.testing.assert_allclose(got[row, :n - done], want[row, done:n], rtol=0, atol=1e-3 * float(np.abs(want).max()))
+        np.testing.assert_allclose(chunked.layers[0][:, row, :, :n], whole.layers[0][:, row, :, :n], rtol=0, atol=1e-4)
+    assert chunked.lengths.tolist() == [11, 7]
+
+
+def test_a_padded_call_that_does_not_fit_the_cache_is_refused(built):
+    engine = Engine.load(built["llama"][1])
+    cache = engine.new_cache(2)
+    run(engine, cache, [tokens(1), tokens(2)])
+    cache.lengths[:] = [CAPACITY - 1, 2]  # row 0 has room for one more token only
+    with pytest.raises(InputError, match="row 0 holds 63 tokens; a call padded to 3 tokens"):
+        engine.forward(cache, np.zeros((2, 3), np.int32), np.array([1, 3], np.int32), np.zeros((2, 1), np.int64))
+    assert cache.lengths.tolist() == [CAPACITY - 1, 2]
 
 
 def test_a_finished_row_sits_a_step_out(built):
     engine = Engine.load(built["llama"][1])
     cache = engine.new_cache(2)
     run(engine, cache, [tokens(4), tokens(4, seed=3)])
-    before = [layer[1].copy() for layer in cache.layers]
+    before = [layer[:, 1].copy() for layer in cache.layers]
     ids = np.array([[5], [0]], np.int32)
     engine.forward(cache, ids, np.array([1, 0], np.int32), np.zeros((2, 1), np.int64))
     assert cache.lengths.tolist() == [5, 4]
     for layer, old in zip(cache.layers, before):
-        np.testing.assert_array_equal(layer[1], old)
+        np.testing.assert_array_equal(layer[:, 1], old)
 
 
 def test_fp16_embedding_lookup_is_the_table_row(built):
@@ -208,17 +235,17 @@ def test_load_rejects_what_is_not_a_complete_matching_engine_dir(built, tmp_path
         Engine.load(copy)
 
 
-def test_fp8_kv_cache_is_half_the_bytes_and_holds_fp8_of_the_fp16_keys(built, tmp_path):
+def test_fp8_kv_cache_holds_fp8_of_the_fp16_engines_keys(built, tmp_path):
     from test_builder import make_fp8_kv
 
     ckpt, fp16_eng = built["llama"]
     fp8, fp16 = Engine.load(build_engine(tmp_path, ckpt, "fp8kv", edit=make_fp8_kv)), Engine.load(fp16_eng)
     c8, c16 = fp8.new_cache(2), fp16.new_cache(2)
     assert c8.dtype == "fp8" and c8.layers[0].dtype == np.uint8
-    assert c8.nbytes * 2 == c16.nbytes
+    assert c8.nbytes * 4 == c16.nbytes  # one byte per value; the CPU engine holds an fp16 cache in fp32
     rows = [tokens(6), tokens(4, seed=5)]
     l8, l16 = run(fp8, c8, rows), run(fp16, c16, rows)
-    # layer 0's K/V do not depend on the cache, so they are exactly fp8(fp16 value / 1.0) (qkv_scales are 1)
+    # layer 0's K/V do not depend on the cache, so they are exactly fp8(the fp16 engine's value / 1.0) (scales are 1)
     expected = torch.from_numpy(c16.layers[0][:, :, :, :6]).float().clamp(-448, 448).to(torch.float8_e4m3fn)
     np.testing.assert_array_equal(c8.layers[0][:, :, :, :6], expected.view(torch.uint8).numpy())
     np.testing.assert_allclose(l8, l16, rtol=0, atol=0.1 * float(np.abs(l16).max()))

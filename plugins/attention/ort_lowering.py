@@ -1,22 +1,28 @@
 """`AttentionPlugin` for ONNX Runtime (CPU), under the "ORT engine" KV contract of contracts.md section 3.1.
 
-ORT cannot alias an output to an input, so the lowered graph takes only the filled cache prefix
-`past [B,2,Hkv,P,D]` (P = max(kvcache_start_index), may be 0) and returns only this call's K/V
-`present [B,2,Hkv,S,D]` in the cache dtype; the runtime writes them into its own cache. Per layer:
+ORT cannot alias a graph output to an input, but its `com.microsoft.GroupQueryAttention` (GQA) kernel can update
+a KV buffer in place when the caller binds the same buffer as past and present. So each layer's cache becomes two
+graph inputs, `{past}.key` and `{past}.value` `[B,Hkv,·,D]`, and two outputs `{present}.key`/`.value`, in one of
+two forms that the runtime tells apart by the outputs' sequence dim:
+
+- in place (`kv_capacity`), the fast path: GQA does RoPE, the KV write at `kvcache_start_index` and grouped-query
+  attention in one kernel (Qwen3's Q/K norm runs before it); past and present are the whole cache, bound to the same buffers.
+  `query_seqlens` = `context_lengths` handles right padding and rows that sit a call out.
+- prefix in, new K/V out (`past_len` / `seq_len`), for what GQA cannot do on CPU: an FP8 cache (its CPU kernel has
+  no float8 cache, and the contract also quantizes Q), or a RoPE width that is not a multiple of 16. The runtime
+  passes the filled prefix and writes the returned K/V into its cache itself. Per layer:
 
     qkv ─Split─► qk, v ─(RMSNorm)─► RotaryEmbedding (fp32) ─► q, k
-    new kv = [k ‖ v] as [B,2,Hkv,S,D] = present  (FP8: QuantizeLinear; attention reads it back with DequantizeLinear)
+    new k, v as [B,Hkv,S,D] = present  (FP8: QuantizeLinear; attention reads it back with DequantizeLinear)
     keys/values = fp32 [past ‖ new] ─► softmax(q·kᵀ·scale + mask)·v as fp32 MatMuls, query heads grouped per kv head
-    padded query rows ─Where─► 0
 
-Why not the opset-23 `Attention` op: it runs in ORT 1.32 (with GQA) and gives the same numbers, but measured on a
-30-layer SmolLM2-shaped decode step its fp16 kernel took about twice the CPU time of these fp32 MatMuls (MLAS).
-Grouping the Hq/Hkv query heads of each kv head into the rows of one MatMul ([B,Hkv,G·S,D] against [B,Hkv,T,D])
-is GQA without repeating K/V.
+  Grouping the Hq/Hkv query heads of each kv head into the rows of one MatMul ([B,Hkv,G·S,D] against [B,Hkv,T,D])
+  is GQA without repeating K/V. Slot t of `[past ‖ new]` is visible to query i of row b iff
+  `t < kvcache_start_index[b]` (its own prefix) or `P <= t <= P + i` (causal among the new tokens).
 
-The mask, the RoPE cos/sin rows and the valid-row mask depend only on the shared graph inputs, so they are built
-once per graph and shared by every layer: slot t of `[past ‖ new]` is visible to query i of row b iff
-`t < kvcache_start_index[b]` (its own prefix) or `P <= t <= P + i` (causal among the new tokens).
+Both forms zero the right-padding rows of `attn`. The tensors that depend only on shared graph inputs (RoPE tables,
+masks, sequence lengths) are built once per graph and shared by every layer. The graph is written in fp16, like
+the plugin's contract; `plugins.lowering.widen_to_fp32` then makes the engine compute in fp32.
 """
 
 from __future__ import annotations
@@ -50,13 +56,86 @@ class _Builder:
         return self.const(list(values), np.int64)
 
 
-def _shared_inputs(ctx, qkv: str, past: str, lengths: str, rope: str, starts: str, group: int):
-    """Per-graph tensors: RoPE cos/sin rows [B,S,rd/2], the additive mask [B,1,G·S,P+S], valid rows [B,S,1,1]."""
+def _cache_io(ctx, node: onnx.NodeProto, hkv: int, d: int, seq_dims: tuple[str, str]) -> tuple[str, str, str, str]:
+    """Replace the layer's `[B,2,Hkv,T,D]` cache input and output by `.key` / `.value` halves `[B,Hkv,T,D]` whose
+    sequence dims are named `seq_dims` (past, present); returns (past k, past v, present k, present v)."""
+    names = []
+    for io, name, dim in ((ctx.inputs, node.input[1], seq_dims[0]), (ctx.outputs, node.output[1], seq_dims[1])):
+        info = io.get(name)
+        if info is None:
+            raise InputError(f"node {node.name!r}: expected its KV cache {name!r} to be a graph input/output, found none")
+        dtype = info.type.tensor_type.elem_type
+        halves = [helper.make_tensor_value_info(f"{name}.{kind}", dtype, ["batch", hkv, dim, d]) for kind in ("key", "value")]
+        ctx.replace_io(name, *halves)
+        names += [h.name for h in halves]
+    return tuple(names)
+
+
+def lower_attention(node: onnx.NodeProto, ctx) -> list[onnx.NodeProto]:
+    a = read_attrs(node)
+    rotary_dim = _static_dim(ctx.inputs.get(node.input[3]), 2)
+    if rotary_dim is None:
+        raise InputError(f"{node.input[3]}: expected a graph input with a static last dim (rotary_dim) for node "
+                         f"{node.name!r}, found none")
+    if a.enable_fp8_kv_cache or rotary_dim % 16:
+        return _lower_prefix_form(node, ctx, a, rotary_dim)
+    return _lower_in_place(node, ctx, a)
+
+
+def _lower_in_place(node: onnx.NodeProto, ctx, a) -> list[onnx.NodeProto]:
+    """One GroupQueryAttention node on the whole cache, updated in place (see the module doc)."""
+    qkv, _, lengths, rope, starts = node.input[:5]
+    past_k, past_v, present_k, present_v = _cache_io(ctx, node, a.num_kv_heads, a.head_size, ("kv_capacity",) * 2)
+
+    def build():
+        g = _Builder(ctx, "attention_shared", ctx.pending)
+        table = g.op("Cast", [g.op("Squeeze", [rope, g.ints(0)])], to=F16)  # [R, rd]: cos | sin halves
+        cos, sin = g.op("Split", [table], n_out=2, axis=-1, num_outputs=2)
+        capacity = g.op("Cast", [g.op("Squeeze", [g.op("Shape", [past_k], start=2, end=3), g.ints(0)])], to=TensorProto.INT32)
+        seq = g.op("Cast", [g.op("Squeeze", [g.op("Shape", [qkv], start=1, end=2), g.ints(0)])], to=TensorProto.INT32)
+        # seqlens_k = tokens cached after the call - 1. A row that sits the call out (context length 0) keeps its
+        # cache; GQA only needs 1 <= its count <= capacity - S, and its outputs are discarded, so clamp it there.
+        zero, one = g.const(0, np.int32), g.const(1, np.int32)
+        idle = g.op("Max", [g.op("Min", [starts, g.op("Sub", [capacity, seq])]), one])
+        total = g.op("Where", [g.op("Greater", [lengths, zero]), g.op("Add", [starts, lengths]), idle])
+        seqlens_k = g.op("Sub", [total, one])
+        longest = g.op("ReduceMax", [total], keepdims=0)  # GQA sizes its scratch by this bound
+        steps = g.op("Range", [zero, seq, one])
+        valid = g.op("Unsqueeze", [g.op("Less", [steps, g.op("Unsqueeze", [lengths, g.ints(1)])]), g.ints(2)])  # [B,S,1]
+        return cos, sin, longest, seqlens_k, valid
+
+    # every layer has the same S and capacity: the first layer's tensors give them to all
+    cos, sin, longest, seqlens_k, valid = ctx.shared_value(("attention_in_place", lengths, rope, starts), build)
+    nodes: list[onnx.NodeProto] = []
+    g = _Builder(ctx, node.name or "attention", nodes)
+    query, key, value = qkv, "", ""  # packed QKV
+    if a.enable_qk_norm:  # GQA's own Q/K-norm inputs are CUDA/WebGPU only in ORT 1.32: normalize before it
+        hq, hkv, d = a.num_q_heads, a.num_kv_heads, a.head_size
+        qk, value = g.op("Split", [qkv, g.ints((hq + hkv) * d, hkv * d)], n_out=2, axis=-1)
+        qk = _qk_norm(g, g.op("Cast", [qk], to=F32), a, *node.input[5:7])
+        query, key = g.op("Split", [qk, g.ints(hq * d, hkv * d)], n_out=2, axis=-1)
+    # GroupQueryAttention's inputs by position (ORT 1.32): query, key, value, past_key, past_value, seqlens_k,
+    # total_sequence_length, cos_cache, sin_cache, position_ids, attention_bias, head_sink, k_scale, v_scale,
+    # q_norm_weight, k_norm_weight, query_seqlens
+    inputs = [query, key, value, past_k, past_v, seqlens_k, longest, cos, sin, "", "", "", "", "", "", "", lengths]
+    attrs = dict(num_heads=a.num_q_heads, kv_num_heads=a.num_kv_heads, scale=a.attention_scale, do_rotary=1)
+    out = ctx.name(f"{node.name}/gqa")
+    nodes.append(helper.make_node("GroupQueryAttention", inputs, [out, present_k, present_v], name=out,
+                                  domain="com.microsoft", **attrs))
+    out = g.op("Where", [valid, out, g.const(0, np.float16)])  # right-padding rows: zeros, as the contract says
+    g.op("Reshape", [out, g.ints(0, 0, a.num_q_heads, a.head_size)], out=node.output[0])
+    ctx.used_domains.add("com.microsoft")
+    return nodes
+
+
+def _shared_prefix_inputs(ctx, qkv: str, past: str, lengths: str, rope: str, starts: str, group: int):
+    """Per-graph tensors of the prefix form: RoPE cos/sin rows [B,S,rd/2], the additive mask [B,1,G·S,P+S], valid
+    rows [B,S,1,1]."""
 
     def build():
         g = _Builder(ctx, "attention_shared", ctx.pending)
         seq = g.op("Squeeze", [g.op("Shape", [qkv], start=1, end=2)])  # S
-        past_len = g.op("Squeeze", [g.op("Shape", [past], start=3, end=4)])  # P
+        past_len = g.op("Squeeze", [g.op("Shape", [past], start=2, end=3)])  # P
         zero, one = g.const(0, np.int64), g.const(1, np.int64)
         steps = g.op("Range", [zero, seq, one])  # [S]
         starts64 = g.op("Cast", [starts], to=TensorProto.INT64)
@@ -79,18 +158,15 @@ def _shared_inputs(ctx, qkv: str, past: str, lengths: str, rope: str, starts: st
         valid = g.op("Unsqueeze", [valid, g.ints(2, 3)])  # [B,S,1,1]
         return cos, sin, mask, valid
 
-    return ctx.shared_value(("attention", lengths, rope, starts, group), build)
+    return ctx.shared_value(("attention_prefix", lengths, rope, starts, group), build)
 
 
-def lower_attention(node: onnx.NodeProto, ctx) -> list[onnx.NodeProto]:
-    a = read_attrs(node)
-    qkv, past, lengths, rope, starts = node.input[:5]
-    attn_out, present_out = node.output
+def _lower_prefix_form(node: onnx.NodeProto, ctx, a, rotary_dim: int) -> list[onnx.NodeProto]:
+    """Standard ops on [filled prefix ‖ this call's K/V]; returns only this call's K/V (see the module doc)."""
+    qkv, _, lengths, rope, starts = node.input[:5]
     hq, hkv, d, group = a.num_q_heads, a.num_kv_heads, a.head_size, a.group_size
-    rotary_dim = _static_dim(ctx.inputs.get(rope), 2)
-    if rotary_dim is None:
-        raise InputError(f"{rope}: expected a graph input with a static last dim (rotary_dim) for node {node.name!r}, found none")
-    cos, sin, mask, valid = _shared_inputs(ctx, qkv, past, lengths, rope, starts, group)
+    past_k, past_v, present_k, present_v = _cache_io(ctx, node, hkv, d, ("past_len", "seq_len"))
+    cos, sin, mask, valid = _shared_prefix_inputs(ctx, qkv, past_k, lengths, rope, starts, group)
 
     nodes: list[onnx.NodeProto] = []
     g = _Builder(ctx, node.name or "attention", nodes)
@@ -98,33 +174,28 @@ def lower_attention(node: onnx.NodeProto, ctx) -> list[onnx.NodeProto]:
     qk, v = g.op("Split", [qkv, g.ints((hq + hkv) * d, hkv * d)], n_out=2, axis=-1)
     qk = g.op("Cast", [qk], to=F32)
     if a.enable_qk_norm:
-        q_gamma, k_gamma = node.input[5:7]
-        gamma = g.op("Concat", [g.op("Expand", [q_gamma, g.ints(hq, d)]), g.op("Expand", [k_gamma, g.ints(hkv, d)])], axis=0)
-        heads = g.op("Reshape", [qk, g.ints(0, 0, hq + hkv, d)])
-        normed = g.op("RMSNormalization", [heads, g.const(np.ones(d), np.float32)], axis=-1, epsilon=a.rms_norm_eps)
-        # as HF: the normalized value is rounded to fp16 before the fp16 gamma multiplies it
-        heads = g.op("Mul", [g.op("Cast", [normed], to=F16), gamma])
-        qk = g.op("Cast", [g.op("Reshape", [heads, g.ints(0, 0, (hq + hkv) * d)])], to=F32)
+        qk = g.op("Cast", [_qk_norm(g, qk, a, *node.input[5:7])], to=F32)
     qk = g.op("RotaryEmbedding", [qk, cos, sin], num_heads=hq + hkv, rotary_embedding_dim=rotary_dim)
     q, k = g.op("Split", [g.op("Cast", [qk], to=F16), g.ints(hq * d, hkv * d)], n_out=2, axis=-1)
 
-    # 4-5: this call's K/V in the cache dtype (= present), and what attention reads: fp32 [past ‖ new]
-    new_kv = g.op("Reshape", [g.op("Concat", [k, v], axis=-1), g.ints(0, 0, 2, hkv, d)])
-    new_kv = g.op("Transpose", [new_kv], perm=[0, 2, 3, 1, 4])  # [B,S,2,Hkv,D] -> [B,2,Hkv,S,D]
+    # 4-5: this call's K and V in the cache dtype (= present), and what attention reads: fp32 [past ‖ new]
+    def heads_first(x: str) -> str:  # [B,S,Hkv·D] -> [B,Hkv,S,D]
+        return g.op("Transpose", [g.op("Reshape", [x, g.ints(0, 0, hkv, d)])], perm=[0, 2, 1, 3])
+
+    keys_values = []
+    for new, past, present, scale in ((k, past_k, present_k, a.qkv_scales[1]), (v, past_v, present_v, a.qkv_scales[2])):
+        new = heads_first(new)
+        if a.enable_fp8_kv_cache:
+            s = g.const(scale, np.float32)
+            g.op("QuantizeLinear", [g.op("Cast", [new], to=F32), s], out=present, output_dtype=FP8, saturate=1)
+            keys_values.append(g.op("Concat", [g.op("DequantizeLinear", [past, s]), g.op("DequantizeLinear", [present, s])], axis=2))
+        else:
+            g.op("Identity", [new], out=present)
+            keys_values.append(g.op("Cast", [g.op("Concat", [past, present], axis=2)], to=F32))
+    keys, values = keys_values  # [B,Hkv,P+S,D]
     if a.enable_fp8_kv_cache:
-        q_scale, k_scale, v_scale = a.qkv_scales
-        kv_scales = g.const([k_scale, v_scale], np.float32)
-        g.op("QuantizeLinear", [g.op("Cast", [new_kv], to=F32), kv_scales], out=present_out, axis=1, output_dtype=FP8, saturate=1)
-        new_kv = g.op("DequantizeLinear", [present_out, kv_scales], axis=1)
-        kv = g.op("Concat", [g.op("DequantizeLinear", [past, kv_scales], axis=1), new_kv], axis=3)
-        qs = g.const(q_scale, np.float32)
-        q = g.op("QuantizeLinear", [g.op("Cast", [q], to=F32), qs], output_dtype=FP8, saturate=1)
-        q = g.op("DequantizeLinear", [q, qs])
-    else:
-        g.op("Identity", [new_kv], out=present_out)
-        kv = g.op("Cast", [g.op("Concat", [past, present_out], axis=3)], to=F32)
-    keys, values = g.op("Split", [kv], n_out=2, axis=1, num_outputs=2)
-    keys, values = (g.op("Squeeze", [t, g.ints(1)]) for t in (keys, values))  # [B,Hkv,P+S,D]
+        qs = g.const(a.qkv_scales[0], np.float32)
+        q = g.op("DequantizeLinear", [g.op("QuantizeLinear", [g.op("Cast", [q], to=F32), qs], output_dtype=FP8, saturate=1), qs])
 
     # 6: grouped-query attention; query head h = kv_head * G + g, rows of a kv head ordered (g, i)
     q = g.op("Transpose", [g.op("Reshape", [q, g.ints(0, 0, hkv, group, d)])], perm=[0, 2, 3, 1, 4])
@@ -134,12 +205,20 @@ def lower_attention(node: onnx.NodeProto, ctx) -> list[onnx.NodeProto]:
     out = g.op("Transpose", [g.op("Reshape", [out, g.ints(0, hkv, group, -1, d)])], perm=[0, 3, 1, 2, 4])
     out = g.op("Cast", [g.op("Reshape", [out, g.ints(0, 0, hq, d)])], to=F16)  # [B,S,Hq,D]
     # 7: right-padding rows are zeros
-    g.op("Where", [valid, out, g.const(0, np.float16)], out=attn_out)
+    g.op("Where", [valid, out, g.const(0, np.float16)], out=node.output[0])
     ctx.used_domains.add("com.microsoft")
-
-    ctx.set_dim(past, 3, "past_len")
-    ctx.set_dim(present_out, 3, "seq_len")
     return nodes
+
+
+def _qk_norm(g: _Builder, qk: str, a, q_gamma: str, k_gamma: str) -> str:
+    """Qwen3's per-head RMSNorm of the fp32 `[B,S,(Hq+Hkv)·D]` q|k, fp16 result; as HF, the normalized value is
+    rounded to fp16 before the fp16 gamma multiplies it."""
+    hq, hkv, d = a.num_q_heads, a.num_kv_heads, a.head_size
+    gamma = g.op("Concat", [g.op("Expand", [q_gamma, g.ints(hq, d)]), g.op("Expand", [k_gamma, g.ints(hkv, d)])], axis=0)
+    heads = g.op("Reshape", [qk, g.ints(0, 0, hq + hkv, d)])
+    normed = g.op("RMSNormalization", [heads, g.const(np.ones(d), np.float32)], axis=-1, epsilon=a.rms_norm_eps)
+    heads = g.op("Mul", [g.op("Cast", [normed], to=F16), gamma])
+    return g.op("Reshape", [heads, g.ints(0, 0, (hq + hkv) * d)])
 
 
 def _static_dim(info: onnx.ValueInfoProto | None, axis: int) -> int | None:
