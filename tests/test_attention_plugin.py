@@ -247,10 +247,10 @@ def test_in_place_form_with_an_idle_row_at_full_capacity():
     """A row that sits a decode step out with a full cache: the other row decodes, the idle row's cache stays."""
     seq, lengths, starts = 1, [1, 0], [5, CAPACITY]
     qkv, past, lens, rope, st, _ = make_inputs(seq, lengths, starts, False, D, seed=4)
-    attn, present = attention_reference(qkv, past, lens, rope, st, attrs=make_attrs(False, False))
+    attn, _ = attention_reference(qkv, past, lens, rope, st, attrs=make_attrs(False, False))
     session = lowered_session(single_node_model(False, False, D))
     feeds = {"qkv": qkv, "context_lengths": lens, "rope_rotary_cos_sin": rope, "kvcache_start_index": st}
-    got, results = run_lowered(session, feeds, {"past": past}, [5, 0], seq)
+    got, results = run_lowered(session, feeds, {"past": past}, [5, 0], seq)  # (where to read each row's new K/V)
     np.testing.assert_allclose(got["attn"][0], attn[0].float().numpy(), atol=1e-2, rtol=0)
     np.testing.assert_array_equal(results["past"][1][1], past[1].float().numpy())
 

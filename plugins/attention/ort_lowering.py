@@ -6,8 +6,9 @@ graph inputs, `{past}.key` and `{past}.value` `[B,Hkv,·,D]`, and two outputs `{
 two forms that the runtime tells apart by the outputs' sequence dim:
 
 - in place (`kv_capacity`), the fast path: GQA does RoPE, the KV write at `kvcache_start_index` and grouped-query
-  attention in one kernel (Qwen3's Q/K norm runs before it); past and present are the whole cache, bound to the same buffers.
-  `query_seqlens` = `context_lengths` handles right padding and rows that sit a call out.
+  attention in one kernel (Qwen3's Q/K norm runs before it); past and present are the whole cache, bound to the
+  same buffers. `query_seqlens` = `context_lengths` handles right padding and rows that sit a call out. (The
+  opset-23 `Attention` op returns past ‖ new as a new tensor, a copy of the cache per step; GQA writes in place.)
 - prefix in, new K/V out (`past_len` / `seq_len`), for what GQA cannot do on CPU: an FP8 cache (its CPU kernel has
   no float8 cache, and the contract also quantizes Q), or a RoPE width that is not a multiple of 16. The runtime
   passes the filled prefix and writes the returned K/V into its cache itself. Per layer:
@@ -63,9 +64,11 @@ def _cache_io(ctx, node: onnx.NodeProto, hkv: int, d: int, seq_dims: tuple[str, 
     for io, name, dim in ((ctx.inputs, node.input[1], seq_dims[0]), (ctx.outputs, node.output[1], seq_dims[1])):
         info = io.get(name)
         if info is None:
-            raise InputError(f"node {node.name!r}: expected its KV cache {name!r} to be a graph input/output, found none")
+            raise InputError(f"node {node.name!r}: expected its KV cache {name!r} to be a graph input/output, "
+                             "found none")
         dtype = info.type.tensor_type.elem_type
-        halves = [helper.make_tensor_value_info(f"{name}.{kind}", dtype, ["batch", hkv, dim, d]) for kind in ("key", "value")]
+        halves = [helper.make_tensor_value_info(f"{name}.{kind}", dtype, ["batch", hkv, dim, d])
+                  for kind in ("key", "value")]
         ctx.replace_io(name, *halves)
         names += [h.name for h in halves]
     return tuple(names)
@@ -91,7 +94,8 @@ def _lower_in_place(node: onnx.NodeProto, ctx, a) -> list[onnx.NodeProto]:
         g = _Builder(ctx, "attention_shared", ctx.pending)
         table = g.op("Cast", [g.op("Squeeze", [rope, g.ints(0)])], to=F16)  # [R, rd]: cos | sin halves
         cos, sin = g.op("Split", [table], n_out=2, axis=-1, num_outputs=2)
-        capacity = g.op("Cast", [g.op("Squeeze", [g.op("Shape", [past_k], start=2, end=3), g.ints(0)])], to=TensorProto.INT32)
+        capacity = g.op("Cast", [g.op("Squeeze", [g.op("Shape", [past_k], start=2, end=3), g.ints(0)])],
+                        to=TensorProto.INT32)
         seq = g.op("Cast", [g.op("Squeeze", [g.op("Shape", [qkv], start=1, end=2), g.ints(0)])], to=TensorProto.INT32)
         # seqlens_k = tokens cached after the call - 1. A row that sits the call out (context length 0) keeps its
         # cache; GQA only needs 1 <= its count <= capacity - S, and its outputs are discarded, so clamp it there.
@@ -101,7 +105,8 @@ def _lower_in_place(node: onnx.NodeProto, ctx, a) -> list[onnx.NodeProto]:
         seqlens_k = g.op("Sub", [total, one])
         longest = g.op("ReduceMax", [total], keepdims=0)  # GQA sizes its scratch by this bound
         steps = g.op("Range", [zero, seq, one])
-        valid = g.op("Unsqueeze", [g.op("Less", [steps, g.op("Unsqueeze", [lengths, g.ints(1)])]), g.ints(2)])  # [B,S,1]
+        valid = g.op("Less", [steps, g.op("Unsqueeze", [lengths, g.ints(1)])])
+        valid = g.op("Unsqueeze", [valid, g.ints(2)])  # [B,S,1]
         return cos, sin, longest, seqlens_k, valid
 
     # every layer has the same S and capacity: the first layer's tensors give them to all
