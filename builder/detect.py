@@ -7,12 +7,12 @@ export that was edited by hand or half-converted fails before a long build inste
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
+from llm_loader.checkpoint import read_json
 from llm_loader.embedding import read_embedding_sidecar
 from llm_loader.errors import InputError
 from plugins.attention import schema as attention_schema
@@ -51,10 +51,7 @@ def read_config(onnx_dir: Path) -> dict:
     path = onnx_dir / "config.json"
     if not path.is_file():
         raise InputError(f"{onnx_dir}: expected an ONNX dir from llm_loader.export_all_cli, found no config.json")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: expected JSON, found a parse error: {e}") from e
+    config = read_json(path, "the ONNX dir's runtime config")
     if config.get("contract_version") != CONTRACT_VERSION:
         raise InputError(f"{path} contract_version: expected {CONTRACT_VERSION}, found {config.get('contract_version')!r}")
     if "builder_config" in config:

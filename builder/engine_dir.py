@@ -13,6 +13,7 @@ from pathlib import Path
 import onnx
 from safetensors import safe_open
 
+from llm_loader.checkpoint import read_json
 from llm_loader.errors import InputError
 
 CONTRACT_VERSION = 1
@@ -46,10 +47,7 @@ def load_engine_config(engine_dir: str | Path) -> dict:
     path = eng / "config.json"
     if not path.is_file():
         raise InputError(f"{eng}: not an engine directory (no config.json); build one with llm-build")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: expected JSON, found a parse error: {e}") from e
+    config = read_json(path, "the engine config")
     bc = config.get("builder_config")
     if not isinstance(bc, dict):
         raise InputError(f"{path}: not an engine directory (no builder_config; is this an ONNX dir? run llm-build)")

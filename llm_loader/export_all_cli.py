@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from llm_loader.checkpoint import open_checkpoint
 from llm_loader.embedding import write_embedding_sidecar
-from llm_loader.errors import InputError
+from llm_loader.errors import InputError, run_cli
 from llm_loader.model_config import model_config_from_dict
 from llm_loader.onnx_graph import kv_cache_dtype, weight_format, write_model
 from llm_loader.quantized_checkpoint import read_quantized_checkpoint
@@ -93,16 +93,7 @@ def cli(checkpoint: Path, out: Path, fp8_embedding: bool, dtype: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; bad input and usage errors print `error: ...` to stderr and return 2."""
-    try:
-        cli.main(args=argv, prog_name="python -m llm_loader.export_all_cli", standalone_mode=False)
-    except (InputError, click.UsageError) as e:
-        message = e.format_message() if isinstance(e, click.UsageError) else str(e)
-        click.echo(f"error: {message}", err=True)
-        return 2
-    except click.exceptions.Abort:
-        click.echo("error: aborted", err=True)
-        return 2
-    return 0
+    return run_cli(cli, argv, "python -m llm_loader.export_all_cli")
 
 
 if __name__ == "__main__":

@@ -14,13 +14,13 @@ A checkpoint that claims a format for a module but does not hold its tensors rai
 from __future__ import annotations
 
 import fnmatch
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from llm_loader.checkpoint import open_checkpoint, read_json
 from llm_loader.errors import InputError
 from quantization import formats
 
@@ -79,34 +79,17 @@ class QuantizedCheckpoint:
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint: the files named by `model.safetensors.index.json`, else every *.safetensors."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(f.name for f in path.glob("*.safetensors"))
-    if not files:
-        raise InputError(f"{path}: expected *.safetensors weights, found none")
-    tensors = {}
-    for name in files:
-        if not (path / name).is_file():
-            raise InputError(f"{index}: names {name}, found no such file")
-        tensors.update(load_file(path / name))
-    return tensors
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: expected JSON, found a parse error at line {e.lineno}") from None
+    """All tensors of a checkpoint, found the way the exporter finds them (`open_checkpoint`: the shard index,
+    else every *.safetensors; pickles refused), read file by file."""
+    ckpt = open_checkpoint(path)
+    return {n: t for file in sorted(set(ckpt.files.values())) for n, t in load_file(file).items() if n in ckpt.files}
 
 
 def _metadata(path: Path, config: dict) -> dict:
     """The `quantization` section in ModelOpt terms, from hf_quant_config.json or config.json."""
     hf_quant = path / "hf_quant_config.json"
     if hf_quant.is_file():
-        meta = dict(_read_json(hf_quant).get("quantization", {}))
+        meta = dict(read_json(hf_quant, "ModelOpt's quantization config").get("quantization", {}))
     else:
         meta = dict(config.get("quantization_config") or {})
         method = meta.get("quant_method")
@@ -217,7 +200,7 @@ def read_quantized_checkpoint(path: Path | str) -> QuantizedCheckpoint:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise InputError(f"{config_path}: expected the HF config, found no such file")
-    config = _read_json(config_path)
+    config = read_json(config_path, "the checkpoint config")
     meta = _metadata(path, config)
     tensors = load_tensors(path)
     # linears: modules with a 2-D weight, minus embedding tables

@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 import torch
 
-from llm_loader.errors import InputError
+from llm_loader.errors import InputError, run_cli
 from quantization import checkpoint_writer as writer
 from quantization.datasets import DEFAULT_DATASET, load_texts, make_batches
 from quantization.report import build_report, format_table
@@ -105,10 +105,22 @@ def parse_layers(value: str | None) -> list[int]:
         raise InputError(f"--kv_cache_fp16_layers: expected comma-separated layer indices, found {value!r}") from None
 
 
+def calibration_batches(tokenizer_dir: Path, texts: list[str], o) -> list:
+    """The calibration texts tokenized into batches of `o.batch_size` rows of at most `o.max_seq_len` tokens."""
+    from transformers import AutoTokenizer
+
+    return list(make_batches(AutoTokenizer.from_pretrained(tokenizer_dir), texts, o.max_seq_len, o.batch_size))
+
+
+def static_inputs(plan: dict[str, str]) -> list[str]:
+    """The linears whose format needs a calibrated input amax (static activation scales)."""
+    return [m for m, method in plan.items() if writer.needs_input_amax(method)]
+
+
 def quantize_llm(o: LlmOptions) -> dict:
     """The `llm` subcommand; returns the calibration report."""
     from quantization.calibrate import Calibration, calibrate
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     check_options(o)
     kv_fp8 = o.kv_cache_quantization == "fp8"
@@ -131,10 +143,8 @@ def quantize_llm(o: LlmOptions) -> dict:
     plan = quantization_plan(model, o)
     calib = Calibration()
     if needs_calibration:
-        tokenizer = AutoTokenizer.from_pretrained(o.model_dir)
-        batches = list(make_batches(tokenizer, texts, o.max_seq_len, o.batch_size))
-        static = [m for m, meth in plan.items() if writer.needs_input_amax(meth)]
-        calib = calibrate(model, batches, static, kv=kv_fp8)
+        batches = calibration_batches(o.model_dir, texts, o)
+        calib = calibrate(model, batches, static_inputs(plan), kv=kv_fp8)
 
     state_dict = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     config = json.loads((o.model_dir / "config.json").read_text())
@@ -148,20 +158,21 @@ def quantize_llm(o: LlmOptions) -> dict:
     qt = writer.quantize_state_dict(state_dict, plan, calib.input_amax, kv_scales)
 
     all_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    quant_config = writer.hf_quant_config(qt, all_linears, kv_fp8, o.kv_cache_fp16_layers)
-    if o.quantization == "fp8_block":
-        config["quantization_config"] = writer.fine_grained_fp8_config(quant_config["quantization"]["exclude_modules"])
     report = build_report(calib, o.quantization, kv_fp8, o.kv_cache_fp16_layers, qt.excluded, len(texts))
-    writer.write_checkpoint(
-        o.output_dir,
-        qt.tensors,
-        config,
-        quant_config,
-        o.model_dir,
-        extra_files={REPORT_FILE: json.dumps(report, indent=2)},
-        max_shard_bytes=o.max_shard_bytes,
-    )
+    write_quantized(qt, config, all_linears, report, o.quantization, kv_fp8, o.kv_cache_fp16_layers,
+                    source_dir=o.model_dir, output_dir=o.output_dir, max_shard_bytes=o.max_shard_bytes)
     return report
+
+
+def write_quantized(qt, config: dict, linears: list[str], report: dict, quantization: str, kv_fp8: bool,
+                    kv_fp16_layers: list[int], *, source_dir: Path, output_dir: Path, max_shard_bytes: int) -> None:
+    """The tail both subcommands share: hf_quant_config (and HF's fine-grained config for fp8_block), then the
+    checkpoint with its calibration report."""
+    quant_config = writer.hf_quant_config(qt, linears, kv_fp8, kv_fp16_layers)
+    if quantization == "fp8_block":
+        config["quantization_config"] = writer.fine_grained_fp8_config(quant_config["quantization"]["exclude_modules"])
+    writer.write_checkpoint(output_dir, qt.tensors, config, quant_config, source_dir,
+                            extra_files={REPORT_FILE: json.dumps(report, indent=2)}, max_shard_bytes=max_shard_bytes)
 
 
 @dataclass
@@ -185,7 +196,7 @@ def quantize_draft(o: DraftOptions) -> dict:
     """The `draft` subcommand: calibrate an EAGLE3 draft on its base's hidden states, quantize fc and midlayer.*."""
     from quantization import eagle3
     from quantization.calibrate import Calibration
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if o.kv_cache_quantization:  # the reference hard-codes the draft's KV cache to fp16
         raise InputError(
@@ -221,33 +232,36 @@ def quantize_draft(o: DraftOptions) -> dict:
         dtype = torch.float16 if o.device == "cuda" else torch.float32
         base = AutoModelForCausalLM.from_pretrained(o.base_model_dir, dtype=dtype, attn_implementation="sdpa")
         base = base.to(o.device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(o.base_model_dir)
-        batches = list(make_batches(tokenizer, texts, o.max_seq_len, o.batch_size))
-        static = [m for m, meth in plan.items() if writer.needs_input_amax(meth)]
-        calib = eagle3.calibrate_draft(base, model.to(o.device, dtype), batches, layer_ids, static)
+        batches = calibration_batches(o.base_model_dir, texts, o)
+        calib = eagle3.calibrate_draft(base, model.to(o.device, dtype), batches, layer_ids, static_inputs(plan))
 
     state_dict = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     qt = writer.quantize_state_dict(state_dict, plan, calib.input_amax, {})
-    quant_config = writer.hf_quant_config(qt, linears, False, [])
-    if o.quantization == "fp8_block":
-        config["quantization_config"] = writer.fine_grained_fp8_config(quant_config["quantization"]["exclude_modules"])
     report = build_report(calib, o.quantization, False, [], qt.excluded, len(texts))
     report["target_layer_ids"] = layer_ids
-    writer.write_checkpoint(
-        o.output_dir,
-        qt.tensors,
-        config,
-        quant_config,
-        o.draft_model_dir,
-        extra_files={REPORT_FILE: json.dumps(report, indent=2)},
-        max_shard_bytes=o.max_shard_bytes,
-    )
+    write_quantized(qt, config, linears, report, o.quantization, False, [],
+                    source_dir=o.draft_model_dir, output_dir=o.output_dir, max_shard_bytes=o.max_shard_bytes)
     return report
 
 
 @click.group()
 def cli() -> None:
     """Quantize Hugging Face checkpoints to FP8 / NVFP4 with an optional calibrated FP8 KV cache."""
+
+
+def calibration_options(command):
+    """The calibration flags `llm` and `draft` share."""
+    for option in reversed([
+        click.option("--text_dataset", default=DEFAULT_DATASET, show_default=True,
+                     help="Name or .txt/.jsonl/.json path."),
+        click.option("--num_samples", default=512, show_default=True, type=int),
+        click.option("--max_seq_len", default=512, show_default=True, type=int),
+        click.option("--batch_size", default=4, show_default=True, type=int),
+        click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"])),
+        click.option("--seed", default=0, show_default=True, type=int, help="Picks the calibration samples."),
+    ]):
+        command = option(command)
+    return command
 
 
 @cli.command()
@@ -257,12 +271,7 @@ def cli() -> None:
 @click.option("--kv_cache_quantization", default=None, help="fp8: calibrated per-layer q/k/v scales.")
 @click.option("--lm_head_quantization", default=None, help="fp8 | nvfp4 (lm_head stays fp16 otherwise).")
 @click.option("--kv_cache_fp16_layers", default=None, help="Comma-separated layers whose KV stays fp16, e.g. 0,27.")
-@click.option("--text_dataset", default=DEFAULT_DATASET, show_default=True, help="Name or .txt/.jsonl/.json path.")
-@click.option("--num_samples", default=512, show_default=True, type=int)
-@click.option("--max_seq_len", default=512, show_default=True, type=int)
-@click.option("--batch_size", default=4, show_default=True, type=int)
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
-@click.option("--seed", default=0, show_default=True, type=int, help="Picks the calibration samples.")
+@calibration_options
 def llm(model_dir, output_dir, kv_cache_fp16_layers, **kwargs) -> None:
     """Quantize a causal LM checkpoint."""
     layers = parse_layers(kv_cache_fp16_layers)
@@ -280,12 +289,7 @@ def llm(model_dir, output_dir, kv_cache_fp16_layers, **kwargs) -> None:
 @click.option("--quantization", default="fp8", show_default=True, help="fp8 | fp8_pc | fp8_block | nvfp4 | none")
 @click.option("--kv_cache_quantization", default=None, help="Refused: the draft's KV cache is always fp16.")
 @click.option("--lm_head_quantization", default=None, help="fp8 | nvfp4 (the draft lm_head stays fp16 otherwise).")
-@click.option("--text_dataset", default=DEFAULT_DATASET, show_default=True, help="Name or .txt/.jsonl/.json path.")
-@click.option("--num_samples", default=512, show_default=True, type=int)
-@click.option("--max_seq_len", default=512, show_default=True, type=int)
-@click.option("--batch_size", default=4, show_default=True, type=int)
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
-@click.option("--seed", default=0, show_default=True, type=int, help="Picks the calibration samples.")
+@calibration_options
 def draft(**kwargs) -> None:
     """Quantize an EAGLE3 draft, calibrated on the base model's hidden states."""
     report = quantize_draft(DraftOptions(**kwargs))
@@ -297,11 +301,4 @@ def draft(**kwargs) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input of any kind -> `error: <message>` on stderr, exit code 2, no output directory."""
-    try:
-        cli.main(args=argv, prog_name="python -m quantization", standalone_mode=False)
-    except (InputError, click.ClickException) as e:
-        message = e.format_message() if isinstance(e, click.ClickException) else str(e)
-        click.echo(f"error: {message}", err=True)
-        sys.exit(2)
-    except click.Abort:
-        sys.exit(130)
+    sys.exit(run_cli(cli, argv, "python -m quantization"))

@@ -16,6 +16,7 @@ import torch
 
 from llm_loader.errors import InputError
 from plugins.attention import schema
+from plugins import trt_tensors
 from plugins.attention import trt_plugin as attn_plugin
 from plugins.fp8_gather import trt_plugin as gather_plugin
 
@@ -83,9 +84,9 @@ def test_plugin_inputs_are_the_contract_inputs_plus_both_gammas():
 
 def test_cuda_views_have_the_torch_itemsize():
     """`as_torch` reads bytes with one typestr and views them as a torch dtype: both must agree on the width."""
-    assert attn_plugin.CUDA_TYPESTR.keys() == attn_plugin.TORCH_DTYPE_NAMES.keys()
-    for name, typestr in attn_plugin.CUDA_TYPESTR.items():
-        torch_dtype = getattr(torch, attn_plugin.TORCH_DTYPE_NAMES[name])
+    assert trt_tensors.CUDA_TYPESTR.keys() == trt_tensors.TORCH_DTYPE_NAMES.keys()
+    for name, typestr in trt_tensors.CUDA_TYPESTR.items():
+        torch_dtype = getattr(torch, trt_tensors.TORCH_DTYPE_NAMES[name])
         assert np.dtype(typestr).itemsize == torch.empty(0, dtype=torch_dtype).element_size(), name
 
 

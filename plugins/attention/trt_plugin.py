@@ -15,12 +15,14 @@ Two facts of `tensorrt.plugin` shape the registration:
 No annotations are postponed here (`tensorrt.plugin` reads the real type hints of the decorated functions).
 """
 
+import functools
 import math
 
 import numpy as np
 
 from llm_loader.errors import InputError
 from plugins.attention.schema import AttentionAttrs
+from plugins.trt_tensors import as_torch
 
 PLUGIN_ID = "trt_edgellm::AttentionPlugin"
 INPUT_NAMES = (
@@ -28,11 +30,6 @@ INPUT_NAMES = (
     "k_norm_gamma",
 )
 
-# TensorRT DataType names -> what torch calls them, and the `__cuda_array_interface__` typestr of their bytes
-TORCH_DTYPE_NAMES = {"HALF": "float16", "FLOAT": "float32", "INT32": "int32", "INT64": "int64", "FP8": "float8_e4m3fn"}
-CUDA_TYPESTR = {"HALF": "<f2", "FLOAT": "<f4", "INT32": "<i4", "INT64": "<i8", "FP8": "|u1"}
-
-_registered = False
 
 
 def attrs_from_fields(
@@ -77,26 +74,9 @@ def attn_output_shape(qkv_shape, attrs: AttentionAttrs) -> tuple:
     return (qkv_shape[0], qkv_shape[1], attrs.num_q_heads, attrs.head_size)
 
 
-def as_torch(tensor):
-    """A zero-copy torch view of a `tensorrt.plugin.Tensor` on the GPU (FP8 goes through its bytes)."""
-    import torch
-
-    name = tensor.dtype.name
-
-    class _Buffer:
-        __cuda_array_interface__ = {
-            "shape": tuple(int(n) for n in tensor.shape), "typestr": CUDA_TYPESTR[name],
-            "data": (int(tensor.data_ptr), False), "version": 3, "strides": None,
-        }
-
-    return torch.as_tensor(_Buffer(), device="cuda").view(getattr(torch, TORCH_DTYPE_NAMES[name]))
-
-
+@functools.cache
 def register() -> bool:
     """Register the plugin with `tensorrt.plugin` (once); False when TensorRT is not installed."""
-    global _registered
-    if _registered:
-        return True
     try:
         import tensorrt as trt
         import tensorrt.plugin as trtp
@@ -144,5 +124,4 @@ def register() -> bool:
                                             kvcache_start_index, q_norm_gamma, k_norm_gamma)]
             attention_forward(*views, attrs, out=as_torch(outputs[0]))  # outputs[1] aliases past: written in place
 
-    _registered = True
     return True

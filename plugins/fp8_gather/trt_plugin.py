@@ -5,16 +5,15 @@ engine an out-of-range id yields a zero row. The ONNX node needs `plugin_namespa
 parser (the builder adds it). No annotations are postponed here (`tensorrt.plugin` reads the real type hints).
 """
 
+import functools
 import math
 
 from llm_loader.errors import InputError
-from plugins.attention.trt_plugin import as_torch
+from plugins.trt_tensors import as_torch
 
 PLUGIN_ID = "trt_edgellm::Fp8Gather"
 INPUT_NAMES = ("table", "scale", "input_ids")
 EXPECTED_DTYPES = ("FP8", "FLOAT", "INT32")
-
-_registered = False
 
 
 def check_block_size(block_size) -> int:
@@ -42,11 +41,9 @@ def output_shape(ids_shape, table_shape) -> tuple:
     return (ids_shape[0], ids_shape[1], table_shape[1])
 
 
+@functools.cache
 def register() -> bool:
     """Register the plugin with `tensorrt.plugin` (once); False when TensorRT is not installed."""
-    global _registered
-    if _registered:
-        return True
     try:
         import tensorrt as trt
         import tensorrt.plugin as trtp
@@ -72,5 +69,4 @@ def register() -> bool:
             fp8_gather(as_torch(table), as_torch(scale), as_torch(input_ids), block_size,
                        out=as_torch(outputs[0]), check=False)
 
-    _registered = True
     return True
