@@ -30,19 +30,20 @@ def tensorrt_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _import_tensorrt():
-    """`tensorrt`, with both trt_edgellm plugins registered."""
+def import_tensorrt(who: str):
+    """`tensorrt`, with both trt_edgellm plugins registered (building and deserializing an engine both need them);
+    `who` starts the error message."""
     try:
         import tensorrt as trt
     except ImportError as e:
-        raise InputError("--backend tensorrt: expected the tensorrt Python package (pip install --extra-index-url "
+        raise InputError(f"{who}: expected the tensorrt Python package (pip install --extra-index-url "
                          f"https://pypi.nvidia.com tensorrt), found none ({e})") from e
     from plugins.attention import trt_plugin as attention_plugin
     from plugins.fp8_gather import trt_plugin as fp8_gather_plugin
 
     for plugin in (attention_plugin, fp8_gather_plugin):
         if not plugin.register():
-            raise InputError(f"--backend tensorrt: expected tensorrt.plugin (TensorRT >= 10.6) to register "
+            raise InputError(f"{who}: expected tensorrt.plugin (TensorRT >= 10.6) to register "
                              f"{plugin.PLUGIN_ID}, found tensorrt {trt.__version__} without it")
     return trt
 
@@ -53,7 +54,7 @@ def build_engine(model: onnx.ModelProto, model_path: Path, engine_path: Path, pr
     `model` holds its large weights as external-data references, which TensorRT's parser resolves against the
     directory of `model_path` (it rejects `../` and does not take absolute locations), so `model_path` is the file
     the model was loaded from; the graph itself is handed over in memory."""
-    trt = _import_tensorrt()
+    trt = import_tensorrt("--backend tensorrt")
     check_profiles(model, profiles)
     logger = trt.Logger(trt.Logger.WARNING)
     trt.init_libnvinfer_plugins(logger, "")

@@ -76,7 +76,8 @@ def run_test_cases(engine, tokenizer, cases: TestCases, batch_size: int | None =
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--engineDir", "engine_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Engine directory written by llm-build (engines, config.json, tokenizer, chat template).")
+              help="Engine directory written by llm-build (engines, config.json, tokenizer, chat template); it runs on "
+                   "the backend it was built for (ONNX Runtime on the CPU, or TensorRT on a GPU).")
 @click.option("--inputFile", "input_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Test-case JSON: sampling settings and requests (see examples/*.json).")
 @click.option("--outputFile", "output_file", required=True, type=click.Path(dir_okay=False, path_type=Path),

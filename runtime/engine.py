@@ -1,8 +1,9 @@
-"""The engine layer: one LLM engine and one embedding engine behind a small numpy API (ONNX Runtime backend).
+"""The engine layer: one LLM engine and one embedding engine behind a small numpy API.
 
-Everything above this module (sampling, generation, the CLI) sees only `Engine` and `KVCache`. The KV cache lives
-here, in numpy, one contiguous buffer per layer and K/V. The lowered graph (contracts.md 3.1, "ORT engine") takes
-it in one of two forms: in place, the engine reads and updates the whole buffers (bound as both past and present,
+Everything above this module (sampling, generation, the CLI) sees only `Engine` and `KVCache`; `Engine.load` opens
+an engine dir of either backend (`runtime/tensorrt_engine.py` for TensorRT). On ONNX Runtime the KV cache lives in
+numpy, one contiguous buffer per layer and K/V. The lowered graph (contracts.md 3.1, "ORT engine") takes it in one
+of two forms: in place, the engine reads and updates the whole buffers (bound as both past and present,
 no copy); or, for an FP8 cache, it reads only the filled prefix (a copy: a slice of the capacity axis is not
 contiguous) and returns this call's K/V, which `forward` writes into the cache at each row's length.
 """
@@ -27,10 +28,11 @@ _FP8 = onnx.TensorProto.FLOAT8E4M3FN
 
 @dataclass
 class KVCache:
-    """Per layer `[2, batch, Hkv, capacity, D]` (index 0 = K, 1 = V): float32 for an fp16 cache (the CPU engine
-    computes in fp32), or uint8 holding FP8 E4M3 bytes."""
+    """One buffer per layer. ONNX Runtime: numpy `[2, batch, Hkv, capacity, D]` (index 0 = K, 1 = V), float32 for an
+    fp16 cache (the CPU engine computes in fp32) or uint8 holding FP8 E4M3 bytes. TensorRT: a torch tensor on the GPU
+    in the graph's own layout `[batch, 2, Hkv, capacity, D]`, float16 or float8_e4m3fn."""
 
-    layers: list[np.ndarray]
+    layers: list  # np.ndarray (ONNX Runtime) or torch.Tensor (TensorRT)
     lengths: np.ndarray  # int32 [batch]: tokens already cached per row
     dtype: str  # "fp16" | "fp8": the engine's kv_cache_dtype
     binding: ort.IOBinding | None = field(default=None, repr=False)  # in-place engines: these buffers, bound once
@@ -86,15 +88,15 @@ def _ort_input(array: np.ndarray, fp8: bool):
 
 
 class Engine:
-    """An engine directory opened for inference: `embed`, `new_cache` and `forward`."""
+    """An engine directory opened for inference: `embed`, `new_cache` and `forward`.
+
+    This class runs ONNX Runtime engine dirs; `TensorRTEngine` keeps its checks and replaces the four backend steps
+    `_open`, `_lookup`, `_new_layers` and `_run`."""
 
     def __init__(self, engine_dir: Path, config: dict):
         self.engine_dir = engine_dir
         self.config = config
         bc = config["builder_config"]
-        if bc["backend"] != "onnxruntime":
-            raise InputError(f"{engine_dir}: backend {bc['backend']!r} engines need the TensorRT runtime, which this "
-                             f"build does not implement; rebuild with llm-build --backend onnxruntime")
         self.vocab_size = int(config["vocab_size"])
         self.hidden_size = int(config["hidden_size"])
         self.num_layers = int(config["num_hidden_layers"])
@@ -107,47 +109,68 @@ class Engine:
         eos = config.get("eos_token_id")
         self.eos_token_ids = [int(e) for e in (eos if isinstance(eos, list) else [] if eos is None else [eos])]
         self.rope = rope_cos_sin(config, self.max_kv_cache_capacity)
+        self._open()
+
+    def _open(self) -> None:
+        """The ONNX Runtime sessions of llm.onnx and embedding.onnx."""
         opts = session_options()
         providers = ["CPUExecutionProvider"]
-        self.embedding_session = ort.InferenceSession(str(engine_dir / "embedding.onnx"), opts, providers=providers)
-        if config.get("weight_format", "fp16") != "fp16":
+        self.embedding_session = ort.InferenceSession(str(self.engine_dir / "embedding.onnx"), opts,
+                                                      providers=providers)
+        if self.config.get("weight_format", "fp16") != "fp16":
             # ORT's CPU provider has no FP8/FP4 GEMM: every step dequantizes each weight into a transient fp32
             # buffer. The arena would keep all those buffers for good (measured on SmolLM2 fp8: 1002 MiB against
             # 413 MiB without it, and 737 MiB for the fp16 engine); without it the low-precision weights pay off.
             opts.enable_cpu_mem_arena = False
             _return_freed_buffers_to_the_os()
-        self.llm_session = ort.InferenceSession(str(engine_dir / "llm.onnx"), opts, providers=providers)
+        self.llm_session = ort.InferenceSession(str(self.engine_dir / "llm.onnx"), opts, providers=providers)
         # (past, present) binding names per layer and K/V, in the order of KVCache's buffers
         self._kv_names = [(f"past_key_values_{i}.{kind}", f"present_key_values_{i}.{kind}")
                           for i in range(self.num_layers) for kind in ("key", "value")]
         present = {o.name: o.shape for o in self.llm_session.get_outputs()}[self._kv_names[0][1]]
         self.kv_in_place = present[2] == "kv_capacity"  # else: prefix in, this call's K/V out
 
-    @classmethod
-    def load(cls, engine_dir: str | Path) -> "Engine":
-        """Validate ENG (InputError if it is not a complete engine dir of a known contract) and open its sessions."""
+    @staticmethod
+    def load(engine_dir: str | Path) -> "Engine":
+        """Validate ENG (InputError if it is not a complete engine dir of a known contract) and open it on the
+        backend it was built for (builder_config.backend)."""
         engine_dir = Path(engine_dir)
-        return cls(engine_dir, load_engine_config(engine_dir))
+        config = load_engine_config(engine_dir)
+        if config["builder_config"]["backend"] == "tensorrt":
+            from runtime.tensorrt_engine import TensorRTEngine
+
+            return TensorRTEngine(engine_dir, config)
+        return Engine(engine_dir, config)
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         """int32 [B,S] -> fp16 [B,S,H]; an id outside [0, vocab) is an InputError (a GPU kernel would give zeros)."""
+        return self._lookup(self._checked_ids(input_ids))
+
+    def _checked_ids(self, input_ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(input_ids)
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
             raise InputError(f"input_ids: expected an integer array [batch, seq_len], found {ids.dtype} {ids.shape}")
         bad = (ids < 0) | (ids >= self.vocab_size)
         if bad.any():
             raise InputError(f"input_ids: token id {int(ids[bad][0])} is outside the vocabulary [0, {self.vocab_size})")
-        (embeds,) = self.embedding_session.run(["inputs_embeds"], {"input_ids": ids.astype(np.int32, copy=False)})
+        return ids.astype(np.int32, copy=False)
+
+    def _lookup(self, ids: np.ndarray) -> np.ndarray:
+        """Checked int32 ids -> fp16 embeddings (the embedding engine)."""
+        (embeds,) = self.embedding_session.run(["inputs_embeds"], {"input_ids": ids})
         return embeds
 
     def new_cache(self, batch: int) -> KVCache:
         """An empty cache of `max_kv_cache_capacity` tokens per row, in the engine's KV dtype."""
         if not 1 <= batch <= self.max_batch_size:
             raise InputError(f"batch: expected 1..{self.max_batch_size} (the engine's max_batch_size), found {batch}")
+        return KVCache(self._new_layers(batch), np.zeros(batch, np.int32), self.kv_cache_dtype)
+
+    def _new_layers(self, batch: int) -> list[np.ndarray]:
+        """Zeroed cache buffers, one per layer (KVCache's ONNX Runtime layout)."""
         shape = (2, batch, self.num_kv_heads, self.max_kv_cache_capacity, self.head_dim)
         dtype = np.uint8 if self.kv_cache_dtype == "fp8" else np.float32
-        return KVCache([np.zeros(shape, dtype) for _ in range(self.num_layers)], np.zeros(batch, np.int32),
-                       self.kv_cache_dtype)
+        return [np.zeros(shape, dtype) for _ in range(self.num_layers)]
 
     def forward(self, cache: KVCache, input_ids: np.ndarray, context_lengths: np.ndarray,
                 last_token_ids: np.ndarray) -> np.ndarray:
@@ -159,19 +182,32 @@ class Engine:
         ids = np.asarray(input_ids)
         ctx = np.asarray(context_lengths, dtype=np.int32)
         last = np.asarray(last_token_ids, dtype=np.int64)
-        batch, seq = self._check(cache, ids, ctx, last)
-        valid = np.arange(seq)[None, :] < ctx[:, None]
-        embeds = self.embed(np.where(valid, ids, 0))  # padding may hold any value; only real tokens are checked
+        self._check(cache, ids, ctx, last)
+        valid = np.arange(ids.shape[1])[None, :] < ctx[:, None]
+        ids = self._checked_ids(np.where(valid, ids, 0))  # padding may hold any value; only real tokens are checked
+        logits = self._run(cache, ids, ctx, last)
+        cache.lengths += ctx
+        return logits
+
+    def _run(self, cache: KVCache, ids: np.ndarray, ctx: np.ndarray, last: np.ndarray) -> np.ndarray:
+        """Embedding and llm.onnx on checked inputs; the cache's lengths are the caller's to advance."""
+        batch, seq = ids.shape
         start = cache.lengths.copy()
-        prefix = int(start.max())
+        # the in-place GQA node needs room for the whole padded call in every row that takes part in it
+        tight = (ctx > 0) & (start + seq > cache.capacity) if self.kv_in_place else np.zeros(batch, bool)
+        if tight.any():
+            b = int(np.argmax(tight))
+            raise InputError(f"KV cache: row {b} holds {int(start[b])} tokens; a call padded to {seq} tokens "
+                             f"would pass the capacity {cache.capacity}; send that row in a shorter call")
         fp8 = cache.dtype == "fp8"
-        feeds = {"inputs_embeds": embeds, "rope_rotary_cos_sin": self.rope, "context_lengths": ctx,
+        feeds = {"inputs_embeds": self._lookup(ids), "rope_rotary_cos_sin": self.rope, "context_lengths": ctx,
                  "kvcache_start_index": start, "last_token_ids": last}
         if self.kv_in_place:
             if cache.binding is None:
                 cache.binding = self._bind_in_place(cache)
             binding = cache.binding
         else:
+            prefix = int(start.max())
             binding = self.llm_session.io_binding()
             for (past, present), half in zip(self._kv_names, _halves(cache)):
                 binding.bind_ortvalue_input(past, _ort_input(np.ascontiguousarray(half[:, :, :prefix]), fp8))
@@ -188,7 +224,6 @@ class Engine:
                 for b in range(batch):
                     n, s = int(ctx[b]), int(start[b])
                     half[b, :, s:s + n] = present[b, :, :n]
-        cache.lengths += ctx
         return logits
 
     def _bind_in_place(self, cache: KVCache) -> ort.IOBinding:
@@ -200,7 +235,7 @@ class Engine:
             binding.bind_ortvalue_output(present, value)
         return binding
 
-    def _check(self, cache: KVCache, ids: np.ndarray, ctx: np.ndarray, last: np.ndarray) -> tuple[int, int]:
+    def _check(self, cache: KVCache, ids: np.ndarray, ctx: np.ndarray, last: np.ndarray) -> None:
         if ids.ndim != 2:
             raise InputError(f"input_ids: expected [batch, seq_len], found shape {ids.shape}")
         batch, seq = ids.shape
@@ -220,10 +255,3 @@ class Engine:
             b = int(np.argmax(over))
             raise InputError(f"KV cache: row {b} would hold {int(cache.lengths[b] + ctx[b])} tokens, more than the "
                              f"capacity {cache.capacity} (max_kv_cache_capacity)")
-        # the in-place kernel needs room for the whole padded call in every row that takes part in it
-        tight = (ctx > 0) & (cache.lengths + seq > cache.capacity) if self.kv_in_place else np.zeros(batch, bool)
-        if tight.any():
-            b = int(np.argmax(tight))
-            raise InputError(f"KV cache: row {b} holds {int(cache.lengths[b])} tokens; a call padded to {seq} tokens "
-                             f"would pass the capacity {cache.capacity}; send that row in a shorter call")
-        return batch, seq

@@ -21,7 +21,6 @@ import onnx.numpy_helper
 import pytest
 import torch
 from onnx.reference import ReferenceEvaluator
-from onnx.reference.op_run import OpRun
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -30,24 +29,9 @@ from llm_loader.embedding import read_embedding_sidecar
 from llm_loader.errors import InputError
 from llm_loader.export_all_cli import export
 from llm_loader.model_config import model_config_from_dict
-from plugins.attention.reference import attention_reference
-from plugins.attention.schema import read_attrs
+from plugins.attention.reference import AttentionPlugin
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class AttentionPlugin(OpRun):
-    """trt_edgellm::AttentionPlugin for the ONNX reference evaluator, via the plugin's torch reference."""
-
-    op_domain = "trt_edgellm"
-
-    def _run(self, qkv, past, context_lengths, rope, kvcache_start_index, q_norm=None, k_norm=None, **_attrs):
-        t = [None if a is None else torch.from_numpy(np.array(a)) for a in (q_norm, k_norm)]
-        attn, present = attention_reference(
-            torch.from_numpy(qkv), torch.from_numpy(past), torch.from_numpy(context_lengths), torch.from_numpy(rope),
-            torch.from_numpy(kvcache_start_index), *t, attrs=read_attrs(self.onnx_node),
-        )
-        return attn.numpy(), present.numpy()
 
 
 def rope_table(model, length: int) -> np.ndarray:

@@ -124,6 +124,23 @@ def test_bad_engine_dir_exits_2(built, tmp_path):
     assert not (tmp_path / "o.json").exists()
 
 
+def test_tensorrt_engine_dir_without_tensorrt_exits_2(built, tmp_path):
+    """An engine dir built for TensorRT is opened by the TensorRT runtime, which is missing here: one line naming
+    the dir and what is missing."""
+    _, engine_dir = built
+    trt_dir = tmp_path / "engine"
+    shutil.copytree(engine_dir, trt_dir)
+    config = json.loads((trt_dir / "config.json").read_text())
+    config["builder_config"]["backend"] = "tensorrt"
+    (trt_dir / "config.json").write_text(json.dumps(config))
+    for name in ("llm.engine", "embedding.engine"):
+        (trt_dir / name).write_bytes(b"")
+    result = run(trt_dir, EXAMPLES / "raw_prompt.json", tmp_path / "o.json")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: {trt_dir} (built for TensorRT): expected the tensorrt Python package")
+    assert not (tmp_path / "o.json").exists()
+
+
 def test_template_options_reach_the_template(tmp_path, smollm2_checkpoint):
     """add_generation_prompt and enable_thinking reach the template as apply_chat_template passes them."""
     from transformers import AutoTokenizer

@@ -1,13 +1,17 @@
-"""The TensorRT build path's pure logic (builder/trt_graph.py), on real exports; TensorRT itself is not needed."""
+"""The TensorRT path's pure logic on real exports: what the builder changes in the graph (builder/trt_graph.py) and
+what the runtime binds (runtime/tensorrt_engine.py). TensorRT itself is not needed."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+import torch
+from onnx import TensorProto, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from builder.detect import detect
 from builder.onnxruntime_backend import embedding_model
@@ -17,17 +21,28 @@ from conftest import make_tiny_checkpoint
 from llm_loader.embedding import read_embedding_sidecar
 from llm_loader.errors import InputError
 from llm_loader.export_all_cli import export
+from plugins.attention.reference import AttentionPlugin
 from plugins.attention.trt_plugin import INPUT_NAMES as TRT_ATTENTION_INPUTS
+from runtime.rope import rope_cos_sin
+from runtime.tensorrt_engine import CONTEXT, GENERATION, check_kv_binding, llm_inputs, new_cache_layers, profile_for
+from test_engine import assert_logits_close, hf_model
+from test_quantized_export import quantize
+
+ONNX_TYPES = {torch.float16: TensorProto.FLOAT16, torch.float32: TensorProto.FLOAT, torch.int32: TensorProto.INT32,
+              torch.int64: TensorProto.INT64, torch.float8_e4m3fn: TensorProto.FLOAT8E4M3FN}
 
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory, smollm2_checkpoint) -> dict[str, Path]:
-    """Tiny llama (no QK-norm, FP8 embedding) and qwen3 (QK-norm) exports."""
+    """Tiny llama (no QK-norm, FP8 embedding), qwen3 (QK-norm) and llama with an FP8 KV cache exports, and the
+    qwen3 checkpoint."""
     root = tmp_path_factory.mktemp("trt")
     llama = make_tiny_checkpoint("llama", root / "llama", smollm2_checkpoint)
     qwen3 = make_tiny_checkpoint("qwen3", root / "qwen3", smollm2_checkpoint)
+    fp8kv = quantize(llama, root / "llama-fp8kv", "fp8", kv=True)
     return {"llama": export(llama, root / "llama-onnx", fp8_embedding=True),
-            "qwen3": export(qwen3, root / "qwen3-onnx")}
+            "qwen3": export(qwen3, root / "qwen3-onnx"),
+            "llama-fp8kv": export(fp8kv, root / "llama-fp8kv-onnx"), "qwen3-checkpoint": qwen3}
 
 
 def load_graph(onnx_dir: Path) -> onnx.ModelProto:
@@ -119,3 +134,92 @@ def test_llm_profiles_name_exactly_the_graph_inputs(exports, family):
     shapes = {**first.shapes, "input_ids": first.shapes["context_lengths"]}
     with pytest.raises(InputError, match=r"\['input_ids'\] not in the graph"):
         check_profiles(model, [Profile(first.name, shapes)])
+
+
+LIMITS = Limits(max_batch_size=2, max_input_len=16, max_kv_cache_capacity=32)
+
+
+def runtime_inputs(onnx_dir: Path, embeds: torch.Tensor, layers: list, context_lengths, start, last) -> dict:
+    """llm_inputs as TensorRTEngine._run builds them (its numpy arrays become tensors), on the CPU."""
+    config = json.loads((onnx_dir / "config.json").read_text())
+    rope = torch.from_numpy(rope_cos_sin(config, LIMITS.max_kv_cache_capacity))
+    return llm_inputs(embeds, layers, rope, *(torch.from_numpy(np.asarray(a)) for a in (context_lengths, start, last)))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "llama-fp8kv"])
+@pytest.mark.parametrize("batch, seq", [(2, 5), (2, 1), (1, 16), (1, 1)])
+def test_runtime_bindings_fit_the_graph_and_the_profile_they_run_in(exports, family, batch, seq):
+    """Every binding TensorRTEngine makes: the graph's name, dtype and static dims, and within the min/max of the
+    profile it selects; each present output is typed and shaped like the past it aliases."""
+    found = detect(exports[family])
+    dims = ModelDims(found.num_layers, found.hidden_size, found.num_kv_heads, found.head_dim, found.rotary_dim)
+    layers = new_cache_layers(batch, dims.num_layers, dims.num_kv_heads, LIMITS.max_kv_cache_capacity, dims.head_dim,
+                              found.kv_cache_dtype, "cpu")
+    inputs = runtime_inputs(exports[family], torch.zeros(batch, seq, dims.hidden_size, dtype=torch.float16), layers,
+                            np.full(batch, seq, np.int32), np.zeros(batch, np.int32), np.zeros((batch, 1), np.int64))
+    graph = load_graph(exports[family]).graph
+    assert set(inputs) == {i.name for i in graph.input}
+    profile = llm_profiles(LIMITS, dims)[profile_for(seq)]
+    assert profile.name == ("generation" if seq == 1 else "context")
+    for value in graph.input:
+        tensor, (lo, _, hi) = inputs[value.name], profile.shapes[value.name]
+        assert ONNX_TYPES[tensor.dtype] == value.type.tensor_type.elem_type, value.name
+        static = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+        assert len(static) == tensor.dim() and all(s in (None, n) for s, n in zip(static, tensor.shape)), value.name
+        assert all(a <= n <= b for a, n, b in zip(lo, tensor.shape, hi, strict=True)), (value.name, tensor.shape)
+    outputs = {o.name: o for o in graph.output}
+    for i in range(dims.num_layers):
+        past = next(v for v in graph.input if v.name == f"past_key_values_{i}")
+        assert outputs[f"present_key_values_{i}"].type == past.type
+
+
+def test_runtime_bindings_run_the_graph_to_transformers_logits(exports):
+    """A right-padded prefill of two rows and two decode steps, with the runtime's bindings fed to the exported graph
+    (the attention op by its torch reference, each present copied into its cache tensor as TensorRT's aliasing does),
+    against each row run alone through `transformers`."""
+    onnx_dir = exports["qwen3"]
+    config = json.loads((onnx_dir / "config.json").read_text())
+    table = read_embedding_sidecar(onnx_dir / "embedding.safetensors").table
+    session = ReferenceEvaluator(str(onnx_dir / "model.onnx"), new_ops=[AttentionPlugin])
+    layers = new_cache_layers(2, config["num_hidden_layers"], config["num_key_value_heads"],
+                              LIMITS.max_kv_cache_capacity, config["head_dim"], "fp16", "cpu")
+    lengths = np.zeros(2, np.int32)
+    outputs = ["logits"] + [f"present_key_values_{i}" for i in range(len(layers))]
+
+    def step(ids: np.ndarray, ctx: np.ndarray) -> np.ndarray:
+        last = np.maximum(ctx - 1, 0).astype(np.int64)[:, None]
+        inputs = runtime_inputs(onnx_dir, table[torch.from_numpy(ids).long()], layers, ctx, lengths.copy(), last)
+        logits, *presents = session.run(outputs, {name: t.numpy() for name, t in inputs.items()})
+        for layer, present in zip(layers, presents):
+            layer.copy_(torch.from_numpy(present))
+        lengths[:] += ctx
+        return logits[:, 0]
+
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, config["vocab_size"], n).astype(np.int32) for n in (8, 5)]
+    ids = np.zeros((2, 8), np.int32)
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)] = p
+    ours = [step(ids, np.array([8, 5], np.int32))]
+    steps = rng.integers(0, config["vocab_size"], (2, 2)).astype(np.int32)
+    ours += [step(steps[:, t:t + 1], np.array([1, 1], np.int32)) for t in range(2)]
+
+    hf = hf_model(exports["qwen3-checkpoint"])
+    for b, prompt in enumerate(prompts):
+        with torch.no_grad():
+            out = hf(torch.tensor(prompt[None], dtype=torch.long), use_cache=True)
+            ref = [out.logits[0, -1]]
+            for t in range(2):
+                out = hf(torch.tensor([[steps[b, t]]], dtype=torch.long), past_key_values=out.past_key_values,
+                         use_cache=True)
+                ref.append(out.logits[0, -1])
+        assert_logits_close(np.stack([o[b] for o in ours]), torch.stack(ref).numpy())
+    assert lengths.tolist() == [10, 7]
+
+
+def test_runtime_refuses_an_engine_whose_kv_binding_disagrees_with_the_config(tmp_path):
+    check_kv_binding("HALF", "fp16", tmp_path / "llm.engine")
+    check_kv_binding("FP8", "fp8", tmp_path / "llm.engine")
+    with pytest.raises(InputError, match=r"llm\.engine: past_key_values_0 is fp8 but config.json says kv_cache_dtype 'fp16'"):
+        check_kv_binding("FP8", "fp16", tmp_path / "llm.engine")
+    assert (CONTEXT, GENERATION) == (0, 1)

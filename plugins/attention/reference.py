@@ -6,10 +6,12 @@ Full-cache semantics, as TensorRT runs it: `present` is `past` with this call's 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from onnx.reference.op_run import OpRun
 
 from llm_loader.errors import InputError
-from plugins.attention.schema import AttentionAttrs
+from plugins.attention.schema import AttentionAttrs, read_attrs
 from quantization.formats import to_fp8
 
 
@@ -91,3 +93,18 @@ def attention_reference(
     valid = torch.arange(s)[None, :] < lengths[:, None]
     attn = torch.where(valid[:, :, None, None], attn, 0.0)
     return attn.to(torch.float16), present
+
+
+class AttentionPlugin(OpRun):
+    """This reference as `trt_edgellm::AttentionPlugin` for `onnx.reference.ReferenceEvaluator(new_ops=[...])`, so the
+    exported (un-lowered) graph can be run as TensorRT would run it. The evaluator matches ops by class name."""
+
+    op_domain = "trt_edgellm"
+
+    def _run(self, qkv, past, context_lengths, rope, kvcache_start_index, q_norm=None, k_norm=None, **_attrs):
+        norms = [None if a is None else torch.from_numpy(np.array(a)) for a in (q_norm, k_norm)]
+        attn, present = attention_reference(
+            torch.from_numpy(qkv), torch.from_numpy(past), torch.from_numpy(context_lengths), torch.from_numpy(rope),
+            torch.from_numpy(kvcache_start_index), *norms, attrs=read_attrs(self.onnx_node),
+        )
+        return attn.numpy(), present.numpy()
