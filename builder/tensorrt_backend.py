@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 
 from builder.profiles import Limits, ModelDims, Profile, embedding_profiles, llm_profiles
-from builder.trt_graph import check_profiles, prepare_for_tensorrt
+from builder.trt_graph import check_gpu_support, check_profiles, prepare_for_tensorrt
 from llm_loader.embedding import EmbeddingSidecar
 from llm_loader.errors import InputError
 
@@ -81,6 +81,7 @@ def build_llm(onnx_dir: Path, out: Path, limits: Limits, dims: ModelDims) -> Non
     """out/llm.engine from model.onnx, whose weights stay in (and are read from) the ONNX dir."""
     model_path = onnx_dir / "model.onnx"
     model = prepare_for_tensorrt(onnx.load(str(model_path), load_external_data=False))
+    check_gpu_support(model)
     build_engine(model, model_path, out / "llm.engine", llm_profiles(limits, dims))
 
 

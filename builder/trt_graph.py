@@ -16,6 +16,7 @@ import onnx
 from builder.profiles import Profile
 from llm_loader.errors import InputError
 from plugins.attention import schema as attention_schema
+from plugins.attention.trt_plugin import check_head_size
 from plugins.fp8_gather import schema as fp8_gather_schema
 
 PLUGIN_NAMESPACE = "trt_edgellm"
@@ -56,6 +57,14 @@ def prepare_for_tensorrt(model: onnx.ModelProto) -> onnx.ModelProto:
                 onnx.numpy_helper.from_array(np.ones(head_size, np.float16), placeholders[head_size]))
         node.input.extend([placeholders[head_size]] * len(attention_schema.QK_NORM_INPUTS))
     return prepared
+
+
+def check_gpu_support(model: onnx.ModelProto) -> None:
+    """Every AttentionPlugin node has a head size the GPU kernels take; said here, not from inside TensorRT's parser."""
+    for node in model.graph.node:
+        if node.domain == PLUGIN_NAMESPACE and node.op_type == attention_schema.OP_TYPE:
+            where = f"AttentionPlugin node {node.name!r} (--backend tensorrt; --backend onnxruntime takes any size)"
+            check_head_size(attention_schema.read_attrs(node).head_size, where)
 
 
 def check_profiles(model: onnx.ModelProto, profiles: list[Profile]) -> None:

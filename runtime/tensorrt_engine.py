@@ -69,8 +69,8 @@ class TensorRTEngine(Engine):
             raise InputError(f"{self.engine_dir}: a TensorRT engine dir needs a CUDA GPU, found none; rebuild it with "
                              f"llm-build --backend onnxruntime to run on the CPU")
         self._torch = torch
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self._llm, self._embedding = (self._deserialize(runtime, name) for name in ("llm.engine", "embedding.engine"))
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # outlives the engines it deserializes
+        self._llm, self._embedding = (self._deserialize(name) for name in ("llm.engine", "embedding.engine"))
         check_kv_binding(self._llm.get_tensor_dtype("past_key_values_0").name, self.kv_cache_dtype,
                          self.engine_dir / "llm.engine")
         self._llm_context = self._llm.create_execution_context()
@@ -79,8 +79,8 @@ class TensorRTEngine(Engine):
         self._stream = torch.cuda.Stream()
         self._rope = torch.from_numpy(self.rope).cuda()
 
-    def _deserialize(self, runtime, name: str):
-        engine = runtime.deserialize_cuda_engine((self.engine_dir / name).read_bytes())
+    def _deserialize(self, name: str):
+        engine = self._runtime.deserialize_cuda_engine((self.engine_dir / name).read_bytes())
         if engine is None:
             raise InputError(f"{self.engine_dir / name}: TensorRT could not deserialize it (built by another TensorRT "
                              f"version or for another GPU? see the TensorRT log above); rebuild it with llm-build")

@@ -16,7 +16,7 @@ from onnx.reference import ReferenceEvaluator
 from builder.detect import detect
 from builder.onnxruntime_backend import embedding_model
 from builder.profiles import Limits, ModelDims, Profile, llm_profiles
-from builder.trt_graph import PLUGIN_NAMESPACE, check_profiles, prepare_for_tensorrt
+from builder.trt_graph import PLUGIN_NAMESPACE, check_gpu_support, check_profiles, prepare_for_tensorrt
 from conftest import make_tiny_checkpoint
 from llm_loader.embedding import read_embedding_sidecar
 from llm_loader.errors import InputError
@@ -93,6 +93,16 @@ def test_every_attention_node_gets_seven_inputs_and_the_namespace(exports, famil
         onnx.checker.check_model(str(checked))
     finally:
         checked.unlink()
+
+
+def test_head_sizes_the_gpu_kernels_lack_are_refused_before_parsing(exports):
+    model = load_graph(exports["llama"])  # the tiny models have head_dim 16
+    first = custom_nodes(model, "AttentionPlugin")[0]
+    with pytest.raises(InputError, match=rf"{first.name}.*expected head_size 64 or 128.*found 16"):
+        check_gpu_support(model)
+    for node in custom_nodes(model, "AttentionPlugin"):
+        next(a for a in node.attribute if a.name == "head_size").i = 64
+    check_gpu_support(model)
 
 
 def test_prepare_is_idempotent(exports):

@@ -29,7 +29,13 @@ INPUT_NAMES = (
     "qkv", "past_key_value", "context_lengths", "rope_rotary_cos_sin", "kvcache_start_index", "q_norm_gamma",
     "k_norm_gamma",
 )
+GPU_HEAD_SIZES = (64, 128)  # the head sizes the Triton kernels are tested with
 
+
+def check_head_size(head_size: int, where: str) -> None:
+    """The GPU kernels take fewer head sizes than the ONNX contract; the builder asks before TensorRT parses."""
+    if head_size not in GPU_HEAD_SIZES:
+        raise InputError(f"{where}: expected head_size 64 or 128 (the GPU kernels' tile sizes), found {head_size}")
 
 
 def attrs_from_fields(
@@ -45,8 +51,7 @@ def attrs_from_fields(
     hq, hkv, d = int(num_q_heads), int(num_kv_heads), int(head_size)
     if hkv <= 0 or hq % hkv:
         raise InputError(f"{where}: expected num_q_heads a multiple of num_kv_heads, found {hq} and {hkv}")
-    if d not in (64, 128):
-        raise InputError(f"{where}: expected head_size 64 or 128 (the GPU kernels' tile sizes), found {d}")
+    check_head_size(d, where)
     scales = tuple(float(s) for s in np.asarray(qkv_scales, dtype=np.float32).reshape(-1))
     if len(scales) != 3 or not all(s > 0 and math.isfinite(s) for s in scales):
         raise InputError(f"{where}: expected qkv_scales of 3 positive floats, found {list(scales)}")
