@@ -50,6 +50,13 @@ def jobs_for(tokenizer, prompts, **kw):
     return [Job(tokenizer.encode(p), sampling, **kw) for p in prompts]
 
 
+def transformers_greedy(model, prompt_ids: list[int], n: int, eos_token_ids: list[int]) -> torch.Tensor:
+    """The new tokens of `transformers`' own greedy generate (the reference for engine generations)."""
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, top_k=None, top_p=None,
+                         eos_token_id=eos_token_ids, pad_token_id=0)
+    return out[0, len(prompt_ids):]
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_greedy_batch_matches_transformers(tiny, family):
     from transformers import AutoModelForCausalLM
@@ -61,8 +68,7 @@ def test_greedy_batch_matches_transformers(tiny, family):
     generations, timing = generate(engine, tokenizer, jobs, 32)
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     for job, gen in zip(jobs, generations):
-        ref = model.generate(torch.tensor([job.prompt_ids]), max_new_tokens=32, do_sample=False, top_k=None,
-                             top_p=None, eos_token_id=engine.eos_token_ids, pad_token_id=0)[0, len(job.prompt_ids):]
+        ref = transformers_greedy(model, job.prompt_ids, 32, engine.eos_token_ids)
         assert gen.token_ids == ref.tolist()
         assert gen.text == tokenizer.decode(ref, skip_special_tokens=True)
         assert gen.finish_reason == ("end-of-sequence" if ref[-1].item() in engine.eos_token_ids else "max-length")
