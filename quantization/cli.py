@@ -27,14 +27,13 @@ REPORT_FILE = "quantization_report.json"
 CHARS_PER_TOKEN = 4  # how much text a sample needs to fill --max_seq_len tokens
 
 
-@dataclass
-class LlmOptions:
-    model_dir: Path
-    output_dir: Path
+@dataclass(kw_only=True)
+class QuantizeOptions:
+    """The flags `llm` and `draft` share (keyword-only, so each subclass keeps its own positional paths)."""
+
     quantization: str = "fp8"
     kv_cache_quantization: str | None = None
     lm_head_quantization: str | None = None
-    kv_cache_fp16_layers: list[int] = field(default_factory=list)
     text_dataset: str = DEFAULT_DATASET
     num_samples: int = 512
     max_seq_len: int = 512
@@ -42,6 +41,13 @@ class LlmOptions:
     device: str = "cpu"
     seed: int = 0
     max_shard_bytes: int = writer.DEFAULT_MAX_SHARD_BYTES
+
+
+@dataclass
+class LlmOptions(QuantizeOptions):
+    model_dir: Path
+    output_dir: Path
+    kv_cache_fp16_layers: list[int] = field(default_factory=list)
 
 
 def _check_choice(flag: str, value: str | None, choices: tuple[str, ...]) -> None:
@@ -176,20 +182,10 @@ def write_quantized(qt, config: dict, linears: list[str], report: dict, quantiza
 
 
 @dataclass
-class DraftOptions:
+class DraftOptions(QuantizeOptions):
     base_model_dir: Path
     draft_model_dir: Path
     output_dir: Path
-    quantization: str = "fp8"
-    kv_cache_quantization: str | None = None
-    lm_head_quantization: str | None = None
-    text_dataset: str = DEFAULT_DATASET
-    num_samples: int = 512
-    max_seq_len: int = 512
-    batch_size: int = 4
-    device: str = "cpu"
-    seed: int = 0
-    max_shard_bytes: int = writer.DEFAULT_MAX_SHARD_BYTES
 
 
 def quantize_draft(o: DraftOptions) -> dict:

@@ -20,11 +20,11 @@ import numpy as np
 
 from builder.tensorrt_backend import import_tensorrt
 from llm_loader.errors import InputError
+from plugins.trt_tensors import TORCH_DTYPE_NAMES
 from runtime.engine import Engine, KVCache
 
 CONTEXT, GENERATION = 0, 1  # optimization profile indices, in the order builder/profiles.llm_profiles lists them
 KV_DTYPES = {"HALF": "fp16", "FP8": "fp8"}  # TensorRT DataType name of past_key_values_* -> kv_cache_dtype
-TORCH_KV_DTYPES = {"fp16": "float16", "fp8": "float8_e4m3fn"}
 
 
 def profile_for(seq_len: int) -> int:
@@ -38,7 +38,8 @@ def new_cache_layers(batch: int, num_layers: int, num_kv_heads: int, capacity: i
     import torch
 
     shape = (batch, 2, num_kv_heads, capacity, head_dim)
-    dtype = getattr(torch, TORCH_KV_DTYPES[kv_cache_dtype])
+    trt_name = next(name for name, kv in KV_DTYPES.items() if kv == kv_cache_dtype)
+    dtype = getattr(torch, TORCH_DTYPE_NAMES[trt_name])
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
 
