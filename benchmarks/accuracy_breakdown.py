@@ -3,7 +3,7 @@
 The engines of `benchmarks/accuracy.py` give the end-to-end numbers; this script attributes them. It takes the HF
 model (fp32 compute, so only the quantization under test adds error), fake-quantizes either the weights or the
 linear inputs (activations) of one kind of linear (q/k/v/o/gate/up/down) with the FP8 formats of
-`quantization.formats`, and reports the perplexity increase on the same WikiText-2 windows.
+`contract.formats`, and reports the perplexity increase on the same WikiText-2 windows.
 
     python -m benchmarks.accuracy_breakdown [--windows 4]
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 import torch
 
-from quantization import formats
+from contract import formats
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"

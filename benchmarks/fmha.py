@@ -18,8 +18,8 @@ from pathlib import Path
 import click
 import torch
 
+from contract.formats import to_fp8
 from plugins.attention.schema import AttentionAttrs
-from quantization.formats import to_fp8
 
 MODELS = {"Qwen3-0.6B": (16, 8, 128), "Qwen3-8B": (32, 8, 128), "SmolLM2-135M": (9, 3, 64)}
 BATCHES = (1, 4, 8)

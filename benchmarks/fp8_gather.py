@@ -36,8 +36,8 @@ def copy_bandwidth_gbps(iters: int) -> float:
 @click.option("--iters", default=100, show_default=True)
 def main(out: Path, vocab: int, hidden: int, iters: int) -> None:
     require_cuda()
+    from contract.formats import quantize_fp8_row_block
     from plugins.fp8_gather.triton_kernels import fp8_gather
-    from quantization.formats import quantize_fp8_row_block
 
     table, scale = quantize_fp8_row_block(torch.randn(vocab, hidden, device="cuda") * 0.02)
     peak = copy_bandwidth_gbps(iters)

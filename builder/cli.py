@@ -12,18 +12,20 @@ from pathlib import Path
 
 import click
 
-from builder import engine_dir as engine_dir_mod
 from builder.detect import detect
 from builder.profiles import Limits, ModelDims, validate_limits
+from contract import engine_dir as engine_dir_mod
+from contract import stage
+from contract.atomic import staged_dir
+from contract.errors import InputError
+from contract.stage import KvDtype
 from llm_loader.embedding import read_embedding_sidecar
-from llm_loader.errors import InputError
-from llm_loader.staging import staged_dir
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
 
 @contextmanager
-def stage(name: str):
+def step(name: str):
     """Print a build stage and how long it took."""
     click.echo(f"[llm-build] {name} ...", err=True)
     t0 = time.perf_counter()
@@ -52,36 +54,42 @@ def build(onnx_dir: str | Path, engine_dir: str | Path, *, max_batch_size: int =
     limits = Limits(max_batch_size, max_input_len, max_kv_cache_capacity)
     validate_limits(limits)
     backend = resolve_backend(backend)
-    with stage("detect"):
+    with step("detect"):
         found = detect(onnx_dir)
     click.echo(found.summary() + f"\nbackend         {backend}", err=True)
     dims = ModelDims(found.num_layers, found.hidden_size, found.num_kv_heads, found.head_dim, found.rotary_dim)
+    if backend == "onnxruntime":
+        from plugins.attention.ort_lowering import kv_io_form
+
+        kv_io = kv_io_form(KvDtype(found.kv_cache_dtype), found.rotary_dim)
+    else:
+        kv_io = stage.KV_IN_PLACE  # the plugin's present output aliases its past input
     builder_config = engine_dir_mod.make_builder_config(
         backend=backend, max_batch_size=max_batch_size, max_input_len=max_input_len,
         max_kv_cache_capacity=max_kv_cache_capacity, kv_cache_dtype=found.kv_cache_dtype,
-        embedding_format=found.embedding_format, weight_format=found.weight_format)
+        embedding_format=found.embedding_format, weight_format=found.weight_format, kv_io=kv_io)
     with staged_dir(engine_dir) as out:
         sidecar = read_embedding_sidecar(onnx_dir / "embedding.safetensors")
         if backend == "onnxruntime":
             from builder import onnxruntime_backend as ort_backend
 
-            with stage("load model.onnx"):
+            with step("load model.onnx"):
                 model = ort_backend.load_model(onnx_dir)
-            with stage("lower for onnxruntime"):
+            with step("lower for onnxruntime"):
                 model = ort_backend.lower_llm(model)
-            with stage("save llm.onnx"):
+            with step("save llm.onnx"):
                 ort_backend.save_with_external_data(model, out / "llm.onnx")
             del model
-            with stage("embedding.onnx"):
+            with step("embedding.onnx"):
                 ort_backend.build_embedding(sidecar, out)
         else:
             from builder import tensorrt_backend as trt_backend
 
-            with stage("build llm.engine"):
+            with step("build llm.engine"):
                 trt_backend.build_llm(onnx_dir, out, limits, dims)
-            with stage("build embedding.engine"):
+            with step("build embedding.engine"):
                 trt_backend.build_embedding(sidecar, out, limits)
-        with stage("config + copies"):
+        with step("config + copies"):
             engine_dir_mod.write_config_and_copies(onnx_dir, out, found.config, builder_config)
     click.echo(f"[llm-build] wrote {engine_dir}", err=True)
     return engine_dir

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import onnx
 
-from llm_loader.checkpoint import read_json
+from contract import stage
+from contract.errors import InputError
+from contract.jsonfile import read_json
+from contract.stage import CONTRACT_VERSION, KvDtype
 from llm_loader.embedding import read_embedding_sidecar
-from llm_loader.errors import InputError
 from plugins.attention import schema as attention_schema
-
-CONTRACT_VERSION = 1
-_KV_TYPES = {onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.FLOAT8E4M3FN: "fp8"}
 
 
 @dataclass(frozen=True)
@@ -71,15 +70,16 @@ def graph_kv_facts(model_path: Path) -> tuple[set[str], set[str], int]:
     for location in {e.value for t in graph.initializer for e in t.external_data if e.key == "location"}:
         if not (model_path.parent / location).is_file():
             raise InputError(f"{model_path}: expected its weights file {location} next to it, found no such file")
-    pasts = [i for i in graph.input if i.name.startswith("past_key_values_")]
+    pasts = [i for i in graph.input if i.name.startswith(stage.PAST_PREFIX)]
     binding = set()
     for i in pasts:
-        elem = i.type.tensor_type.elem_type
-        if elem not in _KV_TYPES:
-            raise InputError(f"{model_path} input {i.name}: expected fp16 or float8e4m3fn, found elem_type {elem}")
-        binding.add(_KV_TYPES[elem])
+        kv = KvDtype.from_onnx(i.type.tensor_type.elem_type)
+        if kv is None:
+            raise InputError(f"{model_path} input {i.name}: expected fp16 or float8e4m3fn, found elem_type "
+                             f"{i.type.tensor_type.elem_type}")
+        binding.add(kv.value)
     plugins = [n for n in graph.node if n.domain == attention_schema.DOMAIN and n.op_type == attention_schema.OP_TYPE]
-    plugin = {"fp8" if attention_schema.read_attrs(n).enable_fp8_kv_cache else "fp16" for n in plugins}
+    plugin = {attention_schema.read_attrs(n).kv_dtype.value for n in plugins}
     if len(plugins) != len(pasts):
         raise InputError(f"{model_path}: expected one AttentionPlugin per past_key_values input, found "
                          f"{len(plugins)} plugins and {len(pasts)} inputs")
@@ -131,7 +131,7 @@ def detect(onnx_dir: str | Path) -> Detection:
     if [sidecar.vocab_size, sidecar.hidden_size] != expected:
         raise InputError(f"{onnx_dir}/embedding.safetensors: tensor 'embedding' expected {expected} (config.json "
                          f"vocab_size, hidden_size), found {[sidecar.vocab_size, sidecar.hidden_size]}")
-    head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    head_dim = stage.head_dim(config)
     return Detection(
         onnx_dir=onnx_dir, config=config, model=config["model"], embedding_format=sidecar.format,
         kv_cache_dtype=config["kv_cache_dtype"], weight_format=weights,

@@ -16,11 +16,9 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from llm_loader.embedding import FORMAT_FP8, EmbeddingSidecar
+from contract import stage
+from llm_loader.embedding import EmbeddingSidecar
 from plugins.fp8_gather import schema as fp8_gather_schema
-from quantization.formats import EMBEDDING_BLOCK
-
-OPSET = 23
 
 
 def save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
@@ -35,13 +33,13 @@ def embedding_model(sidecar: EmbeddingSidecar) -> onnx.ModelProto:
     vocab, hidden = sidecar.vocab_size, sidecar.hidden_size
     ids = helper.make_tensor_value_info("input_ids", TensorProto.INT32, ["batch", "seq_len"])
     out = helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT16, ["batch", "seq_len", hidden])
-    opsets = [helper.make_opsetid("", OPSET)]
-    if sidecar.format == FORMAT_FP8:
+    opsets = [helper.make_opsetid("", stage.ONNX_OPSET)]
+    if sidecar.format == stage.EMBEDDING_FP8:
         table = helper.make_tensor("embedding", TensorProto.FLOAT8E4M3FN, [vocab, hidden],
                                    sidecar.table.contiguous().view(torch.uint8).numpy().tobytes(), raw=True)
         scale = onnx.numpy_helper.from_array(sidecar.scale.float().numpy(), "embedding_scale")
         nodes = [fp8_gather_schema.make_node("embedding", "embedding_scale", "input_ids", "inputs_embeds",
-                                             name="embedding_lookup", block_size=EMBEDDING_BLOCK)]
+                                             name="embedding_lookup", block_size=stage.EMBEDDING_BLOCK)]
         inits = [table, scale]
         opsets.append(fp8_gather_schema.OPSET)
     else:
@@ -49,7 +47,7 @@ def embedding_model(sidecar: EmbeddingSidecar) -> onnx.ModelProto:
         nodes = [helper.make_node("Gather", ["embedding", "input_ids"], ["inputs_embeds"], name="embedding_lookup",
                                   axis=0)]
     graph = helper.make_graph(nodes, "embedding", [ids], [out], initializer=inits)
-    return helper.make_model(graph, opset_imports=opsets, producer_name="edgellm-toolchain llm-build")
+    return helper.make_model(graph, opset_imports=opsets, producer_name=f"{stage.PRODUCER} llm-build")
 
 
 def load_model(onnx_dir: Path) -> onnx.ModelProto:
@@ -75,6 +73,6 @@ def lower_llm(model: onnx.ModelProto) -> onnx.ModelProto:
 def build_embedding(sidecar: EmbeddingSidecar, out: Path) -> None:
     """out/embedding.onnx (+ .data) from the sidecar; FP8 goes through the same lowering as the LLM."""
     model = embedding_model(sidecar)
-    if sidecar.format == FORMAT_FP8:
+    if sidecar.format == stage.EMBEDDING_FP8:
         model = lower(model)
     save_with_external_data(model, out / "embedding.onnx")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llm_loader.errors import InputError
+from contract.errors import InputError
 
 Shape = tuple[int, ...]
 

@@ -14,10 +14,16 @@ from pathlib import Path
 
 import onnx
 
-from builder.profiles import Limits, ModelDims, Profile, embedding_profiles, llm_profiles
+from builder.profiles import (
+    Limits,
+    ModelDims,
+    Profile,
+    embedding_profiles,
+    llm_profiles,
+)
 from builder.trt_graph import check_gpu_support, check_profiles, prepare_for_tensorrt
+from contract.errors import InputError
 from llm_loader.embedding import EmbeddingSidecar
-from llm_loader.errors import InputError
 
 
 def tensorrt_available() -> bool:

@@ -14,12 +14,13 @@ import numpy as np
 import onnx
 
 from builder.profiles import Profile
-from llm_loader.errors import InputError
+from contract.errors import InputError
+from contract.stage import CUSTOM_DOMAIN
 from plugins.attention import schema as attention_schema
 from plugins.attention.trt_plugin import check_head_size
 from plugins.fp8_gather import schema as fp8_gather_schema
 
-PLUGIN_NAMESPACE = "trt_edgellm"
+PLUGIN_NAMESPACE = CUSTOM_DOMAIN  # the parser's plugin namespace is the custom ops' domain
 PLUGIN_OPS = {attention_schema.OP_TYPE, fp8_gather_schema.OP_TYPE}
 
 

@@ -8,30 +8,17 @@ in the checkpoint (`auto_map`, i.e. `trust_remote_code`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from llm_loader.errors import InputError
+from contract.errors import InputError
+from contract.jsonfile import read_json
 
 INDEX = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth")
-
-
-def read_json(path: Path, what: str) -> dict:
-    """Parse a JSON object file or raise InputError naming it."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: expected {what}, found no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: expected {what} (JSON), found invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected {what} (a JSON object), found {type(data).__name__}")
-    return data
 
 
 @dataclass

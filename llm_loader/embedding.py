@@ -15,12 +15,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from llm_loader.errors import InputError
-from quantization.formats import EMBEDDING_BLOCK, FP8_DTYPE, quantize_fp8_row_block
+from contract import stage
+from contract.errors import InputError
+from contract.formats import FP8_DTYPE, quantize_fp8_row_block
+from contract.stage import EMBEDDING_BLOCK
 
-PRODUCER = "edgellm-toolchain"
-FORMAT_FP16 = "fp16"
-FORMAT_FP8 = "fp8_e4m3_row_block"
 QUANT_CHUNK_ROWS = 1024
 
 
@@ -42,10 +41,11 @@ class EmbeddingSidecar:
 
 
 def write_embedding_sidecar(path: Path, table_fp16: torch.Tensor, fp8: bool) -> None:
-    """Write the table as FP16, or quantized to FP8 with 1x128 row-block scales (quantization.formats)."""
+    """Write the table as FP16, or quantized to FP8 with 1x128 row-block scales (contract.formats)."""
     if table_fp16.dtype != torch.float16 or table_fp16.dim() != 2:
         raise ValueError(f"embedding table must be fp16 [V, H], got {table_fp16.dtype} {list(table_fp16.shape)}")
-    metadata = {"format": FORMAT_FP8 if fp8 else FORMAT_FP16, "block_size": str(EMBEDDING_BLOCK), "producer": PRODUCER}
+    metadata = {"format": stage.EMBEDDING_FP8 if fp8 else stage.EMBEDDING_FP16, "block_size": str(EMBEDDING_BLOCK),
+                "producer": stage.PRODUCER}
     if fp8:  # the math is per row: quantize a chunk of rows at a time to keep the fp32 temporaries small
         v, h = table_fp16.shape
         table = torch.empty(v, h, dtype=FP8_DTYPE)
@@ -82,11 +82,11 @@ def read_embedding_sidecar(path: Path) -> EmbeddingSidecar:
         raise InputError(f"{path}: expected only 'embedding' and 'embedding_scale', found also {sorted(unexpected)}")
 
     if table.dtype == torch.float16:
-        fmt, scale = FORMAT_FP16, None
+        fmt, scale = stage.EMBEDDING_FP16, None
         if "embedding_scale" in tensors:
             raise InputError(f"{path}: tensor 'embedding_scale' expected only with an FP8 table, found an F16 table")
     elif table.dtype == FP8_DTYPE:
-        fmt = FORMAT_FP8
+        fmt = stage.EMBEDDING_FP8
         scale = tensors.get("embedding_scale")
         expected = [table.shape[0], math.ceil(table.shape[1] / EMBEDDING_BLOCK)]
         if scale is None:

@@ -21,9 +21,9 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from contract.errors import InputError, run_cli
 from llm_loader.checkpoint import open_checkpoint
 from llm_loader.embedding import write_embedding_sidecar
-from llm_loader.errors import InputError, run_cli
 from llm_loader.model_config import model_config_from_dict
 from llm_loader.onnx_graph import kv_cache_dtype, weight_format, write_model
 from llm_loader.quantized_checkpoint import read_quantized_checkpoint
@@ -54,7 +54,7 @@ def export(checkpoint_dir: Path, out_dir: Path, fp8_embedding: bool = False, dty
     if (ckpt.path / "hf_quant_config.json").exists() or "quantization_config" in ckpt.config:
         quant = read_quantized_checkpoint(ckpt.path)
     cfg = model_config_from_dict(ckpt.config, ckpt.path / "config.json")
-    formats = {"kv_cache_dtype": kv_cache_dtype(quant), "weight_format": weight_format(quant)}
+    formats = {"kv_cache_dtype": kv_cache_dtype(quant).value, "weight_format": weight_format(quant)}
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

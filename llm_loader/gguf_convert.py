@@ -18,8 +18,8 @@ from pathlib import Path
 
 import click
 
-from llm_loader.errors import InputError
-from llm_loader.staging import staged_dir
+from contract.atomic import staged_dir
+from contract.errors import InputError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

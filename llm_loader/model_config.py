@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm_loader.errors import InputError
+from contract.errors import InputError
 
 SUPPORTED = ("llama", "qwen2", "qwen3")
 

@@ -21,23 +21,20 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from contract import formats, stage
+from contract.errors import InputError
+from contract.stage import QUANTIZED_WEIGHT_FORMATS, KvDtype
 from llm_loader.checkpoint import Checkpoint
-from llm_loader.errors import InputError
 from llm_loader.model_config import ModelConfig
 from llm_loader.quantized_checkpoint import QuantizedCheckpoint, QuantizedLinear
 from plugins.attention import schema as attention_schema
 from plugins.nvfp4 import schema as nvfp4_schema
-from quantization import formats
 
-OPSET = 23
-IR_VERSION = 11  # the IR that introduced opset 23
 DATA_ALIGN = 4096  # page-aligned tensors can be memory-mapped by runtimes
 FP16, FP32, INT32, INT64 = TensorProto.FLOAT16, TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64
 FP8, FP4 = TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT4E2M1
 # dynamic FP8 activation scale of a token (block): max(amax, MIN_ACT_AMAX) / 448, so an all-zero block stays 0
 MIN_ACT_AMAX = formats.MIN_BLOCK_AMAX
-# the weight formats of config.json, per linear format (QuantizedLinear.format)
-WEIGHT_FORMATS = ("fp8", "fp8_pc", "fp8_block", "fp8_pb_wo", "nvfp4")
 
 
 class WeightFile:
@@ -133,7 +130,7 @@ def linear(g: Graph, x: str, module: str, shape: tuple[int, int], name: str) -> 
     elif q.format == "fp8_pb_wo":  # ModelOpt's weight-only 128x128 FP8: activations stay fp16
         act = x
     else:
-        raise InputError(f"tensor {module}.weight_scale: expected a format in {WEIGHT_FORMATS}, found {q.format}")
+        raise InputError(f"tensor {module}.weight_scale: expected a format in {QUANTIZED_WEIGHT_FORMATS}, found {q.format}")
     return g.op("MatMul", [act, fp8_weight(g, q, name)], name)
 
 
@@ -211,20 +208,20 @@ def nvfp4_weight(g: Graph, q: QuantizedLinear, name: str) -> str:
     return g.op("Transpose", [w16], f"{name}/weight_t", perm=[1, 0])
 
 
-def kv_cache_dtype(quant: QuantizedCheckpoint | None) -> str:
-    """"fp8" when the checkpoint has an FP8 KV cache, else "fp16"; per-layer fp16 KV is refused (one KV dtype)."""
+def kv_cache_dtype(quant: QuantizedCheckpoint | None) -> KvDtype:
+    """FP8 when the checkpoint has an FP8 KV cache, else FP16; per-layer fp16 KV is refused (one KV dtype)."""
     if quant is None or str(quant.kv_cache_quant_algo or "").upper() != "FP8":
-        return "fp16"
+        return KvDtype.FP16
     if quant.kv_cache_fp16_layers:
         raise InputError(f"{quant.path / 'hf_quant_config.json'}: kv_cache_fp16_layers: expected none (the engine "
                          f"has one KV dtype for all layers), found {quant.kv_cache_fp16_layers}")
-    return "fp8"
+    return KvDtype.FP8
 
 
 def kv_cache_attrs(g: Graph, i: int) -> dict:
     """AttentionPlugin attributes of layer i: FP8 KV with the checkpoint's [q, k, v] scales (q 1.0 when absent,
     like the reference exporter)."""
-    if kv_cache_dtype(g.quant) != "fp8":
+    if kv_cache_dtype(g.quant) is not KvDtype.FP8:
         return {}
     s = g.quant.kv_scales.get(i)
     if s is None:
@@ -238,8 +235,9 @@ def weight_format(quant: QuantizedCheckpoint | None) -> str:
     found = sorted({q.format for q in (quant.linears.values() if quant else ()) if q.format != "fp16"})
     if not found:
         return "fp16"
-    if len(found) > 1 or found[0] not in WEIGHT_FORMATS:
-        raise InputError(f"{quant.path}: expected one weight format of {WEIGHT_FORMATS} for all quantized linears, "
+    if len(found) > 1 or found[0] not in QUANTIZED_WEIGHT_FORMATS:
+        raise InputError(f"{quant.path}: expected one weight format of {QUANTIZED_WEIGHT_FORMATS} for all quantized "
+                         "linears, "
                          f"found {found}")
     return found[0]
 
@@ -276,12 +274,12 @@ def attention_block(g: Graph, x: str, i: int) -> str:
         bias = torch.cat([g.read(f"{p}.{n}.bias", (heads * d,)) for n, heads in projections])
         qkv = g.op("Add", [qkv, g.weight(f"{p}.qkv_proj.bias", bias)], f"layers.{i}/qkv_bias")
 
-    inputs = [qkv, f"past_key_values_{i}", "context_lengths", "rope_rotary_cos_sin", "kvcache_start_index"]
+    inputs = [qkv, stage.past_key_values(i), stage.CONTEXT_LENGTHS, stage.ROPE_COS_SIN, stage.KVCACHE_START_INDEX]
     if cfg.qk_norm:
         inputs += [g.weight(f"{p}.{n}.weight", g.read(f"{p}.{n}.weight", (d,))) for n in ("q_norm", "k_norm")]
     attn = f"layers.{i}/attention/out0"
     g.nodes.append(attention_schema.make_node(
-        inputs, [attn, f"present_key_values_{i}"], name=f"layers.{i}/attention",
+        inputs, [attn, stage.present_key_values(i)], name=f"layers.{i}/attention",
         num_q_heads=hq, num_kv_heads=hkv, head_size=d, enable_qk_norm=cfg.qk_norm, rms_norm_eps=cfg.rms_norm_eps,
         **kv_cache_attrs(g, i),
     ))
@@ -316,7 +314,7 @@ def final(g: Graph, x: str) -> str:
     """Final RMSNorm, the hidden states at `last_token_ids`, lm_head (the embedding table when tied), fp32 logits."""
     cfg = g.cfg
     normed = rmsnorm(g, x, "model.norm.weight", "final_norm")
-    index = g.op("Unsqueeze", ["last_token_ids", "const.last_axis"], "select/unsqueeze")
+    index = g.op("Unsqueeze", [stage.LAST_TOKEN_IDS, "const.last_axis"], "select/unsqueeze")
     selected = g.op("GatherND", [normed, index], "select/gather", batch_dims=1)
     if g.quantized("lm_head"):
         logits = linear(g, selected, "lm_head", (cfg.vocab_size, cfg.hidden_size), "lm_head")
@@ -332,14 +330,14 @@ def io_specs(cfg: ModelConfig, kv_dtype: int = FP16) -> tuple[list[onnx.ValueInf
     kv = ["batch", 2, cfg.num_key_value_heads, "kv_len", cfg.head_dim]
     vi = helper.make_tensor_value_info
     inputs = [
-        vi("inputs_embeds", FP16, ["batch", "seq_len", cfg.hidden_size]),
-        vi("context_lengths", INT32, ["batch"]),
-        vi("rope_rotary_cos_sin", FP32, [1, "rope_len", cfg.rotary_dim]),
-        vi("kvcache_start_index", INT32, ["batch"]),
-        vi("last_token_ids", INT64, ["batch", "num_selected"]),
-    ] + [vi(f"past_key_values_{i}", kv_dtype, kv) for i in range(cfg.num_hidden_layers)]
-    outputs = [vi("logits", FP32, ["batch", "num_selected", cfg.vocab_size])]
-    outputs += [vi(f"present_key_values_{i}", kv_dtype, kv) for i in range(cfg.num_hidden_layers)]
+        vi(stage.INPUTS_EMBEDS, FP16, ["batch", "seq_len", cfg.hidden_size]),
+        vi(stage.CONTEXT_LENGTHS, INT32, ["batch"]),
+        vi(stage.ROPE_COS_SIN, FP32, [1, "rope_len", cfg.rotary_dim]),
+        vi(stage.KVCACHE_START_INDEX, INT32, ["batch"]),
+        vi(stage.LAST_TOKEN_IDS, INT64, ["batch", "num_selected"]),
+    ] + [vi(stage.past_key_values(i), kv_dtype, kv) for i in range(cfg.num_hidden_layers)]
+    outputs = [vi(stage.LOGITS, FP32, ["batch", "num_selected", cfg.vocab_size])]
+    outputs += [vi(stage.present_key_values(i), kv_dtype, kv) for i in range(cfg.num_hidden_layers)]
     return inputs, outputs
 
 
@@ -356,22 +354,22 @@ def write_model(
         g.constant("const.rms_norm_eps", np.array(cfg.rms_norm_eps, dtype=np.float32))
         g.constant("const.two", np.array(2.0, dtype=np.float32))
         g.constant("const.attn_flat_shape", np.array([0, 0, cfg.num_attention_heads * cfg.head_dim], dtype=np.int64))
-        x = "inputs_embeds"
+        x = stage.INPUTS_EMBEDS
         for i in wrap_layers(range(cfg.num_hidden_layers)):
             x = decoder_layer(g, x, i)
         final(g, x)
     finally:
         weights.close()
-    inputs, outputs = io_specs(cfg, FP8 if kv_cache_dtype(quant) == "fp8" else FP16)
+    inputs, outputs = io_specs(cfg, kv_cache_dtype(quant).onnx)
     graph = helper.make_graph(g.nodes, f"{cfg.model_type}_llm", inputs, outputs, initializer=weights.initializers)
-    opsets = [helper.make_opsetid("", OPSET), attention_schema.OPSET]
+    opsets = [helper.make_opsetid("", stage.ONNX_OPSET), attention_schema.OPSET]
     if any(n.domain == nvfp4_schema.DOMAIN for n in g.nodes):
         opsets.append(nvfp4_schema.OPSET)
     model = helper.make_model(
         graph,
         opset_imports=opsets,
-        ir_version=IR_VERSION,
-        producer_name="edgellm-toolchain",
+        ir_version=stage.IR_VERSION,
+        producer_name=stage.PRODUCER,
     )
     path = Path(out_dir) / "model.onnx"
     path.write_bytes(model.SerializeToString())

@@ -20,17 +20,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from llm_loader.checkpoint import open_checkpoint, read_json
-from llm_loader.errors import InputError
-from quantization import formats
+from contract import formats
+from contract.errors import InputError
+from contract.jsonfile import read_json
+from contract.stage import QUANT_ALGO_FORMATS
+from llm_loader.checkpoint import open_checkpoint
 
-# ModelOpt quant_algo -> our format name
-ALGO_FORMAT = {
-    "FP8": "fp8",
-    "FP8_PER_CHANNEL_PER_TOKEN": "fp8_pc",
-    "FP8_PB_WO": "fp8_pb_wo",
-    "NVFP4": "nvfp4",
-}
 FP8 = torch.float8_e4m3fn
 
 
@@ -119,12 +114,12 @@ def _expected_format(module: str, meta: dict) -> str | None:
         return None
     if algo == "MIXED_PRECISION":
         entry = (meta.get("quantized_layers") or {}).get(module)
-        return ALGO_FORMAT.get(entry["quant_algo"]) if entry else None
+        return QUANT_ALGO_FORMATS.get(entry["quant_algo"]) if entry else None
     if algo == "FP8_BLOCK_FINE_GRAINED":
         return "fp8_block"
-    if algo not in ALGO_FORMAT:
-        raise InputError(f"quant_algo: expected one of {', '.join(ALGO_FORMAT)} or MIXED_PRECISION, found {algo!r}")
-    return ALGO_FORMAT[algo]
+    if algo not in QUANT_ALGO_FORMATS:
+        raise InputError(f"quant_algo: expected one of {', '.join(QUANT_ALGO_FORMATS)} or MIXED_PRECISION, found {algo!r}")
+    return QUANT_ALGO_FORMATS[algo]
 
 
 def _need(tensors: dict, name: str, what: str, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -6,23 +6,12 @@ only this file, never the HF config, so everything they need about the model is 
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from llm_loader.checkpoint import read_json
-from llm_loader.errors import InputError
+from contract import stage
+from contract.errors import InputError
+from contract.jsonfile import read_json
 from llm_loader.model_config import ModelConfig
-
-EDGELLM_VERSION = "0.10.0"  # the reference contract this mirrors
-CONTRACT_VERSION = 1
-PRODUCER = "edgellm-toolchain"
-
-
-def producer_version() -> str:
-    try:
-        return version(PRODUCER)
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        return "0+unknown"
 
 
 def _eos_list(value, where: str) -> list[int]:
@@ -47,7 +36,7 @@ def runtime_config(cfg: ModelConfig, hf_config: dict, checkpoint_dir: Path, kv_c
         "model": cfg.model_type,
         "spec_decode_type": "none",
         "engine_role": "llm",
-        "edgellm_version": EDGELLM_VERSION,
+        "edgellm_version": stage.EDGELLM_VERSION,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -63,8 +52,8 @@ def runtime_config(cfg: ModelConfig, hf_config: dict, checkpoint_dir: Path, kv_c
         "kv_cache_dtype": kv_cache_dtype,
         "eos_token_id": eos,
         "tie_word_embeddings": cfg.tie_word_embeddings,
-        "producer": {"name": PRODUCER, "version": producer_version()},
-        "contract_version": CONTRACT_VERSION,
+        "producer": stage.producer(),
+        "contract_version": stage.CONTRACT_VERSION,
         "weight_format": weight_format,
         "generation_config": generation_config,
     }

@@ -15,11 +15,10 @@ from typing import Callable
 import onnx
 from onnx import TensorProto, helper
 
-from llm_loader.errors import InputError
+from contract.errors import InputError
+from contract.stage import CUSTOM_DOMAIN, ONNX_OPSET
 
-CUSTOM_DOMAIN = "trt_edgellm"
 MS_DOMAIN = "com.microsoft"
-ONNX_OPSET = 23
 
 
 class LoweringContext:
@@ -87,7 +86,9 @@ def lower_for_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     registry = _registry()
     ctx = LoweringContext(graph)
-    from plugins.nvfp4.ort_lowering import lower_fp4  # trt:: NVFP4 ops and FLOAT4E2M1 DQ are patterns, not one node
+    from plugins.nvfp4.ort_lowering import (
+        lower_fp4,  # trt:: NVFP4 ops and FLOAT4E2M1 DQ are patterns, not one node
+    )
 
     lower_fp4(graph, ctx)
     nodes: list[onnx.NodeProto] = []

@@ -20,14 +20,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from llm_loader.staging import staged_dir
-from quantization import formats
+from contract import formats, stage
+from contract.atomic import staged_dir
+from contract.stage import WEIGHT_FORMATS
 
-METHODS = ("fp8", "fp8_pc", "fp8_block", "nvfp4", "none")
+METHODS = ("fp8", "fp8_pc", "fp8_block", "nvfp4", "none")  # weight formats (contract.stage) this writer produces
 LM_HEAD_METHODS = ("fp8", "nvfp4")
-# our method -> ModelOpt `quant_algo` (fp8_block has no ModelOpt name with this layout: see docs/quantization.md)
-QUANT_ALGO = {"fp8": "FP8", "fp8_pc": "FP8_PER_CHANNEL_PER_TOKEN", "nvfp4": "NVFP4", "fp8_block": None}
-PRODUCER = {"name": "edgellm-toolchain", "version": "0.1.0"}
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
 SIDE_FILES = (
     "tokenizer.json",
@@ -121,13 +119,13 @@ def hf_quant_config(
     qt: QuantizedTensors, all_linears: list[str], kv_fp8: bool, kv_fp16_layers: list[int]
 ) -> dict:
     """ModelOpt's `hf_quant_config.json`: one `quant_algo`, or MIXED_PRECISION with a per-module table."""
-    algos = {QUANT_ALGO[m] for m in qt.methods.values()}
+    algos = {WEIGHT_FORMATS[m].quant_algo for m in qt.methods.values()}
     exclude = sorted(m for m in all_linears if m not in qt.methods)
     quant: dict = {"kv_cache_quant_algo": "FP8" if kv_fp8 else None, "exclude_modules": exclude}
     if len(algos) > 1:
         quant["quant_algo"] = "MIXED_PRECISION"
         quant["quantized_layers"] = {
-            m: {"quant_algo": QUANT_ALGO[meth], **({"group_size": formats.NVFP4_GROUP} if meth == "nvfp4" else {})}
+            m: {"quant_algo": WEIGHT_FORMATS[meth].quant_algo, **({"group_size": formats.NVFP4_GROUP} if meth == "nvfp4" else {})}
             for m, meth in sorted(qt.methods.items())
         }
     else:
@@ -136,7 +134,7 @@ def hf_quant_config(
             quant["group_size"] = formats.NVFP4_GROUP
     if kv_fp16_layers:
         quant["kv_cache_fp16_layers"] = sorted(kv_fp16_layers)  # our extension: these layers carry no k/v scales
-    return {"producer": PRODUCER, "quantization": quant}
+    return {"producer": stage.producer(), "quantization": quant}
 
 
 def fine_grained_fp8_config(exclude: list[str]) -> dict:

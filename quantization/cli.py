@@ -18,7 +18,8 @@ from pathlib import Path
 import click
 import torch
 
-from llm_loader.errors import InputError, run_cli
+from contract.errors import InputError, run_cli
+from contract.jsonfile import read_json
 from quantization import checkpoint_writer as writer
 from quantization.datasets import DEFAULT_DATASET, load_texts, make_batches
 from quantization.report import build_report, format_table
@@ -75,7 +76,7 @@ def check_options(o: LlmOptions) -> None:
         raise InputError(f"{config}: expected the HF config of --model_dir, found no such file")
     if not any(o.model_dir.glob("*.safetensors")) and not any(o.model_dir.glob("pytorch_model*.bin")):
         raise InputError(f"{o.model_dir}: expected *.safetensors weights, found none")
-    if "quantization_config" in json.loads(config.read_text()) or (o.model_dir / "hf_quant_config.json").exists():
+    if "quantization_config" in read_json(config, "the model config") or (o.model_dir / "hf_quant_config.json").exists():
         raise InputError(f"{o.model_dir}: expected an unquantized checkpoint, found a quantization config")
     if o.output_dir.resolve() == o.model_dir.resolve():
         raise InputError(f"--output_dir {o.output_dir}: expected a directory other than --model_dir")
@@ -125,8 +126,9 @@ def static_inputs(plan: dict[str, str]) -> list[str]:
 
 def quantize_llm(o: LlmOptions) -> dict:
     """The `llm` subcommand; returns the calibration report."""
-    from quantization.calibrate import Calibration, calibrate
     from transformers import AutoModelForCausalLM
+
+    from quantization.calibrate import Calibration, calibrate
 
     check_options(o)
     kv_fp8 = o.kv_cache_quantization == "fp8"
@@ -153,7 +155,7 @@ def quantize_llm(o: LlmOptions) -> dict:
         calib = calibrate(model, batches, static_inputs(plan), kv=kv_fp8)
 
     state_dict = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    config = json.loads((o.model_dir / "config.json").read_text())
+    config = read_json(o.model_dir / "config.json", "the model config")
     lm_head = [m for m in plan if m.endswith("lm_head")]
     if config.get("tie_word_embeddings"):
         if lm_head:  # a quantized lm_head can no longer share the fp16 embedding table
@@ -190,9 +192,10 @@ class DraftOptions(QuantizeOptions):
 
 def quantize_draft(o: DraftOptions) -> dict:
     """The `draft` subcommand: calibrate an EAGLE3 draft on its base's hidden states, quantize fc and midlayer.*."""
+    from transformers import AutoModelForCausalLM
+
     from quantization import eagle3
     from quantization.calibrate import Calibration
-    from transformers import AutoModelForCausalLM
 
     if o.kv_cache_quantization:  # the reference hard-codes the draft's KV cache to fp16
         raise InputError(
@@ -215,7 +218,7 @@ def quantize_draft(o: DraftOptions) -> dict:
     if needs_calibration:
         texts = load_texts(o.text_dataset, o.num_samples, o.max_seq_len * CHARS_PER_TOKEN, o.seed)
 
-    base_config = json.loads(base_config.read_text())
+    base_config = read_json(base_config, "the base model config")
     layer_ids = eagle3.target_layer_ids(config, base_config.get("num_hidden_layers", 0))
     model = eagle3.build_draft(config, tensors, base_config.get("hidden_size"), len(layer_ids), o.draft_model_dir)
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from llm_loader.errors import InputError
+from contract.errors import InputError
 
 DATA_DIR = Path(__file__).parent / "data"
 DEFAULT_DATASET = "tinyshakespeare"

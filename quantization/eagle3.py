@@ -16,7 +16,6 @@ layer `i`, which is HF's `output_hidden_states[i]` (index 0 = the embeddings). T
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -24,9 +23,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import (
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
 
-from llm_loader.errors import InputError
+from contract.errors import InputError
+from contract.jsonfile import read_json
 from quantization.calibrate import Calibration
 from quantization.datasets import Batch
 
@@ -144,9 +147,7 @@ class Eagle3Draft(torch.nn.Module):
 def read_draft_config(draft_dir: Path) -> dict:
     """The draft's config.json, refused unless it is an EAGLE3 draft."""
     path = draft_dir / "config.json"
-    if not path.is_file():
-        raise InputError(f"{path}: expected the EAGLE3 draft's config.json, found no such file")
-    config = json.loads(path.read_text())
+    config = read_json(path, "the EAGLE3 draft's config.json")
     if "dflash_config" in config:
         raise InputError(f"{path}: expected an EAGLE3 draft, found a DFlash draft (dflash_config), not supported")
     if not is_eagle3_config(config):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import statistics
 
+from contract.formats import FP8_MAX
 from quantization.calibrate import Calibration
-from quantization.formats import FP8_MAX
 
 OUTLIER_FACTOR = 4.0
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm_loader.errors import InputError
+from contract.errors import InputError
 from runtime.requests import Message
 
 

@@ -13,10 +13,11 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from llm_loader.errors import InputError
+from contract.atomic import write_json_atomic
+from contract.errors import InputError
 from runtime.chat import Prompt, format_prompt, load_tokenizer, token_bytes
 from runtime.generate import Generation, Job, Timing, generate
-from runtime.requests import TestCases, load_test_cases, response_json, write_json_atomic
+from runtime.requests import TestCases, load_test_cases, response_json
 from runtime.sampling import SamplingParams
 
 

@@ -19,8 +19,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from builder.engine_dir import load_engine_config
-from llm_loader.errors import InputError
+from contract import stage
+from contract.engine_dir import load_engine_config
+from contract.errors import InputError
 from runtime.rope import rope_cos_sin
 
 _FP8 = onnx.TensorProto.FLOAT8E4M3FN
@@ -101,7 +102,7 @@ class Engine:
         self.hidden_size = int(config["hidden_size"])
         self.num_layers = int(config["num_hidden_layers"])
         self.num_kv_heads = int(config["num_key_value_heads"])
-        self.head_dim = int(config.get("head_dim") or self.hidden_size // config["num_attention_heads"])
+        self.head_dim = stage.head_dim(config)
         self.max_batch_size = int(bc["max_batch_size"])
         self.max_input_len = int(bc["max_input_len"])
         self.max_kv_cache_capacity = int(bc["max_kv_cache_capacity"])
@@ -127,8 +128,7 @@ class Engine:
         # (past, present) binding names per layer and K/V, in the order of KVCache's buffers
         self._kv_names = [(f"past_key_values_{i}.{kind}", f"present_key_values_{i}.{kind}")
                           for i in range(self.num_layers) for kind in ("key", "value")]
-        present = {o.name: o.shape for o in self.llm_session.get_outputs()}[self._kv_names[0][1]]
-        self.kv_in_place = present[2] == "kv_capacity"  # else: prefix in, this call's K/V out
+        self.kv_in_place = self.config["builder_config"]["kv_io"] == stage.KV_IN_PLACE
 
     @staticmethod
     def load(engine_dir: str | Path) -> "Engine":

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llm_loader.errors import InputError
+from contract.errors import InputError
 from runtime.sampling import SamplingParams, sample, top_logprobs
 
 # finish_reason values of the reference (5.3)

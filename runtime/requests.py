@@ -14,7 +14,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llm_loader.errors import InputError
+from contract.errors import InputError
+from contract.jsonfile import read_json_value
 
 MAX_NUM_LOGPROBS = 50
 MAX_LOGIT_BIAS_ENTRIES = 1024
@@ -204,27 +205,7 @@ def parse_test_cases(data, source: str) -> TestCases:
 def load_test_cases(path: str | Path) -> TestCases:
     """Read and validate the input JSON at `path`."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: expected an input JSON file, found nothing at that path") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: expected a readable UTF-8 JSON file, found {type(e).__name__}: {e}") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: expected valid JSON, found a syntax error at line {e.lineno} column {e.colno}: "
-                         f"{e.msg}") from None
-    return parse_test_cases(data, path.name)
-
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write `obj` as JSON to a temp sibling and rename it into place, so a failed run leaves no partial file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return parse_test_cases(read_json_value(path, "an input JSON file"), path.name)
 
 
 def response_json(request_idx: int, batch_idx: int, request: Request, formatted_system_prompt: str,

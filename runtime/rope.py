@@ -14,7 +14,8 @@ import torch
 from transformers import AutoConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from llm_loader.errors import InputError
+from contract.errors import InputError
+from contract.stage import head_dim
 
 _HF_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
             "rope_theta", "rope_scaling", "partial_rotary_factor")
@@ -36,8 +37,7 @@ def inverse_frequencies(config: dict) -> tuple[torch.Tensor, float, int]:
     hf = hf_config(config)
     params = getattr(hf, "rope_parameters", None) or {"rope_type": "default", "rope_theta": config["rope_theta"]}
     rope_type = params.get("rope_type", "default")
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    rotary_dim = int(head_dim * (config.get("partial_rotary_factor") or 1.0))
+    rotary_dim = int(head_dim(config) * (config.get("partial_rotary_factor") or 1.0))
     if rope_type == "default":
         exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
         return 1.0 / (params["rope_theta"] ** exponents), 1.0, rotary_dim

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from builder.tensorrt_backend import import_tensorrt
-from llm_loader.errors import InputError
+from contract.errors import InputError
 from plugins.trt_tensors import TORCH_DTYPE_NAMES
 from runtime.engine import Engine, KVCache
 

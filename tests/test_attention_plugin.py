@@ -17,11 +17,11 @@ from onnx.reference import ReferenceEvaluator
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-from llm_loader.errors import InputError
+from contract.errors import InputError
+from contract.formats import FP8_MAX, to_fp8
 from plugins.attention import schema
 from plugins.attention.reference import attention_reference
 from plugins.lowering import lower_for_onnxruntime, widen_to_fp32
-from quantization.formats import FP8_MAX, to_fp8
 
 HQ, HKV, D, CAPACITY = 4, 2, 16, 12
 SCALES = (0.02, 0.03, 0.025)  # q, k, v dequant scales for FP8 KV

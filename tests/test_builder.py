@@ -10,15 +10,21 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import make_tiny_checkpoint
 from safetensors.torch import load_file, save_file
 
 from builder.cli import main as llm_build
 from builder.cli import resolve_backend
 from builder.detect import detect
-from builder.engine_dir import load_engine_config
-from builder.profiles import Limits, ModelDims, embedding_profiles, llm_profiles, validate_limits
-from conftest import make_tiny_checkpoint
-from llm_loader.errors import InputError
+from builder.profiles import (
+    Limits,
+    ModelDims,
+    embedding_profiles,
+    llm_profiles,
+    validate_limits,
+)
+from contract.engine_dir import load_engine_config
+from contract.errors import InputError
 from llm_loader.export_all_cli import export
 
 LIMITS = Limits(max_batch_size=4, max_input_len=1024, max_kv_cache_capacity=4096)
@@ -182,7 +188,8 @@ def test_cli_builds_a_complete_engine_dir_and_replaces_an_old_one(exports, tmp_p
     assert config["builder_config"] == {
         "backend": "onnxruntime", "max_batch_size": 2, "max_input_len": 32, "max_kv_cache_capacity": 64,
         "spec_base": False, "spec_draft": False, "max_lora_rank": 0, "kv_cache_dtype": "fp16",
-        "embedding_format": "fp8_e4m3_row_block", "weight_format": "fp16", "contract_version": 1}
+        "embedding_format": "fp8_e4m3_row_block", "weight_format": "fp16", "kv_io": "in_place",
+        "contract_version": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eng"]
     assert "detect" in result.stderr and "fp8_e4m3_row_block" in result.stderr
 

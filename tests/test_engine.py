@@ -10,13 +10,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import make_tiny_checkpoint
 from safetensors.torch import load_file
 
 from builder.cli import build
-from conftest import make_tiny_checkpoint
-from llm_loader.errors import InputError
+from contract.errors import InputError
+from contract.formats import dequantize_fp8_row_block
 from llm_loader.export_all_cli import export
-from quantization.formats import dequantize_fp8_row_block
 from runtime.engine import Engine
 from runtime.rope import rope_cos_sin
 

@@ -24,9 +24,9 @@ from onnx.reference import ReferenceEvaluator
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from contract.errors import InputError
 from llm_loader.checkpoint import open_checkpoint
 from llm_loader.embedding import read_embedding_sidecar
-from llm_loader.errors import InputError
 from llm_loader.export_all_cli import export
 from llm_loader.model_config import model_config_from_dict
 from plugins.attention.reference import AttentionPlugin

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantization import formats
+from contract import formats
 
 
 def ml_fp8(x: np.ndarray) -> np.ndarray:

@@ -11,11 +11,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from llm_loader.errors import InputError
+from contract.errors import InputError
+from contract.formats import expand_row_block_scale, quantize_fp8_row_block
 from plugins.fp8_gather import schema
 from plugins.fp8_gather.reference import fp8_gather_reference
 from plugins.lowering import lower_for_onnxruntime
-from quantization.formats import expand_row_block_scale, quantize_fp8_row_block
 
 VOCAB = 40
 

@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_tiny_checkpoint
-from llm_loader.errors import InputError
+
+from contract.errors import InputError
 
 PROMPTS = ["Hello there, how are", "The capital of France is a city that", "a",
            "One two three four five six seven eight nine ten eleven"]

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from test_generate import build_tiny_engine
 
 from runtime.cli import main
-from test_generate import build_tiny_engine
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}]
@@ -92,7 +92,7 @@ def test_no_profile_without_flag(built, tmp_path):
 
 
 @pytest.mark.parametrize("cases,flags,message", [
-    ('{"requests": [', [], "expected valid JSON, found a syntax error"),
+    ('{"requests": [', [], "expected valid JSON (an input JSON file), found a syntax error"),
     ({"top_k": 1}, [], "requests: expected a non-empty list, found null"),
     ({"requests": [{"messages": [{"role": "user", "content": "a"}], "logit_bias": {"49152": 5}}]}, [],
      r"requests[0].logit_bias: expected token ids in [0, 49152), found 49152"),

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from contract.formats import FP8_MAX
 from llm_loader.quantized_checkpoint import read_quantized_checkpoint
 from quantization.cli import main
 from quantization.eagle3 import target_layer_ids
-from quantization.formats import FP8_MAX
 
 TEXTS = [
     "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and arrows "

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from llm_loader.errors import InputError
+from contract.errors import InputError
 from llm_loader.quantized_checkpoint import dequantize_linear, read_quantized_checkpoint
 
 CONFIG = {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 256, "tie_word_embeddings": False}

@@ -32,14 +32,14 @@ from safetensors.torch import load_file, save_file
 
 from builder.cli import build
 from builder.detect import detect
+from contract import formats
+from contract.errors import InputError
 from llm_loader.embedding import read_embedding_sidecar
-from llm_loader.errors import InputError
 from llm_loader.export_all_cli import export
 from llm_loader.export_all_cli import main as export_main
 from llm_loader.onnx_graph import MIN_ACT_AMAX
-from llm_loader.quantized_checkpoint import read_quantized_checkpoint, dequantize_linear
+from llm_loader.quantized_checkpoint import dequantize_linear, read_quantized_checkpoint
 from plugins.nvfp4.reference import nvfp4_activation_qdq
-from quantization import formats
 from quantization.cli import main as quantize_main
 from runtime.engine import Engine, session_options
 
@@ -243,8 +243,9 @@ def test_modelopt_fp8_pb_wo_checkpoint_exports_weight_only(tiny_checkpoint, tmp_
 
 def test_lowered_fp4_activation_matches_reference(tiny_checkpoint, tmp_path):
     """The lowered TRT_FP4DynamicQuantize + DQs on awkward inputs (zero blocks, ties, saturation) = reference.py."""
-    from llm_loader.onnx_graph import FP16
     from onnx import helper
+
+    from llm_loader.onnx_graph import FP16
     from plugins.lowering import lower_for_onnxruntime
     from plugins.nvfp4 import schema
 

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from llm_loader.errors import InputError
-from runtime.requests import load_test_cases, parse_test_cases, response_json, write_json_atomic
+from contract.atomic import write_json_atomic
+from contract.errors import InputError
+from runtime.requests import load_test_cases, parse_test_cases, response_json
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -72,7 +73,7 @@ def test_bad_input_names_file_and_path(data, message):
 def test_malformed_and_missing_files(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"requests": [')
-    with pytest.raises(InputError, match=r"bad.json: expected valid JSON, found a syntax error at line 1"):
+    with pytest.raises(InputError, match=r"bad.json: expected valid JSON \(an input JSON file\), found a syntax error at line 1"):
         load_test_cases(bad)
     with pytest.raises(InputError, match=r"missing.json: expected an input JSON file"):
         load_test_cases(tmp_path / "missing.json")

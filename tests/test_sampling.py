@@ -3,10 +3,21 @@
 import numpy as np
 import pytest
 import torch
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
-from runtime.sampling import (SamplingParams, apply_logit_bias, probabilities, sample, top_k_filter, top_logprobs,
-                              top_p_filter)
+from runtime.sampling import (
+    SamplingParams,
+    apply_logit_bias,
+    probabilities,
+    sample,
+    top_k_filter,
+    top_logprobs,
+    top_p_filter,
+)
 
 
 def logits_row(n=64, seed=0):

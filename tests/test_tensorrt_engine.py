@@ -6,18 +6,18 @@ not run yet (docs/gpu-kernels.md). Head size 64: the GPU kernels' smallest tile.
 
 import pytest
 import torch
+from conftest import make_tiny_checkpoint
+from test_engine import assert_logits_close, run, tokens
+from test_generate import PROMPTS, jobs_for, transformers_greedy
+from test_quantized_export import quantize
 
 from builder.cli import build
 from builder.tensorrt_backend import tensorrt_available
-from conftest import make_tiny_checkpoint
 from llm_loader.export_all_cli import export
 from runtime.chat import load_tokenizer
 from runtime.engine import Engine
 from runtime.generate import generate
 from runtime.tensorrt_engine import TensorRTEngine
-from test_generate import PROMPTS, jobs_for, transformers_greedy
-from test_engine import assert_logits_close, run, tokens
-from test_quantized_export import quantize
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not tensorrt_available(), reason="needs TensorRT and a CUDA GPU")]
 LIMITS = dict(max_batch_size=4, max_input_len=64, max_kv_cache_capacity=128)

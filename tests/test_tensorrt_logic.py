@@ -10,23 +10,35 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import make_tiny_checkpoint
 from onnx import TensorProto, numpy_helper
 from onnx.reference import ReferenceEvaluator
+from test_engine import assert_logits_close, hf_model
+from test_quantized_export import quantize
 
 from builder.detect import detect
 from builder.onnxruntime_backend import embedding_model
 from builder.profiles import Limits, ModelDims, Profile, llm_profiles
-from builder.trt_graph import PLUGIN_NAMESPACE, check_gpu_support, check_profiles, prepare_for_tensorrt
-from conftest import make_tiny_checkpoint
+from builder.trt_graph import (
+    PLUGIN_NAMESPACE,
+    check_gpu_support,
+    check_profiles,
+    prepare_for_tensorrt,
+)
+from contract.errors import InputError
 from llm_loader.embedding import read_embedding_sidecar
-from llm_loader.errors import InputError
 from llm_loader.export_all_cli import export
 from plugins.attention.reference import AttentionPlugin
 from plugins.attention.trt_plugin import INPUT_NAMES as TRT_ATTENTION_INPUTS
 from runtime.rope import rope_cos_sin
-from runtime.tensorrt_engine import CONTEXT, GENERATION, check_kv_binding, llm_inputs, new_cache_layers, profile_for
-from test_engine import assert_logits_close, hf_model
-from test_quantized_export import quantize
+from runtime.tensorrt_engine import (
+    CONTEXT,
+    GENERATION,
+    check_kv_binding,
+    llm_inputs,
+    new_cache_layers,
+    profile_for,
+)
 
 ONNX_TYPES = {torch.float16: TensorProto.FLOAT16, torch.float32: TensorProto.FLOAT, torch.int32: TensorProto.INT32,
               torch.int64: TensorProto.INT64, torch.float8_e4m3fn: TensorProto.FLOAT8E4M3FN}

@@ -25,11 +25,11 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 import torch
 
-from llm_loader.errors import InputError
+from contract.errors import InputError
+from contract.formats import quantize_fp8_row_block, to_fp8
 from plugins.attention.reference import apply_rope, attention_reference, rms_norm
 from plugins.attention.schema import AttentionAttrs
 from plugins.fp8_gather.reference import fp8_gather_reference
-from quantization.formats import quantize_fp8_row_block, to_fp8
 
 FP8 = torch.float8_e4m3fn
 ATTN = "plugins.attention.triton_kernels"
@@ -286,8 +286,12 @@ def test_kernels_compile_for_hopper_without_spills():
     """No GPU needed: Triton lowers every kernel to sm_90, at the launch's tiles and warp counts, without spilling a
     register; both prefill variants run on Hopper's wgmma tensor cores, FP8 on the e4m3 ones (the interpreter never
     runs the compiler, so this catches what it cannot). benchmarks/kernel_resources.py prints the numbers."""
-    from benchmarks.kernel_resources import (compile_for_hopper, hopper_kernels, registers_and_stack,
-                                             tensor_core_instructions)
+    from benchmarks.kernel_resources import (
+        compile_for_hopper,
+        hopper_kernels,
+        registers_and_stack,
+        tensor_core_instructions,
+    )
 
     for label, fn, signature, constexprs, num_warps in hopper_kernels():
         kernel = compile_for_hopper(fn, signature, constexprs, num_warps)

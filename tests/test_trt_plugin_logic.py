@@ -14,9 +14,9 @@ import onnx
 import pytest
 import torch
 
-from llm_loader.errors import InputError
-from plugins.attention import schema
+from contract.errors import InputError
 from plugins import trt_tensors
+from plugins.attention import schema
 from plugins.attention import trt_plugin as attn_plugin
 from plugins.fp8_gather import trt_plugin as gather_plugin
 

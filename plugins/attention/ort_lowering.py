@@ -32,7 +32,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from llm_loader.errors import InputError
+from contract.errors import InputError
+from contract.stage import KV_IN_PLACE, KV_PREFIX, KvDtype
 from plugins.attention.schema import DOMAIN, OP_TYPE, read_attrs
 
 F16, F32, FP8 = TensorProto.FLOAT16, TensorProto.FLOAT, TensorProto.FLOAT8E4M3FN
@@ -74,13 +75,18 @@ def _cache_io(ctx, node: onnx.NodeProto, hkv: int, d: int, seq_dims: tuple[str, 
     return tuple(names)
 
 
+def kv_io_form(kv_dtype: KvDtype, rotary_dim: int) -> str:
+    """The ORT engine's KV form (`stage.KV_IO_FORMS`) for a layer; the builder records it in builder_config.kv_io."""
+    return KV_PREFIX if kv_dtype is KvDtype.FP8 or rotary_dim % 16 else KV_IN_PLACE
+
+
 def lower_attention(node: onnx.NodeProto, ctx) -> list[onnx.NodeProto]:
     a = read_attrs(node)
     rotary_dim = _static_dim(ctx.inputs.get(node.input[3]), 2)
     if rotary_dim is None:
         raise InputError(f"{node.input[3]}: expected a graph input with a static last dim (rotary_dim) for node "
                          f"{node.name!r}, found none")
-    if a.enable_fp8_kv_cache or rotary_dim % 16:
+    if kv_io_form(a.kv_dtype, rotary_dim) == KV_PREFIX:
         return _lower_prefix_form(node, ctx, a, rotary_dim)
     return _lower_in_place(node, ctx, a)
 

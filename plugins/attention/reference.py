@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from onnx.reference.op_run import OpRun
 
-from llm_loader.errors import InputError
+from contract.errors import InputError
+from contract.formats import to_fp8
 from plugins.attention.schema import AttentionAttrs, read_attrs
-from quantization.formats import to_fp8
 
 
 def rms_norm(x: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:

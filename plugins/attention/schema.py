@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import onnx
 
-from llm_loader.errors import InputError
+from contract.errors import InputError
+from contract.stage import CUSTOM_DOMAIN, KvDtype
 
-DOMAIN = "trt_edgellm"
+DOMAIN = CUSTOM_DOMAIN
 OP_TYPE = "AttentionPlugin"
 OPSET = onnx.helper.make_opsetid(DOMAIN, 1)
 
@@ -32,6 +33,10 @@ class AttentionAttrs:
     qkv_scales: tuple[float, float, float] = (1.0, 1.0, 1.0)
     enable_qk_norm: bool = False
     rms_norm_eps: float = 1e-6
+
+    @property
+    def kv_dtype(self) -> KvDtype:
+        return KvDtype.FP8 if self.enable_fp8_kv_cache else KvDtype.FP16
 
     @property
     def group_size(self) -> int:

@@ -25,10 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from llm_loader.errors import InputError
+from contract.errors import InputError
 
 LOG2E = 1.4426950408889634
-FP8_MAX = tl.constexpr(448.0)  # same as quantization.formats.FP8_MAX; a kernel module stays free of other project imports
+FP8_MAX = tl.constexpr(448.0)  # same as contract.formats.FP8_MAX; a kernel module stays free of other project imports
 
 
 @triton.jit
@@ -301,7 +301,7 @@ def decode_attention(q, cache, context_lengths, kvcache_start_index, attrs, num_
 def check_inputs(qkv, past_key_value, attrs) -> None:
     """Shapes and dtypes the kernels rely on; an engine's bindings guarantee them, a direct caller may not."""
     hq, hkv, d = attrs.num_q_heads, attrs.num_kv_heads, attrs.head_size
-    want_cache = torch.float8_e4m3fn if attrs.enable_fp8_kv_cache else torch.float16
+    want_cache = attrs.kv_dtype.torch
     if qkv.dtype != torch.float16 or qkv.dim() != 3 or qkv.shape[-1] != (hq + 2 * hkv) * d:
         raise InputError(f"qkv: expected fp16 [B,S,{(hq + 2 * hkv) * d}], found {qkv.dtype} {list(qkv.shape)}")
     if past_key_value.dtype != want_cache or list(past_key_value.shape[1:3]) != [2, hkv] or past_key_value.shape[4] != d:

@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from llm_loader.errors import InputError
+from contract.errors import InputError
 from plugins.attention.schema import AttentionAttrs
 from plugins.trt_tensors import as_torch
 
@@ -64,8 +64,7 @@ def attrs_from_fields(
 
 def expected_input_dtypes(attrs: AttentionAttrs) -> tuple[str, ...]:
     """TensorRT DataType names of the seven inputs, in order."""
-    cache = "FP8" if attrs.enable_fp8_kv_cache else "HALF"
-    return ("HALF", cache, "INT32", "FLOAT", "INT32", "HALF", "HALF")
+    return ("HALF", attrs.kv_dtype.tensorrt, "INT32", "FLOAT", "INT32", "HALF", "HALF")
 
 
 def check_input_dtypes(dtype_names, attrs: AttentionAttrs) -> None:

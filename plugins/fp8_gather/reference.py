@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from llm_loader.errors import InputError
-from quantization.formats import dequantize_fp8_row_block
+from contract.errors import InputError
+from contract.formats import dequantize_fp8_row_block
 
 
 def fp8_gather_reference(table_fp8: torch.Tensor, scale: torch.Tensor, input_ids: torch.Tensor, block_size: int = 128) -> torch.Tensor:

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import onnx
 
-from llm_loader.errors import InputError
+from contract.errors import InputError
+from contract.stage import CUSTOM_DOMAIN
 
-DOMAIN = "trt_edgellm"
+DOMAIN = CUSTOM_DOMAIN
 OP_TYPE = "Fp8Gather"
 OPSET = onnx.helper.make_opsetid(DOMAIN, 1)
 DEFAULT_BLOCK_SIZE = 128

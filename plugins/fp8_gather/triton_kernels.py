@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llm_loader.errors import InputError
+from contract.errors import InputError
 
 
 @triton.jit

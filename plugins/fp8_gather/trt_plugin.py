@@ -8,7 +8,7 @@ parser (the builder adds it). No annotations are postponed here (`tensorrt.plugi
 import functools
 import math
 
-from llm_loader.errors import InputError
+from contract.errors import InputError
 from plugins.trt_tensors import as_torch
 
 PLUGIN_ID = "trt_edgellm::Fp8Gather"

@@ -17,8 +17,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from contract import formats
 from plugins.nvfp4 import schema
-from quantization import formats
 
 FP32, FP16, FP8, INT64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.FLOAT8E4M3FN, TensorProto.INT64
 _LEVELS = formats.E2M1_LEVELS.numpy()

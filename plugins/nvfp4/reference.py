@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from quantization import formats
+from contract import formats
 
 
 def _divisor(value: float) -> torch.Tensor:

@@ -11,9 +11,10 @@ import math
 
 import torch
 
+from contract.stage import EMBEDDING_BLOCK
+
 FP8_MAX = 448.0
 FP8_DTYPE = torch.float8_e4m3fn
-EMBEDDING_BLOCK = 128
 MIN_BLOCK_AMAX = 1e-4  # keeps an all-zero block's scale finite
 
 

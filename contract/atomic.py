@@ -5,6 +5,7 @@ A failed or interrupted run therefore never leaves a half-written checkpoint, ON
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -34,3 +35,14 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(final)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write `obj` as JSON to a temp sibling and rename it into place, so a failed run leaves no partial file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

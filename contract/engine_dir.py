@@ -1,7 +1,9 @@
-"""The engine directory (contracts.md section 5): written atomically by `llm-build`, validated by the runtime.
+"""The engine directory (contracts.md section 5): what `llm-build` writes and what the runtime checks before it runs.
 
-A reader calls `load_engine_config` first; everything it checks is a promise the builder made, so a hand-edited or
-half-written directory fails here with one clear line instead of deep inside ONNX Runtime.
+It lives in the ground package because both sides hold it: the builder writes `builder_config` with
+`make_builder_config`, the runtime reads it with `load_engine_config`. Everything checked here is a promise the
+builder made, so a hand-edited or half-written directory fails with one clear line instead of deep inside ONNX
+Runtime.
 """
 
 from __future__ import annotations
@@ -13,24 +15,24 @@ from pathlib import Path
 import onnx
 from safetensors import safe_open
 
-from llm_loader.checkpoint import read_json
-from llm_loader.errors import InputError
+from contract import stage
+from contract.errors import InputError
+from contract.jsonfile import read_json
+from contract.stage import CONTRACT_VERSION, KvDtype
 
-CONTRACT_VERSION = 1
 ENGINE_FILES = {"onnxruntime": ("llm.onnx", "embedding.onnx"), "tensorrt": ("llm.engine", "embedding.engine")}
 COPIED_FILES = ("embedding.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "chat_template.jinja")
-ORT_KV_ONNX_TYPES = {"fp16": onnx.TensorProto.FLOAT, "fp8": onnx.TensorProto.FLOAT8E4M3FN}  # lowered llm.onnx
-EMBEDDING_DTYPES = {"fp16": "F16", "fp8_e4m3_row_block": "F8_E4M3"}
 
 
 def make_builder_config(*, backend: str, max_batch_size: int, max_input_len: int, max_kv_cache_capacity: int,
-                        kv_cache_dtype: str, embedding_format: str, weight_format: str) -> dict:
-    """The `builder_config` block of contracts.md 5.1."""
+                        kv_cache_dtype: str, embedding_format: str, weight_format: str, kv_io: str) -> dict:
+    """The `builder_config` block of contracts.md 5.1; `kv_io` is how the LLM engine takes its cache
+    (`stage.KV_IO_FORMS`; a TensorRT engine is always in place)."""
     return {"backend": backend, "max_batch_size": max_batch_size, "max_input_len": max_input_len,
             "max_kv_cache_capacity": max_kv_cache_capacity, "spec_base": False, "spec_draft": False,
             "max_lora_rank": 0, "kv_cache_dtype": kv_cache_dtype, "embedding_format": embedding_format,
-            "weight_format": weight_format, "contract_version": CONTRACT_VERSION}
+            "weight_format": weight_format, "kv_io": kv_io, "contract_version": CONTRACT_VERSION}
 
 
 def write_config_and_copies(onnx_dir: Path, out: Path, onnx_config: dict, builder_config: dict) -> None:
@@ -64,29 +66,33 @@ def load_engine_config(engine_dir: str | Path) -> dict:
     if bc.get("kv_cache_dtype") != config.get("kv_cache_dtype"):
         raise InputError(f"{path}: kv_cache_dtype disagrees: builder_config says {bc.get('kv_cache_dtype')!r}, "
                          f"config says {config.get('kv_cache_dtype')!r}")
+    kv = KvDtype.parse(bc["kv_cache_dtype"], f"{path} builder_config.kv_cache_dtype")
+    if bc.get("kv_io") not in stage.KV_IO_FORMS:
+        raise InputError(f"{path} builder_config.kv_io: expected one of {list(stage.KV_IO_FORMS)}, "
+                         f"found {bc.get('kv_io')!r}; rebuild the engine with this llm-build")
     if backend == "onnxruntime":
         binding = llm_onnx_kv_dtype(eng / "llm.onnx")
-        if binding != bc["kv_cache_dtype"]:
-            raise InputError(f"{eng / 'llm.onnx'}: past_key_values dtype is {binding!r} but config.json says "
-                             f"kv_cache_dtype {bc['kv_cache_dtype']!r}; rebuild the engine from a matching export")
+        if binding != kv:
+            raise InputError(f"{eng / 'llm.onnx'}: past_key_values dtype is {binding.value!r} but config.json says "
+                             f"kv_cache_dtype {kv.value!r}; rebuild the engine from a matching export")
     sidecar = sidecar_dtype(eng / "embedding.safetensors")
-    if EMBEDDING_DTYPES.get(bc.get("embedding_format")) != sidecar:
+    if stage.EMBEDDING_DTYPES.get(bc.get("embedding_format")) != sidecar:
         raise InputError(f"{eng / 'embedding.safetensors'}: tensor 'embedding' is {sidecar} but builder_config "
                          f"embedding_format is {bc.get('embedding_format')!r}")
     return config
 
 
-def llm_onnx_kv_dtype(path: Path) -> str:
-    """'fp16' / 'fp8' from the elem type of the lowered graph's `past_key_values_*` inputs (weights are not loaded);
-    the CPU engine holds an fp16 cache in fp32 (builder.onnxruntime_backend)."""
+def llm_onnx_kv_dtype(path: Path) -> KvDtype:
+    """The KV dtype of the lowered graph's `past_key_values_*` inputs (weights are not loaded); the CPU engine holds
+    an fp16 cache in fp32 (`KvDtype.ort_onnx`)."""
     graph = onnx.load(str(path), load_external_data=False).graph
-    types = {i.type.tensor_type.elem_type for i in graph.input if i.name.startswith("past_key_values_")}
-    names = {v: k for k, v in ORT_KV_ONNX_TYPES.items()}
-    if len(types) != 1 or next(iter(types)) not in names:
+    types = {i.type.tensor_type.elem_type for i in graph.input if i.name.startswith(stage.PAST_PREFIX)}
+    kinds = {KvDtype.from_onnx(t, ort_engine=True) for t in types}
+    if len(kinds) != 1 or None in kinds:
         found = sorted(onnx.helper.tensor_dtype_to_np_dtype(t).name if t else "?" for t in types)
         raise InputError(f"{path}: expected past_key_values_* inputs all float32 (an fp16 cache) or all float8e4m3fn, "
                          f"found {found}")
-    return names[types.pop()]
+    return kinds.pop()
 
 
 def sidecar_dtype(path: Path) -> str:

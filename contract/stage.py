@@ -1,0 +1,163 @@
+"""The version-1 stage contract: every fact that one stage writes and a later one reads, stated once.
+
+docs/contracts.md is the prose; this module is what the code imports. It imports no stage and neither torch nor
+onnx at module level, so a CLI's `--help` stays fast: the forms of a dtype that need those libraries are built
+when asked for.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+
+from contract.errors import InputError
+
+CONTRACT_VERSION = 1  # config.json `contract_version` of an ONNX dir and of an engine dir (and its builder_config)
+EDGELLM_VERSION = "0.10.0"  # the TensorRT-Edge-LLM contract this one mirrors (config.json `edgellm_version`)
+PRODUCER = "edgellm-toolchain"  # the distribution name: config.json, hf_quant_config.json and sidecar metadata
+
+ONNX_OPSET = 23  # default-domain opset of model.onnx and of every engine graph
+IR_VERSION = 11  # the IR that introduced opset 23
+CUSTOM_DOMAIN = "trt_edgellm"  # domain of the custom ops (AttentionPlugin, Fp8Gather), version 1
+
+# --- graph I/O names (contracts.md section 2) ---------------------------------------------------------------------
+INPUTS_EMBEDS = "inputs_embeds"
+CONTEXT_LENGTHS = "context_lengths"
+ROPE_COS_SIN = "rope_rotary_cos_sin"
+KVCACHE_START_INDEX = "kvcache_start_index"
+LAST_TOKEN_IDS = "last_token_ids"
+LOGITS = "logits"
+INPUT_IDS = "input_ids"  # the embedding engine's input; its output is INPUTS_EMBEDS
+PAST_PREFIX, PRESENT_PREFIX = "past_key_values_", "present_key_values_"
+
+
+def past_key_values(layer: int) -> str:
+    return f"{PAST_PREFIX}{layer}"
+
+
+def present_key_values(layer: int) -> str:
+    return f"{PRESENT_PREFIX}{layer}"
+
+
+def producer() -> dict:
+    """`{"name", "version"}` of this installation ("0+unknown" in a source tree that was never installed)."""
+    try:
+        return {"name": PRODUCER, "version": version(PRODUCER)}
+    except PackageNotFoundError:
+        return {"name": PRODUCER, "version": "0+unknown"}
+
+
+def head_dim(config: dict) -> int:
+    """`head_dim`, or `hidden_size // num_attention_heads` for configs that leave it out (as HF does)."""
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+# --- the KV cache dtype and its forms -----------------------------------------------------------------------------
+
+class KvDtype(str, enum.Enum):
+    """config.json `kv_cache_dtype`. One value per engine; each library names it differently."""
+
+    FP16 = "fp16"
+    FP8 = "fp8"
+
+    @property
+    def onnx(self) -> int:
+        """elem_type of `past_key_values_*` in model.onnx (and of a TensorRT engine's binding)."""
+        from onnx import TensorProto
+
+        return TensorProto.FLOAT16 if self is KvDtype.FP16 else TensorProto.FLOAT8E4M3FN
+
+    @property
+    def ort_onnx(self) -> int:
+        """elem_type of the cache in the ONNX Runtime engine: it computes in fp32, so an fp16 cache is held in fp32."""
+        from onnx import TensorProto
+
+        return TensorProto.FLOAT if self is KvDtype.FP16 else TensorProto.FLOAT8E4M3FN
+
+    @property
+    def numpy(self):
+        """numpy dtype of the ONNX Runtime engine's cache buffers (FP8 as its bytes)."""
+        import numpy as np
+
+        return np.dtype(np.float32) if self is KvDtype.FP16 else np.dtype(np.uint8)
+
+    @property
+    def torch(self):
+        """torch dtype of the GPU cache."""
+        import torch
+
+        return torch.float16 if self is KvDtype.FP16 else torch.float8_e4m3fn
+
+    @property
+    def tensorrt(self) -> str:
+        """`tensorrt.DataType` name of the engine's cache binding."""
+        return "HALF" if self is KvDtype.FP16 else "FP8"
+
+    @classmethod
+    def parse(cls, value, where: str) -> "KvDtype":
+        try:
+            return cls(value)
+        except ValueError:
+            raise InputError(f"{where}: expected kv_cache_dtype one of {[k.value for k in cls]}, "
+                             f"found {value!r}") from None
+
+    @classmethod
+    def from_onnx(cls, elem_type: int, ort_engine: bool = False) -> "KvDtype | None":
+        """The KvDtype a graph binding's elem_type stands for (model.onnx, or a lowered ORT engine), else None."""
+        for kv in cls:
+            if (kv.ort_onnx if ort_engine else kv.onnx) == elem_type:
+                return kv
+        return None
+
+    @classmethod
+    def from_tensorrt(cls, name: str) -> "KvDtype | None":
+        return next((kv for kv in cls if kv.tensorrt == name), None)
+
+
+# How an ONNX Runtime engine takes its KV cache (builder_config `kv_io`, contracts.md 3.1 and 5.1): "in_place" binds
+# the whole cache as past and present; "prefix" passes the filled prefix in and returns only this call's K/V.
+KV_IN_PLACE, KV_PREFIX = "in_place", "prefix"
+KV_IO_FORMS = (KV_IN_PLACE, KV_PREFIX)
+
+
+# --- the embedding sidecar formats (contracts.md section 4) --------------------------------------------------------
+
+EMBEDDING_FP16 = "fp16"
+EMBEDDING_FP8 = "fp8_e4m3_row_block"
+EMBEDDING_BLOCK = 128
+# sidecar metadata `format` -> safetensors dtype of tensor `embedding`
+EMBEDDING_DTYPES = {EMBEDDING_FP16: "F16", EMBEDDING_FP8: "F8_E4M3"}
+
+
+# --- weight formats (contracts.md 2.1, docs/quantization.md) -------------------------------------------------------
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """One way a linear's weight is stored, as config.json `weight_format` and the exporter name it."""
+
+    name: str
+    quant_algo: str | None  # ModelOpt's `quant_algo` for a checkpoint of only this format (None: no ModelOpt name)
+    activations: str  # how the graph quantizes the linear's input: "none", "static fp8", "dynamic fp8", "nvfp4"
+    bits: float  # bits per weight, scales included, for effective-bits budgets
+
+
+WEIGHT_FORMATS = {f.name: f for f in (
+    WeightFormat("fp16", None, "none", 16.0),
+    WeightFormat("fp8", "FP8", "static fp8", 8.0),
+    WeightFormat("fp8_pc", "FP8_PER_CHANNEL_PER_TOKEN", "dynamic fp8", 8.0),
+    # HF fine-grained 128x128 (weight_scale_inv); ModelOpt has no algo name for this layout
+    WeightFormat("fp8_block", None, "dynamic fp8", 8.0),
+    WeightFormat("fp8_pb_wo", "FP8_PB_WO", "none", 8.0),
+    WeightFormat("nvfp4", "NVFP4", "nvfp4", 4.5),  # 4-bit codes + one FP8 scale per 16
+)}
+QUANTIZED_WEIGHT_FORMATS = tuple(name for name in WEIGHT_FORMATS if name != "fp16")
+# ModelOpt quant_algo -> our format name
+QUANT_ALGO_FORMATS = {f.quant_algo: f.name for f in WEIGHT_FORMATS.values() if f.quant_algo}
+
+
+def weight_format(name, where: str) -> WeightFormat:
+    """The registered format called `name`; InputError naming `where` otherwise."""
+    if name not in WEIGHT_FORMATS:
+        raise InputError(f"{where}: expected weight_format one of {list(WEIGHT_FORMATS)}, found {name!r}")
+    return WEIGHT_FORMATS[name]
