@@ -255,7 +255,7 @@ def test_runtime_bindings_run_the_graph_to_transformers_logits(exports):
         want = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in out.past_key_values.layers])
         np.testing.assert_allclose(cached, want.numpy(), rtol=0, atol=0.005 * float(want.abs().max()))
     assert lengths.tolist() == [10, 7]
-    # and write_kv puts a read row back at any offset of another cache's row, leaving the rest alone
+    # write_layers (the backend's write_kv) puts a read row at any offset of another row, and touches nothing else
     other = cache_layers(2, config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"], "fp16")
     moved = read_layers(layers, 1, torch.arange(7))
     write_layers(other, 0, 3, moved)
