@@ -147,6 +147,7 @@ def _int(fields: Mapping[str, object], key: str, default: int | None, where: str
 
 def _positive_float(fields: Mapping[str, object], key: str, default: float, where: str) -> float:
     value = fields.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not 0 < value < math.inf:
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not number or not 0 < value < math.inf:
         raise InputError(f"{where}: expected a positive finite float {key}, found {value!r}")
     return float(value)
