@@ -10,11 +10,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import make_tiny_checkpoint
+from helpers import assert_logits_close, hf_model, make_tiny_checkpoint, quantize
 from onnx import TensorProto, numpy_helper
 from onnx.reference import ReferenceEvaluator
-from test_engine import assert_logits_close, hf_model
-from test_quantized_export import quantize
 
 from builder.detect import detect
 from builder.onnxruntime_backend import embedding_model
