@@ -1,6 +1,6 @@
 """Export a Hugging Face checkpoint to the ONNX directory `OUT/llm/` (contracts.md section 1).
 
-    python -m llm_loader.export_all_cli CKPT OUT [--fp8-embedding] [--dtype fp16]
+    llm-export CKPT OUT [--fp8-embedding] [--dtype fp16]      (or python -m llm_loader.export_all_cli ...)
 
 A quantized checkpoint (FP8, FP8 per-channel, HF fine-grained FP8, NVFP4; optional FP8 KV cache) is detected from
 its own files and exported with Q/DQ linears (contracts.md 2.1); no flag is needed.
@@ -21,12 +21,9 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from contract.errors import InputError, run_cli
-from llm_loader.checkpoint import open_checkpoint
-from llm_loader.embedding import write_embedding_sidecar
+from contract.cli import CONTEXT_SETTINGS, example, run_cli
+from contract.errors import InputError
 from llm_loader.model_config import model_config_from_dict
-from llm_loader.onnx_graph import kv_cache_dtype, weight_format, write_model
-from llm_loader.quantized_checkpoint import read_quantized_checkpoint
 from llm_loader.runtime_config import runtime_config
 from llm_loader.tokenizer_files import copy_tokenizer_files
 
@@ -47,6 +44,12 @@ def _move_into_place(work: Path, out: Path) -> None:
 def export(checkpoint_dir: Path, out_dir: Path, fp8_embedding: bool = False, dtype: str = "fp16",
            progress: bool = False) -> Path:
     """Export `checkpoint_dir` into `out_dir/llm` and return that path."""
+    # torch and onnx are imported here, under contract.cli's Ctrl-C guard, not when --help is asked for
+    from llm_loader.checkpoint import open_checkpoint
+    from llm_loader.embedding import write_embedding_sidecar
+    from llm_loader.onnx_graph import kv_cache_dtype, weight_format, write_model
+    from llm_loader.quantized_checkpoint import read_quantized_checkpoint
+
     if dtype not in DTYPES:
         raise InputError(f"--dtype: expected one of {DTYPES}, found {dtype!r}")
     ckpt = open_checkpoint(checkpoint_dir)
@@ -78,7 +81,8 @@ def export(checkpoint_dir: Path, out_dir: Path, fp8_embedding: bool = False, dty
     return out / "llm"
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT_SETTINGS, epilog=example(
+    "llm-export ~/.cache/edgellm-toolchain/SmolLM2-135M-Instruct out --fp8-embedding   # writes out/llm/"))
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--fp8-embedding", "--fp8_embedding", "fp8_embedding", is_flag=True,
@@ -92,8 +96,8 @@ def cli(checkpoint: Path, out: Path, fp8_embedding: bool, dtype: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; bad input and usage errors print `error: ...` to stderr and return 2."""
-    return run_cli(cli, argv, "python -m llm_loader.export_all_cli")
+    """`llm-export` (also `python -m llm_loader.export_all_cli`); exit codes as `contract.cli.run_cli` says."""
+    return run_cli(cli, argv)
 
 
 if __name__ == "__main__":
