@@ -2,9 +2,11 @@
 
 `llm.onnx` is `model.onnx` after `plugins.lowering.lower_for_onnxruntime` (the "ORT engine" KV contract of
 contracts.md 3.1) and `widen_to_fp32`: ORT's CPU provider has no fp16 kernels on x86, so the engine computes in
-fp32 and holds an fp16 model's KV cache in fp32 (an FP8 cache stays FP8). `embedding.onnx` maps `input_ids` int32
-[B,S] to `inputs_embeds` fp16 [B,S,H]: a plain Gather for an FP16 table, an `Fp8Gather` node (then lowered) for an
-FP8 one, so the FP8 table stays FP8 in memory.
+fp32 and holds an fp16 model's KV cache in fp32 (an FP8 cache stays FP8). A quantized model's weights are then, by
+default, dequantized once here (`plugins.weight_folding.fast_form`: fp32 at rest, decode as fast as the fp16 engine); with
+`--cpuWeights quantized` they stay FP8 / packed FP4 at rest and are dequantized at every step (low memory, slow).
+`embedding.onnx` maps `input_ids` int32 [B,S] to `inputs_embeds` fp16 [B,S,H]: a plain Gather for an FP16 table,
+an `Fp8Gather` node (then lowered) for an FP8 one, so the FP8 table stays FP8 in memory.
 """
 
 from __future__ import annotations
@@ -62,12 +64,37 @@ def lower(model: onnx.ModelProto) -> onnx.ModelProto:
     return lower_for_onnxruntime(model)
 
 
-def lower_llm(model: onnx.ModelProto) -> onnx.ModelProto:
+def lower_llm(model: onnx.ModelProto, weight_storage: str = stage.WEIGHTS_FP32) -> onnx.ModelProto:
     """The LLM graph lowered and computing in fp32; `inputs_embeds` keeps its fp16 binding (the embedding engine's
-    output)."""
+    output). With `weight_storage` fp32 every quantized weight's dequantization is folded into an fp32 initializer;
+    with `quantized` it stays in the graph."""
     from plugins.lowering import widen_to_fp32
 
-    return widen_to_fp32(lower(model), {"inputs_embeds"})
+    model = widen_to_fp32(lower(model), {"inputs_embeds"})
+    if weight_storage == stage.WEIGHTS_FP32:
+        from plugins.weight_folding import fast_form
+
+        fast_form(model)
+    return model
+
+
+def weight_storage(weight_format: str, cpu_weights: str) -> str:
+    """builder_config.weight_storage of an ORT engine: fp16 for an unquantized model (`--cpuWeights` changes
+    nothing there), else what `--cpuWeights` asks for."""
+    return stage.WEIGHTS_FP16 if weight_format == "fp16" else cpu_weights
+
+
+def _bytes(tensor: onnx.TensorProto) -> int:
+    if tensor.raw_data:
+        return len(tensor.raw_data)
+    itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def session_weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes the LLM session holds for the initializers of `model` (loaded): ORT widens fp16 ones to fp32 at load
+    (the Casts `widen_to_fp32` put in front of them are folded), the others it holds as stored."""
+    return sum(_bytes(t) * (2 if t.data_type == TensorProto.FLOAT16 else 1) for t in model.graph.initializer)
 
 
 def build_embedding(sidecar: EmbeddingSidecar, out: Path) -> None:

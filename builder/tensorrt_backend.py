@@ -27,14 +27,21 @@ from llm_loader.embedding import EmbeddingSidecar
 from plugins.tensorrt_registry import import_tensorrt
 
 
-def tensorrt_available() -> bool:
-    """True when `import tensorrt` works and a CUDA GPU is visible (what `--backend auto` needs)."""
+def tensorrt_missing() -> str | None:
+    """Why `--backend auto` cannot pick TensorRT here ("the tensorrt package is not installed", "no CUDA GPU is
+    visible"), or None when `import tensorrt` works and a CUDA GPU is visible."""
     try:
         import tensorrt  # noqa: F401
-        import torch
     except ImportError:
-        return False
-    return torch.cuda.is_available()
+        return "the tensorrt package is not installed"
+    import torch
+
+    return None if torch.cuda.is_available() else "no CUDA GPU is visible"
+
+
+def tensorrt_available() -> bool:
+    """True when `import tensorrt` works and a CUDA GPU is visible (what `--backend auto` needs)."""
+    return tensorrt_missing() is None
 
 
 def build_engine(model: onnx.ModelProto, model_path: Path, engine_path: Path, profiles: list[Profile]) -> None:

@@ -26,13 +26,24 @@ COPIED_FILES = ("embedding.safetensors", "tokenizer.json", "tokenizer_config.jso
 
 
 def make_builder_config(*, backend: str, max_batch_size: int, max_input_len: int, max_kv_cache_capacity: int,
-                        kv_cache_dtype: str, embedding_format: str, weight_format: str, kv_io: str) -> dict:
+                        kv_cache_dtype: str, embedding_format: str, weight_format: str, kv_io: str,
+                        weight_storage: str) -> dict:
     """The `builder_config` block of contracts.md 5.1; `kv_io` is how the LLM engine takes its cache
-    (`stage.KV_IO_FORMS`; a TensorRT engine is always in place)."""
+    (`stage.KV_IO_FORMS`; a TensorRT engine is always in place), `weight_storage` what it holds its weights in at
+    rest (`stage.WEIGHT_STORAGE_FORMS`)."""
     return {"backend": backend, "max_batch_size": max_batch_size, "max_input_len": max_input_len,
             "max_kv_cache_capacity": max_kv_cache_capacity, "spec_base": False, "spec_draft": False,
             "max_lora_rank": 0, "kv_cache_dtype": kv_cache_dtype, "embedding_format": embedding_format,
-            "weight_format": weight_format, "kv_io": kv_io, "contract_version": CONTRACT_VERSION}
+            "weight_format": weight_format, "kv_io": kv_io, "weight_storage": weight_storage,
+            "contract_version": CONTRACT_VERSION}
+
+
+def weight_storage(builder_config: dict) -> str:
+    """builder_config.weight_storage; an engine built before the field existed holds a quantized model's weights
+    as exported (the only form then)."""
+    if "weight_storage" in builder_config:
+        return builder_config["weight_storage"]
+    return stage.WEIGHTS_FP16 if builder_config.get("weight_format", "fp16") == "fp16" else stage.WEIGHTS_QUANTIZED
 
 
 def write_config_and_copies(onnx_dir: Path, out: Path, onnx_config: dict, builder_config: dict) -> None:
@@ -70,6 +81,9 @@ def load_engine_config(engine_dir: str | Path) -> dict:
     if bc.get("kv_io") not in stage.KV_IO_FORMS:
         raise InputError(f"{path} builder_config.kv_io: expected one of {list(stage.KV_IO_FORMS)}, "
                          f"found {bc.get('kv_io')!r}; rebuild the engine with this llm-build")
+    if weight_storage(bc) not in stage.WEIGHT_STORAGE_FORMS:
+        raise InputError(f"{path} builder_config.weight_storage: expected one of {list(stage.WEIGHT_STORAGE_FORMS)}, "
+                         f"found {bc.get('weight_storage')!r}")
     if backend == "onnxruntime":
         binding = llm_onnx_kv_dtype(eng / "llm.onnx")
         if binding != kv:

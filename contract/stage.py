@@ -123,6 +123,14 @@ KV_IO_FORMS = (KV_IN_PLACE, KV_PREFIX)
 # same for present), `[B,Hkv,T,D]` each, K first (contracts.md 3.1).
 ORT_KV_HALVES = ("key", "value")
 
+# What an engine holds its linear weights in at rest (builder_config `weight_storage`, contracts.md 5.1): "fp16"
+# for an unquantized model; a quantized model's weights either "quantized" (FP8 / packed FP4 as exported: always on
+# TensorRT, which runs them natively; on ONNX Runtime dequantized at every step, the low-memory form) or "fp32"
+# (ONNX Runtime only: dequantized once at build, the fast form and the default; `llm-build --cpuWeights`).
+WEIGHTS_FP16, WEIGHTS_FP32, WEIGHTS_QUANTIZED = "fp16", "fp32", "quantized"
+WEIGHT_STORAGE_FORMS = (WEIGHTS_FP16, WEIGHTS_FP32, WEIGHTS_QUANTIZED)
+CPU_WEIGHTS = (WEIGHTS_FP32, WEIGHTS_QUANTIZED)  # the choices of `llm-build --cpuWeights`
+
 
 # --- the embedding sidecar formats (contracts.md section 4) --------------------------------------------------------
 

@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from contract import stage
-from contract.engine_dir import ENGINE_FILES
+from contract.engine_dir import ENGINE_FILES, weight_storage
 from runtime.kv_cache import KvLayout
 
 
@@ -41,15 +41,27 @@ class OrtKv:
         return [half for layer in self.layers for half in layer]
 
 
-def session_options() -> ort.SessionOptions:
-    """All graph optimizations (ORT has no x86 fp16 MatMul: at this level it folds the fp16 weights to fp32 once at
+def session_options(weight_storage: str = stage.WEIGHTS_FP16) -> ort.SessionOptions:
+    """Options for an engine whose weights are held as `weight_storage` (builder_config, `stage.WEIGHT_STORAGE_FORMS`).
+
+    All graph optimizations (ORT has no x86 fp16 MatMul: at this level it folds the fp16 weights to fp32 once at
     load; lower levels cast them on every run, 3x slower). Threads: ORT's default of one per physical core, or
-    EDGELLM_ORT_THREADS."""
+    EDGELLM_ORT_THREADS. ORT's QDQ transformers are off (`session.disable_quant_qdq`): on the CPU they fuse nothing
+    for FP8 and only copy each activation's Q/DQ pair across Reshapes and Wheres, which costs decode time. Not for
+    weights kept quantized at rest (the low-memory form): without those transformers ORT's constant folding also
+    folds each weight's DequantizeLinear into an fp32 copy at load, which would give that form the fast form's
+    memory; its weights are dequantized into transient buffers at every step, so it also runs without the arena
+    (which would keep all those buffers for good: measured on SmolLM2 fp8, 1002 MiB against 413 MiB without it,
+    and 737 MiB for the fp16 engine)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = int(os.environ.get("EDGELLM_ORT_THREADS") or 0)
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if weight_storage == stage.WEIGHTS_QUANTIZED:
+        opts.enable_cpu_mem_arena = False
+    else:
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     return opts
 
 
@@ -81,16 +93,12 @@ class OnnxRuntimeBackend:
         self.kv_names = [(f"{stage.past_key_values(i)}.{half}", f"{stage.present_key_values(i)}.{half}")
                          for i in range(kv.num_layers) for half in stage.ORT_KV_HALVES]
         llm_file, embedding_file = ENGINE_FILES["onnxruntime"]
-        opts = session_options()
         providers = ["CPUExecutionProvider"]
-        self.embedding = ort.InferenceSession(str(engine_dir / embedding_file), opts, providers=providers)
-        if config.get("weight_format", "fp16") != "fp16":
-            # ORT's CPU provider has no FP8/FP4 GEMM: every step dequantizes each weight into a transient fp32
-            # buffer. The arena would keep all those buffers for good (measured on SmolLM2 fp8: 1002 MiB against
-            # 413 MiB without it, and 737 MiB for the fp16 engine); without it the low-precision weights pay off.
-            opts.enable_cpu_mem_arena = False
+        self.embedding = ort.InferenceSession(str(engine_dir / embedding_file), session_options(), providers=providers)
+        storage = weight_storage(config["builder_config"])
+        if storage == stage.WEIGHTS_QUANTIZED:  # weights dequantized into transient buffers at every step
             _return_freed_buffers_to_the_os()
-        self.llm = ort.InferenceSession(str(engine_dir / llm_file), opts, providers=providers)
+        self.llm = ort.InferenceSession(str(engine_dir / llm_file), session_options(storage), providers=providers)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         (embeds,) = self.embedding.run([stage.INPUTS_EMBEDS], {stage.INPUT_IDS: ids})

@@ -85,7 +85,7 @@ def quantize(src: Path, out: Path, method: str, *flags: str, kv: bool = False) -
 
 def export_and_build(ckpt: Path, out: Path, *, fp8_embedding: bool = False, edit: Callable[[Path], None] | None = None,
                      backend: str = "onnxruntime", max_batch_size: int = 2, max_input_len: int = 16,
-                     max_kv_cache_capacity: int = 64) -> tuple[Path, Path]:
+                     max_kv_cache_capacity: int = 64, cpu_weights: str | None = None) -> tuple[Path, Path]:
     """Export `ckpt` to `out/onnx/llm`, let `edit` change that ONNX dir, build `out/engine`; returns both dirs."""
     from builder.cli import build
     from llm_loader.export_all_cli import export
@@ -94,7 +94,7 @@ def export_and_build(ckpt: Path, out: Path, *, fp8_embedding: bool = False, edit
     if edit:
         edit(onnx_dir)
     engine_dir = build(onnx_dir, out / "engine", max_batch_size=max_batch_size, max_input_len=max_input_len,
-                       max_kv_cache_capacity=max_kv_cache_capacity, backend=backend)
+                       max_kv_cache_capacity=max_kv_cache_capacity, backend=backend, cpu_weights=cpu_weights)
     return onnx_dir, engine_dir
 
 

@@ -165,9 +165,31 @@ def test_cli_builds_a_complete_engine_dir_and_replaces_an_old_one(exports, tmp_p
         "backend": "onnxruntime", "max_batch_size": 2, "max_input_len": 32, "max_kv_cache_capacity": 64,
         "spec_base": False, "spec_draft": False, "max_lora_rank": 0, "kv_cache_dtype": "fp16",
         "embedding_format": "fp8_e4m3_row_block", "weight_format": "fp16", "kv_io": "in_place",
-        "contract_version": 1}
+        "weight_storage": "fp16", "contract_version": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eng"]
     assert "detect" in result.stderr and "fp8_e4m3_row_block" in result.stderr
+
+
+def test_build_summary_names_profile_backend_reason_precision_and_memory(exports, tmp_path):
+    """The summary says what was built: the profile, why this backend, the compute precision, the weights' form and
+    a resident-memory estimate whose KV cache part is the engine's own cache at the profile's batch."""
+    from runtime.engine import Engine
+
+    result = run_cli(llm_build, "--onnxDir", exports["fp16"], "--engineDir", tmp_path / "eng", "--maxBatchSize", "2",
+                     "--maxInputLen", "32", "--maxKVCacheCapacity", "64")
+    assert result.exit_code == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stderr.splitlines() if line and not line.startswith("[")}
+    assert lines["profile"].split(None, 1)[1] == "batch 1..2, 1..32 new tokens per call, KV cache 64 tokens per row"
+    backend, reason = resolve_backend("auto")
+    assert lines["backend"].split(None, 1)[1] == f"{backend} ({reason})"
+    if backend == "onnxruntime":
+        assert reason.startswith("auto: ") and ("tensorrt" in reason or "GPU" in reason)
+        assert lines["compute"].split()[1] == "fp32:" and "KV cache held in fp32" in lines["compute"]
+        assert lines["weights"].split()[1:3] == ["fp16", "at"]  # the last "weights" line: after the build
+        kv = Engine.load(tmp_path / "eng").new_cache(2).nbytes
+        assert f"KV cache {kv / 2**20:.0f} MiB (2 rows x 64 tokens)" in lines["resident"]
+    explicit = run_build(exports["fp16"], tmp_path / "eng2")
+    assert "backend         onnxruntime (--backend onnxruntime)" in explicit.stderr
 
 
 def test_cli_reports_disagreement_in_one_line_and_writes_nothing(onnx_dir, tmp_path):
@@ -199,4 +221,8 @@ def test_cli_tensorrt_without_tensorrt_is_a_clear_error(onnx_dir, tmp_path):
         pytest.skip("a GPU is present; TensorRT may be too")
     result = run_cli(llm_build, "--onnxDir", onnx_dir, "--engineDir", tmp_path / "eng", "--backend", "tensorrt")
     assert_one_line_error(result, "--backend tensorrt")
-    assert resolve_backend("auto") == "onnxruntime"
+    backend, reason = resolve_backend("auto")
+    assert backend == "onnxruntime" and reason.startswith("auto: ")
+    result = run_cli(llm_build, "--onnxDir", onnx_dir, "--engineDir", tmp_path / "eng", "--backend", "onnxruntime",
+                     "--cpuWeights", "sometimes")
+    assert result.exit_code == 2 and "--cpuWeights" in result.stderr

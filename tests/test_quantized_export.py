@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from builder.cli import build
 from builder.detect import detect
-from contract import formats
+from contract import formats, stage
 from contract.errors import InputError
 from llm_loader.embedding import read_embedding_sidecar
 from llm_loader.export_all_cli import export
@@ -72,12 +72,17 @@ def activation_qdq(linear):
     return None
 
 
-def graph_weight(linear) -> torch.Tensor:
-    """The fp16 `[out, in]` weight the graph's DequantizeLinear produces: FP8 weight scales are fp16 initializers
-    (contracts.md 2.1), so the reference rounds them to fp16 before the fp32 multiply and the one rounding to fp16."""
+def graph_scales(linear):
+    """The linear with the weight scales the graph holds: FP8 weight scales are fp16 initializers (contracts.md 2.1)."""
     if linear.format in ("fp8", "fp8_pc", "fp8_block", "fp8_pb_wo"):
-        linear = dataclasses.replace(linear, weight_scale=linear.weight_scale.half().float())
-    return dequantize_linear(linear).half()
+        return dataclasses.replace(linear, weight_scale=linear.weight_scale.half().float())
+    return linear
+
+
+def graph_weight(linear) -> torch.Tensor:
+    """The fp16 `[out, in]` weight the graph's DequantizeLinear produces: fp16-rounded scales (`graph_scales`), the
+    fp32 multiply, and the one rounding to fp16 (which the CPU engine, computing in fp32, leaves out)."""
+    return dequantize_linear(graph_scales(linear)).half()
 
 
 def fp8_kv_attention(kv_scales):
@@ -145,18 +150,29 @@ RECIPES = [  # (id, family, --quantization, FP8 KV, --fp8-embedding)
 
 @pytest.mark.parametrize("label,family,method,kv,fp8_emb", RECIPES, ids=[r[0] for r in RECIPES])
 def test_recipe_engine_matches_fake_quant_reference(tiny_checkpoint, tmp_path, label, family, method, kv, fp8_emb):
+    """Both CPU forms of each recipe's engine: the default (weights dequantized once at build) and the low-memory
+    one (`--cpuWeights quantized`, weights FP8/FP4 at rest) give the same logits up to float rounding, and both
+    match the fake-quant reference."""
     src = tiny_checkpoint(family, initializer_range=0.02)  # HF's default init: a network that does not amplify flips
     qckpt = quantize(src, tmp_path / "q", method, kv=kv)
     onnx_dir, engine_dir = export_and_build(qckpt, tmp_path, fp8_embedding=fp8_emb, max_input_len=32)
+    low_memory = build(onnx_dir, tmp_path / "engine-low-memory", max_batch_size=2, max_input_len=32,
+                       max_kv_cache_capacity=64, backend="onnxruntime", cpu_weights="quantized")
 
     config = json.loads((engine_dir / "config.json").read_text())
     assert config["weight_format"] == method == config["builder_config"]["weight_format"]
+    assert config["builder_config"]["weight_storage"] == "fp32"
+    assert json.loads((low_memory / "config.json").read_text())["builder_config"]["weight_storage"] == "quantized"
     assert config["kv_cache_dtype"] == ("fp8" if kv else "fp16")
     found = detect(onnx_dir)
     assert (found.weight_format, found.kv_cache_dtype) == (method, config["kv_cache_dtype"])
 
     ids = np.random.default_rng(0).integers(0, 49152, (2, NUM_TOKENS))
     ours, cache = engine_logits(engine_dir, ids)
+    slow, _ = engine_logits(low_memory, ids)
+    # the same fp32 weights and the same activation quantizers; only where the weights are computed (and the GEMM
+    # blocking of the fused q|k|v and gate|up) differs
+    np.testing.assert_allclose(ours, slow, rtol=0, atol=1e-4 * float(np.abs(slow).max()))
     embedding = None
     if fp8_emb:
         sidecar = read_embedding_sidecar(onnx_dir / "embedding.safetensors")
@@ -164,7 +180,9 @@ def test_recipe_engine_matches_fake_quant_reference(tiny_checkpoint, tmp_path, l
     # quantization codes at rounding boundaries flip between ORT's fp32-computed fp16 graph and the fp16 reference
     # (module docstring), and the tiny random model amplifies each flip; hence the bounds
     bounds = {"nvfp4": (0.99, 0.12)}.get(method, (0.998, 0.06) if kv else (0.999, 0.05))
-    compare(ours, reference_logits(src, qckpt, torch.from_numpy(ids), embedding), label, *bounds)
+    reference = reference_logits(src, qckpt, torch.from_numpy(ids), embedding)
+    compare(ours, reference, label, *bounds)
+    compare(slow, reference, f"{label} low-memory", *bounds)
 
     graph = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph
     plugins = [n for n in graph.node if n.op_type == "AttentionPlugin"]
@@ -185,12 +203,36 @@ def test_recipe_engine_matches_fake_quant_reference(tiny_checkpoint, tmp_path, l
     assert inits["model.layers.0.self_attn.q_proj.weight"] == wanted
 
 
-@pytest.mark.parametrize("method", ["fp8", "nvfp4"])
-def test_ort_keeps_quantized_weights_low_precision_at_rest(tiny_checkpoint, tmp_path, method):
-    """ORT's optimized graph (ORT_ENABLE_ALL, the runtime's options) still holds the FP8 / packed FP4 weights."""
+@pytest.mark.parametrize("method", ["fp8", "fp8_pc", "fp8_block", "nvfp4"])
+def test_default_engine_holds_the_dequantized_weights_in_fused_gemms(tiny_checkpoint, tmp_path, method):
+    """The default CPU engine: each weight is the fp32 value of its dequantization (against contract.formats),
+    q|k|v and gate|up are one MatMul each, and no quantized weight or weight DequantizeLinear is left; the
+    activation quantizers of q, k and v (one input, one calibrated scale) are one."""
     qckpt = quantize(tiny_checkpoint("llama"), tmp_path / "q", method)
     _, engine_dir = export_and_build(qckpt, tmp_path, max_input_len=32)
-    opts = session_options()
+    model = onnx.load(str(engine_dir / "llm.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    assert not [t.name for t in inits.values() if t.data_type in (onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.UINT8,
+                                                                  onnx.TensorProto.FLOAT4E2M1)]
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    assert len(matmuls) == 2 * 4 + 1  # per layer q|k|v, o, gate|up, down; lm_head
+    q = read_quantized_checkpoint(qckpt)
+    layer = {n: q.linears[f"model.layers.0.{n}"] for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
+    expected = torch.cat([dequantize_linear(graph_scales(lin)) for lin in layer.values()]).t()
+    qkv = next(n for n in matmuls if n.name.startswith("layers.0/q_proj"))
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(inits[qkv.input[1]]), expected.numpy())
+    if method in ("fp8", "nvfp4"):  # static scales: q, k and v share one calibrated input scale, hence one quantizer
+        quantizers = {"fp8": "QuantizeLinear", "nvfp4": "Gather"}[method]
+        assert sum(n.op_type == quantizers and n.name.startswith("layers.0/") for n in model.graph.node) == 4
+
+
+@pytest.mark.parametrize("method", ["fp8", "nvfp4"])
+def test_ort_keeps_quantized_weights_low_precision_at_rest(tiny_checkpoint, tmp_path, method):
+    """The low-memory form: ORT's optimized graph (ORT_ENABLE_ALL, the runtime's options for that form) still holds
+    the FP8 / packed FP4 weights."""
+    qckpt = quantize(tiny_checkpoint("llama"), tmp_path / "q", method)
+    _, engine_dir = export_and_build(qckpt, tmp_path, max_input_len=32, cpu_weights="quantized")
+    opts = session_options(stage.WEIGHTS_QUANTIZED)
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(engine_dir / "llm.onnx"), opts, providers=["CPUExecutionProvider"])
     inits = {t.name: t for t in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.initializer}
@@ -242,7 +284,14 @@ def test_lowered_fp4_activation_matches_reference(tiny_checkpoint, tmp_path):
     x[1, 2, 16:32] = torch.tensor([6.0, *mids, -6.0, *[-m for m in mids]]) * 0.5
     x[1, 1, :16] *= 1000  # block scale saturates at 448
     x = x.half()
-    cases = [(x, input_scale), (torch.randn(2, 3, 64).half() * 2, 0.00137)]  # a scale that is not a power of two
+    # every multiple of 1/8 in [-6, 6] in units of the quantization step (block scale 8 x 0.0625): each E2M1 level and
+    # each tie between two levels; one +-3 per block of 16 sets the block scale
+    grid = torch.arange(-48, 49) / 16
+    grid = torch.cat([grid, torch.zeros(15 * 8 - len(grid) % (15 * 8))]).view(-1, 15)
+    signs = torch.where(torch.arange(len(grid)) % 2 == 0, 3.0, -3.0)[:, None]
+    exhaustive = torch.cat([signs, grid], dim=1).reshape(2, -1, 64).half()
+    cases = [(x, input_scale), (exhaustive, input_scale),
+             (torch.randn(2, 3, 64).half() * 2, 0.00137)]  # a scale that is not a power of two
     nodes = [
         helper.make_node(schema.OP_TYPE, ["x", "s"], ["xq", "sq"], domain=schema.DOMAIN, **schema.attrs(16)),
         helper.make_node("Cast", ["s"], ["s16"], to=FP16),
@@ -250,8 +299,8 @@ def test_lowered_fp4_activation_matches_reference(tiny_checkpoint, tmp_path):
         helper.make_node("DequantizeLinear", ["xq", "sdq"], ["y"], axis=-1, block_size=16),
     ]
     for x, input_scale in cases:
-        graph = helper.make_graph(nodes, "fp4", [helper.make_tensor_value_info("x", FP16, [2, 3, 64])],
-                                  [helper.make_tensor_value_info("y", FP16, [2, 3, 64])],
+        graph = helper.make_graph(nodes, "fp4", [helper.make_tensor_value_info("x", FP16, [2, None, 64])],
+                                  [helper.make_tensor_value_info("y", FP16, [2, None, 64])],
                                   [onnx.numpy_helper.from_array(np.array(input_scale, np.float32), "s")])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), schema.OPSET], ir_version=11)
         session = ort.InferenceSession(lower_for_onnxruntime(model).SerializeToString(),

@@ -5,19 +5,21 @@
   is folded either and the weight stays 4-bit at rest (a BitwiseAnd/BitShift chain on the initializer would be folded
   into an fp32 `[out, in]` copy at session load). Then `hi = floor(b / 16)`, `lo = b - 16 hi` (exact in fp32), a
   16-entry E2M1 table Gather, times the DQ'd FP8 block scales (`weight_scale * weight_scale_2`, fp32). Exact.
-- Activations: the quantize op becomes standard ops with the semantics of `reference.py` (block scale
-  `fp8(min(amax / 6 / input_scale, 448))`, zero scale -> 1, E2M1 by midpoints, ties to the even code); its first output
-  then carries the decoded E2M1 values (fp32) instead of FLOAT4 codes, and the blocked DQ that reads it becomes a Mul
-  by the block scales. The FP8 block-scale output and its DQ stay as they are (ORT runs FP8 DQ).
+- Activations: the quantize op and the two DequantizeLinear that read it (contracts.md 2.1) become one chain of
+  standard ops with the semantics of `reference.py` (block scale `fp8(min(amax / 6 / input_scale, 448))`, E2M1 to
+  nearest with ties to the even code, `level * block scale * input_scale` with the graph's roundings), written so
+  that it runs in few nodes (`_activation`): it runs for every quantized linear at every step.
 """
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto
 
 from contract import formats
+from contract.errors import InputError
 from plugins.graph_builder import GraphBuilder
 from plugins.nvfp4 import schema
 
@@ -25,28 +27,41 @@ FP32, FP16, FP8, INT64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.FLO
 _LEVELS = formats.E2M1_LEVELS.numpy()
 
 
-def _activation(node: onnx.NodeProto, ctx) -> list[onnx.NodeProto]:
-    """TRT_FP4DynamicQuantize(x, input_scale) -> (fp32 E2M1 values [..., K], FP8 block scales [..., K/block])."""
-    block = next(a.i for a in node.attribute if a.name == "block_size")
-    b = ctx.builder(node.name)
-    x, input_scale = node.input
+def _activation(quantize: onnx.NodeProto, dq_scale: onnx.NodeProto, dq: onnx.NodeProto, scale_type: int,
+                ctx) -> list[onnx.NodeProto]:
+    """`dq(quantize(x, input_scale)[0], dq_scale(quantize(...)[1], s))` (contracts.md 2.1) as standard ops that write
+    `dq`'s output, the fake-quantized activation, with the semantics of `reference.py`:
+
+    - block scale `fp8(amax / 6 / input_scale)`: the Cast to FP8 saturates at 448 as the reference's clamp does;
+    - E2M1 by a magic-number add: with `c = 1.5 * 2**23 * step`, fp32 `(v + c) - c` is `v` rounded to a multiple of
+      `step`, ties to the even multiple, and as `c / step` is even that is the even E2M1 code. The step is the E2M1
+      spacing at |v| (0.5 below 2, 1 below 4, 2 above), then the level is clipped to +-6. A block whose FP8 scale is
+      0 divides by the smallest FP8 scale instead of 1, which changes only levels that its 0 scale multiplies away;
+    - dequantized as the two DQs do: `level * (scale * s)`, each product rounded to `s`'s dtype (read through
+      explicit Casts: ORT CPU runs fp16 Mul/DQ in fp32 and would drop those roundings).
+
+    About twenty nodes on the activation's own shape: this chain runs for every quantized linear at every step."""
+    block = next(a.i for a in quantize.attribute if a.name == "block_size")
+    b = ctx.builder(quantize.name)
+    x, input_scale = quantize.input
+    s = dq_scale.input[1] if scale_type == FP32 else b.op("Cast", [dq_scale.input[1]], to=FP32)
     blocks = b.op("Reshape", [b.op("Cast", [x], to=FP32), b.const([0, 0, -1, block], np.int64)])
     amax = b.op("ReduceMax", [b.op("Abs", [blocks]), b.const([-1], np.int64)], keepdims=1)
     ratio = b.op("Div", [b.op("Div", [amax, b.const(formats.E2M1_MAX)]), input_scale])
-    scale = b.op("Min", [ratio, b.const(formats.FP8_MAX)])
-    b.op("Cast", [b.op("Squeeze", [scale, b.const([-1], np.int64)])], outputs=[node.output[1]], to=FP8)
-    scale32 = b.op("Unsqueeze", [b.op("Cast", [node.output[1]], to=FP32), b.const([-1], np.int64)])
-    safe = b.op("Where", [b.op("Equal", [scale32, b.const(0.0)]), b.const(1.0), scale32])
-    scaled = b.op("Div", [blocks, b.op("Mul", [safe, input_scale])])
-    # |v| against the 7 midpoints: a tie goes up only when the lower code is odd (ties to the even code)
-    mids = (_LEVELS[1:] + _LEVELS[:-1]) / 2
-    magnitude = b.op("Unsqueeze", [b.op("Abs", [scaled]), b.const([-1], np.int64)])
-    tie_up = b.op("And", [b.op("Equal", [magnitude, b.const(mids)]), b.const(np.arange(7) % 2 == 1, np.bool_)])
-    above = b.op("Or", [b.op("Greater", [magnitude, b.const(mids)]), tie_up])
-    steps = b.op("Mul", [b.op("Cast", [above], to=FP32), b.const(np.diff(_LEVELS))])
-    level = b.op("ReduceSum", [steps, b.const([-1], np.int64)], keepdims=0)
-    signed = b.op("Where", [b.op("Less", [scaled, b.const(0.0)]), b.op("Neg", [level]), level])
-    b.op("Reshape", [signed, b.const([0, 0, -1], np.int64)], outputs=[node.output[0]])
+    scale = b.op("Cast", [b.op("Cast", [ratio], to=FP8)], to=FP32)
+    smallest = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).smallest_subnormal)
+    scaled = b.op("Div", [blocks, b.op("Mul", [b.op("Max", [scale, b.const(smallest)]), input_scale])])
+    # trunc(clip(v, -4, 4)) in -4..4 picks the step; Gather reads a negative index from the table's end
+    binade = b.op("Cast", [b.op("Clip", [scaled, b.const(-4.0), b.const(4.0)])], to=INT64)
+    steps = np.array([0.5, 0.5, 1.0, 1.0, 2.0, 2.0, 1.0, 1.0, 0.5])  # trunc 0, 1, 2, 3, 4, then -4, -3, -2, -1
+    magic = b.op("Gather", [b.const(1.5 * 2**23 * steps), binade], axis=0)
+    level = b.op("Clip", [b.op("Sub", [b.op("Add", [scaled, magic]), magic]), b.const(-formats.E2M1_MAX),
+                          b.const(formats.E2M1_MAX)])
+    block_scale = b.op("Mul", [scale, s])
+    if scale_type != FP32:  # the first DQ's output, rounded to its dtype
+        block_scale = b.op("Cast", [b.op("Cast", [block_scale], to=scale_type)], to=FP32)
+    values = b.op("Reshape", [b.op("Mul", [level, block_scale]), b.const([0, 0, -1], np.int64)])
+    b.op("Cast", [values], outputs=[dq.output[0]], to=scale_type)
     return b.nodes
 
 
@@ -97,18 +112,39 @@ def _float_type(name: str, inits: dict, producers: dict) -> int:
     raise ValueError(f"cannot tell the dtype of DQ scale {name} (made by {node.op_type})")
 
 
+def _activation_pattern(graph: onnx.GraphProto, quantize: onnx.NodeProto) -> tuple[onnx.NodeProto, onnx.NodeProto]:
+    """The two DequantizeLinear of contracts.md 2.1 that read a TRT_FP4DynamicQuantize: (DQ of its block scales, the
+    blocked DQ of its values by that DQ's output); InputError for any other use of its outputs."""
+    readers = {name: [n for n in graph.node if name in n.input] for name in [*quantize.output]}
+    values, scales = readers[quantize.output[0]], readers[quantize.output[1]]
+    if len(scales) == 1 and scales[0].op_type == "DequantizeLinear" and len(values) == 1:
+        dq_scale, dq = scales[0], values[0]
+        if (dq.op_type == "DequantizeLinear" and list(dq.input[:2]) == [quantize.output[0], dq_scale.output[0]]
+                and [n for n in graph.node if dq_scale.output[0] in n.input] == [dq]):
+            return dq_scale, dq
+    raise InputError(f"node {quantize.name!r}: expected its outputs read by DequantizeLinear(block scales) and the "
+                     "blocked DequantizeLinear of its values by that (contracts.md 2.1), found another use")
+
+
 def lower_fp4(graph: onnx.GraphProto, ctx) -> None:
-    """Rewrite, in place, every TRT_FP4DynamicQuantize and every DequantizeLinear of a FLOAT4E2M1 tensor."""
+    """Rewrite, in place, every TRT_FP4DynamicQuantize (with the two DQs that read it) and every DequantizeLinear of
+    a FLOAT4E2M1 tensor."""
     inits = {t.name: t for t in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
-    quantized = {n.output[0] for n in graph.node if (n.domain, n.op_type) == (schema.DOMAIN, schema.OP_TYPE)}
-    nodes = []
+    patterns = {}  # the blocked DQ of an activation -> (its quantize node, the DQ of the block scales)
     for node in graph.node:
         if (node.domain, node.op_type) == (schema.DOMAIN, schema.OP_TYPE):
-            nodes += _activation(node, ctx)
-        elif node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") and node.input[0] in quantized:
-            scale_type = _float_type(node.input[1], inits, producers)
-            nodes += _dequantize(node, ctx, node.input[0], 3, scale_type)
+            dq_scale, dq = _activation_pattern(graph, node)
+            patterns[dq.name or dq.output[0]] = (node, dq_scale)
+    replaced = {n.output[0] for q, d in patterns.values() for n in (q, d)}
+    nodes = []
+    for node in graph.node:
+        key = node.name or node.output[0]
+        if node.output[0] in replaced:
+            continue
+        if node.op_type == "DequantizeLinear" and key in patterns:
+            quantize, dq_scale = patterns[key]
+            nodes += _activation(quantize, dq_scale, node, _float_type(dq_scale.input[1], inits, producers), ctx)
         elif (node.op_type == "DequantizeLinear" and node.input[0] in inits
               and inits[node.input[0]].data_type == TensorProto.FLOAT4E2M1):
             b = ctx.builder(node.name)
