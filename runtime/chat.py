@@ -29,9 +29,21 @@ def load_tokenizer(engine_dir: str | Path):
     if not (engine_dir / "tokenizer.json").is_file() and not (engine_dir / "tokenizer_config.json").is_file():
         raise InputError(f"{engine_dir}: expected tokenizer files (tokenizer.json, tokenizer_config.json), found none")
     try:
-        return AutoTokenizer.from_pretrained(engine_dir)
+        return AutoTokenizer.from_pretrained(engine_dir, **model_config(engine_dir))
     except (OSError, ValueError) as e:
         raise InputError(f"{engine_dir}: expected a loadable tokenizer, found {type(e).__name__}: {e}") from None
+
+
+def model_config(engine_dir: Path) -> dict:
+    """`{"config": ...}`: the model's transformers config for `AutoTokenizer`, which would otherwise build one from
+    ENG/config.json itself; that file is the runtime config (`model`, not HF's `model_type`), so transformers falls
+    back to a generic config and warns about its `rope_scaling` key. Empty for a dir without a runtime config."""
+    from contract.jsonfile import read_json
+    from runtime.rope import hf_config
+
+    path = engine_dir / "config.json"
+    config = read_json(path, "the engine config") if path.is_file() else {}
+    return {"config": hf_config(config)} if "model" in config else {}
 
 
 def _template(tokenizer, messages: list[Message], add_generation_prompt: bool, enable_thinking: bool) -> str:

@@ -8,16 +8,17 @@ run with `error: <message>` on stderr and exit code 2, and no output file.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
 from contract.atomic import write_json_atomic
 from contract.cli import CONTEXT_SETTINGS, example, run_cli
 from contract.errors import InputError
 from runtime.chat import Prompt, format_prompt, load_tokenizer, token_bytes
-from runtime.generate import Generation, Job, Timing, generate
+from runtime.generate import Generation, Job, Timing, check_prompts, generate
+from runtime.progress import Progress, summary_line
 from runtime.requests import TestCases, load_test_cases, response_json
 from runtime.sampling import SamplingParams
 
@@ -50,29 +51,37 @@ def logprobs_json(tokenizer, generation: Generation) -> list[list[dict]]:
 
 
 def run_test_cases(engine, tokenizer, cases: TestCases, batch_size: int | None = None,
-                   max_generate_length: int | None = None, warmup: int = 0) -> tuple[list[dict], Timing]:
+                   max_generate_length: int | None = None, warmup: int = 0,
+                   progress: Progress | None = None) -> tuple[list[dict], Timing]:
     """All responses of `cases` (reference 5.3 entries, in request order) and the timing of the real batches.
 
-    `batch_size` / `max_generate_length` override the file's values, as the CLI flags do.
+    `batch_size` / `max_generate_length` override the file's values, as the CLI flags do. A batch size larger than
+    the engine's max_batch_size runs as batches of that size, in order, with a note on `progress`.
     """
-    batch_size = batch_size or cases.batch_size
+    progress = progress or Progress(len(cases.requests), enabled=False)
+    source = "--batchSize" if batch_size else f"{cases.source}: batch_size"
+    asked = batch_size or cases.batch_size
+    batch_size = min(asked, engine.max_batch_size)
     max_len = max_generate_length or cases.max_generate_length
-    if batch_size > engine.max_batch_size:
-        raise InputError(f"batch_size (or --batchSize): expected at most {engine.max_batch_size} (the engine's "
-                         f"max_batch_size), found {batch_size}")
+    if asked > batch_size:
+        progress.note(f"{source} {asked} is more than the engine's max_batch_size {batch_size}: running the "
+                      f"{len(cases.requests)} requests in batches of {batch_size}, in order")
     prepared = prepare(cases, tokenizer, engine.vocab_size)
+    check_prompts(engine, [job for _, job in prepared])  # all of them before the first batch runs
     batches = [prepared[i: i + batch_size] for i in range(0, len(prepared), batch_size)]
     for _ in range(warmup):
         generate(engine, tokenizer, [job for _, job in batches[0]], max_len)
     responses, timing = [], Timing()
-    for batch in tqdm(batches, desc="batches", unit="batch", disable=None, file=sys.stderr):
-        generations, batch_timing = generate(engine, tokenizer, [job for _, job in batch], max_len)
+    for batch in batches:
+        generations, batch_timing = generate(engine, tokenizer, [job for _, job in batch], max_len,
+                                             on_tokens=progress.tokens_generated)
         timing.add(batch_timing)
         for batch_idx, ((prompt, _), gen) in enumerate(zip(batch, generations)):
             request_idx = len(responses)
             responses.append(response_json(
                 request_idx, batch_idx, cases.requests[request_idx], prompt.system_text, prompt.text, gen.text,
                 gen.finish_reason, logprobs_json(tokenizer, gen)))
+        progress.requests_done(len(batch))
     return responses, timing
 
 
@@ -91,11 +100,12 @@ def run_test_cases(engine, tokenizer, cases: TestCases, batch_size: int | None =
               help="Most new tokens per request; overrides max_generate_length of the input file.")
 @click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True,
               help="Untimed generations of the first batch before the real run.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar, notes or summary line on stderr (errors only).")
 @click.option("--dumpProfile", "dump_profile", is_flag=True,
               help="Print prefill / decode throughput and time to first token, and add them to the output as "
                    "'profile'.")
 def cli(engine_dir: Path, input_file: Path, output_file: Path, batch_size: int | None,
-        max_generate_length: int | None, warmup: int, dump_profile: bool) -> None:
+        max_generate_length: int | None, warmup: int, quiet: bool, dump_profile: bool) -> None:
     """Generate answers for the requests of INPUTFILE with the engine in ENGINEDIR.
 
     Sampling (temperature, top_k, top_p, logit_bias, sampling_seed), chat-template options and stop strings are read
@@ -109,13 +119,19 @@ def cli(engine_dir: Path, input_file: Path, output_file: Path, batch_size: int |
     cases = load_test_cases(input_file)
     engine = Engine.load(engine_dir)
     tokenizer = load_tokenizer(engine_dir)
-    responses, timing = run_test_cases(engine, tokenizer, cases, batch_size, max_generate_length, warmup)
+    start = time.perf_counter()
+    progress = Progress(len(cases.requests), enabled=not quiet)
+    try:
+        responses, timing = run_test_cases(engine, tokenizer, cases, batch_size, max_generate_length, warmup, progress)
+    finally:
+        progress.close()
     output = {"input_file": str(input_file), "responses": responses}
     if dump_profile:
         output["profile"] = timing.profile()
         for key, value in output["profile"].items():
             click.echo(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}", err=True)
     write_json_atomic(output_file, output)
+    progress.summary(summary_line(len(responses), timing, time.perf_counter() - start) + f"; wrote {output_file}")
 
 
 def main(argv: list[str] | None = None) -> int:

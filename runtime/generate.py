@@ -10,6 +10,7 @@ untouched. A row stops at an eos id of the engine, at one of its stop strings (t
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -108,12 +109,20 @@ class _Row:
         return Generation(self.tokens, text, self.finish_reason, self.logprobs)
 
 
-def generate(engine, tokenizer, jobs: list[Job], max_generate_length: int) -> tuple[list[Generation], Timing]:
-    """Continue every prompt of `jobs` as one batch (at most engine.max_batch_size) and time it."""
+def check_prompts(engine, jobs: list[Job]) -> None:
+    """InputError for the first prompt the engine cannot take in one call."""
     for job in jobs:
         if not 1 <= len(job.prompt_ids) <= engine.max_input_len:
             raise InputError(f"{job.name}: expected a prompt of 1..{engine.max_input_len} tokens (the engine's "
                              f"max_input_len), found {len(job.prompt_ids)}")
+
+
+def generate(engine, tokenizer, jobs: list[Job], max_generate_length: int,
+             on_tokens: Callable[[int], None] | None = None) -> tuple[list[Generation], Timing]:
+    """Continue every prompt of `jobs` as one batch (at most engine.max_batch_size) and time it; `on_tokens(n)` is
+    told after each step how many tokens it sampled (for progress reports)."""
+    on_tokens = on_tokens or (lambda n: None)
+    check_prompts(engine, jobs)
     capacity = engine.max_kv_cache_capacity
     eos = set(engine.eos_token_ids)
     # A row's last sampled token never enters the cache, hence the +1.
@@ -130,6 +139,7 @@ def generate(engine, tokenizer, jobs: list[Job], max_generate_length: int) -> tu
     timing.prefill_s = time.perf_counter() - start
     step_ids = np.array([[row.step(logits[b])] for b, row in enumerate(rows)], np.int32)
     timing.first_token_s.append(time.perf_counter() - start)
+    on_tokens(len(rows))
 
     start = time.perf_counter()
     while True:
@@ -141,5 +151,6 @@ def generate(engine, tokenizer, jobs: list[Job], max_generate_length: int) -> tu
             if active[b]:
                 step_ids[b, 0] = row.step(logits[b])
         timing.decode_tokens += int(active.sum())
+        on_tokens(int(active.sum()))
     timing.decode_s = time.perf_counter() - start
     return [row.result() for row in rows], timing

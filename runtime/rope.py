@@ -7,28 +7,34 @@ Frequencies come from `transformers`' own init functions, so the table matches H
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
-from transformers import AutoConfig
+from transformers import CONFIG_MAPPING
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from contract.errors import InputError
 from contract.stage import head_dim
 
 _HF_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
-            "rope_theta", "rope_scaling", "partial_rotary_factor")
+            "partial_rotary_factor")
 
 
 def hf_config(config: dict):
-    """A `transformers` config of the model's own class, built from the runtime config's RoPE-relevant keys."""
+    """A `transformers` config of the model's own class, built from the runtime config's RoPE-relevant keys.
+
+    The runtime config keeps the reference's `rope_theta` / `rope_scaling` keys; a transformers that has
+    `rope_parameters` (5.x) gets them in that layout (its `rope_scaling` setter is deprecated and warns)."""
     kwargs = {k: config[k] for k in _HF_KEYS if config.get(k) is not None}
     try:
-        with warnings.catch_warnings():  # transformers 5 renamed rope_scaling; both spellings still build the config
-            warnings.filterwarnings("ignore", message=".*rope_scaling.*", category=FutureWarning)
-            return AutoConfig.for_model(config["model"], **kwargs)
-    except (KeyError, ValueError) as e:
+        config_class = CONFIG_MAPPING[config["model"]]
+        scaling = dict(config.get("rope_scaling") or {})
+        if hasattr(config_class, "rope_parameters"):
+            scaling.setdefault("rope_type", scaling.pop("type", "default"))
+            kwargs["rope_parameters"] = {**scaling, "rope_theta": config["rope_theta"]}
+        else:
+            kwargs.update(rope_theta=config["rope_theta"], **({"rope_scaling": scaling} if scaling else {}))
+        return config_class(**kwargs)
+    except (KeyError, ValueError, TypeError) as e:
         raise InputError(f"config.json: cannot build a transformers config for model {config.get('model')!r}: {e}") from e
 
 

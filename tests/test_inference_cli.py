@@ -85,6 +85,49 @@ def test_examples_run(built, tmp_path):
     assert "decode_tokens_per_second:" in result.stderr
 
 
+def test_progress_on_stderr_and_a_summary_line_quiet_turns_them_off(built, tmp_path):
+    _, engine_dir = built
+    cases = {"top_k": 1, "max_generate_length": 6, "batch_size": 2,
+             "requests": [{"messages": MESSAGES}, {"messages": MESSAGES[1:]}, {"messages": MESSAGES}]}
+    result = run(engine_dir, cases, tmp_path / "out.json")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == ""
+    written = json.loads((tmp_path / "out.json").read_text())
+    lines = result.stderr.replace("\r", "\n").strip().splitlines()
+    bar = [line for line in lines if line.startswith("requests: ")]
+    assert bar and bar[-1].startswith("requests: 3/3") and "tokens/s" in bar[-1]
+    summary = lines[-1]
+    assert summary.startswith("llm-inference: 3 requests in 2 batches, ") and summary.endswith(f"wrote {tmp_path / 'out.json'}")
+    tokens = int(summary.split(", ")[1].split()[0])
+    assert tokens == int(bar[-1].split("| ")[-1].split(", ")[1].split()[0])  # the bar's final count agrees
+    quiet = run(engine_dir, cases, tmp_path / "quiet.json", "--quiet")
+    assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == ""
+    assert json.loads((tmp_path / "quiet.json").read_text())["responses"] == written["responses"]
+
+
+@pytest.mark.parametrize("flags", [[], ["--batchSize", "9"]])
+def test_more_requests_than_the_engine_batch_run_in_engine_sized_batches(built, tmp_path, flags):
+    """batch_size above the engine's max_batch_size (4): batches of 4, in order, with one note; each answer is the
+    one the request gets alone."""
+    _, engine_dir = built
+    prompts = ["Name a color.", "Count to three.", "Say hi.", "What is two plus two?", "Name a fruit.", "Bye."]
+    cases = {"top_k": 1, "max_generate_length": 5, "batch_size": 6,
+             "requests": [{"messages": [{"role": "user", "content": p}]} for p in prompts]}
+    result = run(engine_dir, cases, tmp_path / "out.json", *flags)
+    assert result.exit_code == 0, result.stderr
+    notes = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.startswith("note: ")]
+    source = "--batchSize 9" if flags else "out.in.json: batch_size 6"
+    assert notes == [f"note: {source} is more than the engine's max_batch_size 4: running the 6 requests in batches "
+                     "of 4, in order"]
+    responses = json.loads((tmp_path / "out.json").read_text())["responses"]
+    assert [r["request_idx"] for r in responses] == list(range(6)) and [r["batch_idx"] for r in responses] == [
+        0, 1, 2, 3, 0, 1]
+    alone = run(engine_dir, {**cases, "batch_size": 1}, tmp_path / "alone.json", "--quiet")
+    assert alone.exit_code == 0, alone.stderr
+    texts = [r["output_text"] for r in json.loads((tmp_path / "alone.json").read_text())["responses"]]
+    assert [r["output_text"] for r in responses] == texts
+
+
 def test_no_profile_without_flag(built, tmp_path):
     _, engine_dir = built
     result = run(engine_dir, EXAMPLES / "raw_prompt.json", tmp_path / "o.json", "--maxGenerateLength", "2")
@@ -97,10 +140,11 @@ def test_no_profile_without_flag(built, tmp_path):
     ({"top_k": 1}, [], "requests: expected a non-empty list, found null"),
     ({"requests": [{"messages": [{"role": "user", "content": "a"}], "logit_bias": {"49152": 5}}]}, [],
      r"requests[0].logit_bias: expected token ids in [0, 49152), found 49152"),
-    ({"requests": [{"messages": [{"role": "user", "content": "a"}]}]}, ["--batchSize", "5"],
-     "batch_size (or --batchSize): expected at most 4 (the engine's max_batch_size), found 5"),
     ({"requests": [{"messages": [{"role": "user", "content": "a " * 80}]}]}, [],
      "requests[0]: expected a prompt of 1..64 tokens"),
+    ({"batch_size": 1, "requests": [{"messages": [{"role": "user", "content": "a"}]},
+                                    {"messages": [{"role": "user", "content": "a " * 80}]}]}, [],
+     "requests[1]: expected a prompt of 1..64 tokens"),  # found before the first batch runs
 ])
 def test_bad_input_exits_2_without_output(built, tmp_path, cases, flags, message):
     _, engine_dir = built
