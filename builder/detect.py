@@ -13,6 +13,7 @@ from pathlib import Path
 import onnx
 
 from contract import stage
+from contract.dir_kinds import onnx_dir_mistake
 from contract.errors import InputError
 from contract.jsonfile import read_json
 from contract.stage import CONTRACT_VERSION, KvDtype
@@ -49,10 +50,12 @@ class Detection:
 def read_config(onnx_dir: Path) -> dict:
     path = onnx_dir / "config.json"
     if not path.is_file():
-        raise InputError(f"{onnx_dir}: expected an ONNX dir from llm_loader.export_all_cli, found no config.json")
+        raise InputError(onnx_dir_mistake(onnx_dir)
+                         or f"{onnx_dir}: expected an ONNX dir from llm_loader.export_all_cli, found no config.json")
     config = read_json(path, "the ONNX dir's runtime config")
     if config.get("contract_version") != CONTRACT_VERSION:
-        raise InputError(f"{path} contract_version: expected {CONTRACT_VERSION}, found {config.get('contract_version')!r}")
+        raise InputError(onnx_dir_mistake(onnx_dir) or f"{path} contract_version: expected {CONTRACT_VERSION}, "
+                         f"found {config.get('contract_version')!r}")
     if "builder_config" in config:
         raise InputError(f"{path}: this is an engine dir (it has builder_config), expected an ONNX dir")
     for key in ("model", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",

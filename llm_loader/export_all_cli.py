@@ -22,6 +22,7 @@ import click
 from tqdm import tqdm
 
 from contract.cli import CONTEXT_SETTINGS, example, run_cli
+from contract.dir_kinds import checkpoint_mistake
 from contract.errors import InputError
 from llm_loader.model_config import model_config_from_dict
 from llm_loader.runtime_config import runtime_config
@@ -52,6 +53,9 @@ def export(checkpoint_dir: Path, out_dir: Path, fp8_embedding: bool = False, dty
 
     if dtype not in DTYPES:
         raise InputError(f"--dtype: expected one of {DTYPES}, found {dtype!r}")
+    mistake = checkpoint_mistake(checkpoint_dir, out_dir, "arguments swapped? (llm-export CKPT OUT)")
+    if mistake:
+        raise InputError(mistake)
     ckpt = open_checkpoint(checkpoint_dir)
     quant = None  # a quantized checkpoint says so itself: hf_quant_config.json or config.json quantization_config
     if (ckpt.path / "hf_quant_config.json").exists() or "quantization_config" in ckpt.config:

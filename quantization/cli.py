@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import click
 
 from contract.cli import CONTEXT_SETTINGS, example, run_cli
+from contract.dir_kinds import checkpoint_mistake
 from contract.errors import InputError
 from contract.jsonfile import read_json
 from quantization import checkpoint_writer as writer
@@ -79,6 +80,10 @@ def check_options(o: LlmOptions) -> None:
     if o.device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: expected a CUDA GPU, found none")
     config = o.model_dir / "config.json"
+    mistake = checkpoint_mistake(o.model_dir, o.output_dir, "--model_dir takes the Hugging Face "
+                                 "checkpoint to quantize, --output_dir the new one (swapped?); quantize before exporting")
+    if mistake:
+        raise InputError(f"--model_dir {mistake}")
     if not config.is_file():
         raise InputError(f"{config}: expected the HF config of --model_dir, found no such file")
     if not any(o.model_dir.glob("*.safetensors")) and not any(o.model_dir.glob("pytorch_model*.bin")):
