@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -25,8 +26,9 @@ import click
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
-CALIB = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+DATA = Path(os.environ.get("EDGELLM_DATA_DIR") or ROOT.parent / "shared" / "data")  # a checkout's sibling by default
+WIKITEXT = DATA / "wikitext-2-raw-test.txt"
+CALIB = DATA / "tinyshakespeare.txt"
 KV_TOKENS = 4096
 
 

@@ -56,7 +56,9 @@ def child_peak_rss(cmd: list[str]) -> tuple[float, int]:
 
 
 def long_prompt(tokenizer, n_tokens: int) -> str:
-    text = (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    from benchmarks.accuracy import CALIB
+
+    text = CALIB.read_text(encoding="utf-8")
     ids = tokenizer(text[: n_tokens * 8])["input_ids"][:n_tokens]
     return tokenizer.decode(ids)
 

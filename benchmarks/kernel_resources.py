@@ -18,8 +18,9 @@ from pathlib import Path
 F8 = "fp8e4nv"
 
 
-def hopper_kernels() -> list[tuple[str, object, dict, dict, int]]:
-    """(label, kernel, signature, constexprs, num_warps) at the benchmark's shapes (Qwen3-8B heads; a d-64 model)."""
+def hopper_kernels() -> list[tuple[str, object, dict, dict, dict]]:
+    """(label, kernel, signature, constexprs, launch options) at the benchmark's shapes (Qwen3-8B heads; a d-64
+    model); the options are the launch's warps and FMA contraction."""
     from plugins.attention import triton_kernels as A
     from plugins.fp8_gather import triton_kernels as G
 
@@ -40,22 +41,27 @@ def hopper_kernels() -> list[tuple[str, object, dict, dict, int]]:
     kernels = []
     for t in (F8, "fp16"):
         kernels.append((f"rope_kv_write {name[t]} d128 qk-norm", A._rope_kv_write_kernel, rope(t),
-                        dict(HQ=32, HKV=8, D=128, BLOCK_D=128, ROT=128, QK_NORM=True, FP8=t == F8), 4))
+                        dict(HQ=32, HKV=8, D=128, BLOCK_D=128, ROT=128, QK_NORM=True, FP8=t == F8), launch(4, False)))
         for d in (128, 64):  # prefill_attention on a GPU: BLOCK_M 128, BLOCK_N 64, 8 warps
             kernels.append((f"prefill {name[t]} d{d}", A._prefill_kernel, prefill(t),
-                            dict(HQ=32, HKV=8, D=d, BLOCK_M=128, BLOCK_N=64), 8))
+                            dict(HQ=32, HKV=8, D=d, BLOCK_M=128, BLOCK_N=64), launch(8)))
             kernels.append((f"decode {name[t]} d{d}", A._decode_kernel, decode(t),
-                            dict(HQ=32, HKV=8, D=d, NUM_SPLITS=16, BLOCK_G=16, BLOCK_N=64), 4))
+                            dict(HQ=32, HKV=8, D=d, NUM_SPLITS=16, BLOCK_G=16, BLOCK_N=64), launch(4)))
     kernels.append(("decode reduce d128", A._decode_reduce_kernel,
                     dict(part_o_ptr="*fp32", part_m_ptr="*fp32", part_l_ptr="*fp32", out_ptr="*fp16", ctx_ptr="*i32",
-                         out_scale="fp32"), dict(HQ=32, D=128, NUM_SPLITS=16, BLOCK_S=16), 4))
+                         out_scale="fp32"), dict(HQ=32, D=128, NUM_SPLITS=16, BLOCK_S=16), launch(4)))
     kernels.append(("fp8_gather h4096", G._fp8_gather_kernel,
                     dict(table_ptr=f"*{F8}", scale_ptr="*fp32", ids_ptr="*i32", out_ptr="*fp16", V="i32", H="i32",
-                         NUM_BLOCKS="i32"), dict(BLOCK=128, BLOCK_H=4096), 8))
+                         NUM_BLOCKS="i32"), dict(BLOCK=128, BLOCK_H=4096), launch(8, False)))
     return kernels
 
 
-def compile_for_hopper(fn, signature: dict, constexprs: dict, num_warps: int):
+def launch(num_warps: int, fp_fusion: bool = True) -> dict:
+    """A kernel's launch options as `plugins/*/triton_kernels.py` pass them."""
+    return dict(num_warps=num_warps, enable_fp_fusion=fp_fusion)
+
+
+def compile_for_hopper(fn, signature: dict, constexprs: dict, options: dict):
     """`fn` compiled for sm_90 the way the JIT compiles it for real buffers: pointer arguments known 16-byte aligned
     (torch and TensorRT allocations are), which is what lets Triton vectorize the tile loads. Without that hint the
     d-128 prefill spills hundreds of bytes per thread, so a compile check without it measures the wrong kernel."""
@@ -66,7 +72,7 @@ def compile_for_hopper(fn, signature: dict, constexprs: dict, num_warps: int):
                if kind.startswith("*")}
     source = triton.compiler.ASTSource(fn=fn, signature={**signature, **{name: "constexpr" for name in constexprs}},
                                        constexprs=constexprs, attrs=aligned)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=3))
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_stages=3, **options))
 
 
 def registers_and_stack(cubin: bytes) -> tuple[int, int]:
@@ -94,10 +100,10 @@ def main() -> None:
     from benchmarks.fmha import markdown
 
     rows = []
-    for label, fn, signature, constexprs, num_warps in hopper_kernels():
-        kernel = compile_for_hopper(fn, signature, constexprs, num_warps)
+    for label, fn, signature, constexprs, options in hopper_kernels():
+        kernel = compile_for_hopper(fn, signature, constexprs, options)
         registers, stack = registers_and_stack(kernel.asm["cubin"])
-        rows.append(dict(kernel=label, warps=num_warps, registers=registers, spill_bytes=stack,
+        rows.append(dict(kernel=label, warps=options["num_warps"], registers=registers, spill_bytes=stack,
                          shared_kib=kernel.metadata.shared / 1024,
                          tensor_cores=", ".join(tensor_core_instructions(kernel.asm["ptx"])) or "-"))
     print(markdown(rows, ["kernel", "warps", "registers", "spill_bytes", "shared_kib", "tensor_cores"]))

@@ -3,8 +3,9 @@
 `llm.onnx` is `model.onnx` after `plugins.lowering.lower_for_onnxruntime` (the "ORT engine" KV contract of
 contracts.md 3.1) and `widen_to_fp32`: ORT's CPU provider has no fp16 kernels on x86, so the engine computes in
 fp32 and holds an fp16 model's KV cache in fp32 (an FP8 cache stays FP8). A quantized model's weights are then, by
-default, dequantized once here (`plugins.weight_folding.fast_form`: fp32 at rest, decode as fast as the fp16 engine); with
-`--cpuWeights quantized` they stay FP8 / packed FP4 at rest and are dequantized at every step (low memory, slow).
+default, dequantized once here (`plugins.weight_folding.fast_form`: fp32 at rest, decode as fast as the fp16
+engine); with `--cpuWeights quantized` they stay FP8 / packed FP4 at rest and are dequantized at every step (low
+memory, slow).
 `embedding.onnx` maps `input_ids` int32 [B,S] to `inputs_embeds` fp16 [B,S,H]: a plain Gather for an FP16 table,
 an `Fp8Gather` node (then lowered) for an FP8 one, so the FP8 table stays FP8 in memory.
 """

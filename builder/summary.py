@@ -62,5 +62,6 @@ def memory_line(weight_bytes: int, kv_bytes: int, embedding_bytes: int, limits: 
     """An estimate from the bytes alone (the interpreter and ONNX Runtime itself come on top, ~100 MiB)."""
     total = weight_bytes + kv_bytes + embedding_bytes
     return (f"resident memory about {total / MIB:.0f} MiB: weights {weight_bytes / MIB:.0f} MiB, KV cache "
-            f"{kv_bytes / MIB:.0f} MiB ({limits.max_batch_size} rows x {limits.max_kv_cache_capacity} tokens), "
+            f"{kv_bytes / MIB:.0f} MiB ({limits.max_batch_size} row{'s' * (limits.max_batch_size != 1)} x "
+            f"{limits.max_kv_cache_capacity} tokens), "
             f"embedding table {embedding_bytes / MIB:.0f} MiB")

@@ -32,22 +32,34 @@ if TYPE_CHECKING:
 
 REPORT_FILE = "quantization_report.json"
 CHARS_PER_TOKEN = 4  # how much text a sample needs to fill --max_seq_len tokens
+# --calibration: (samples, tokens per sample). "full" is the reference's default (TensorRT-Edge-LLM's quantizer and
+# ModelOpt: 512 x 512); "quick", the default here, takes minutes on a laptop CPU for a small model and lands within
+# the measured noise of "full" (docs/quantization.md, "Calibration size").
+CALIBRATION_PRESETS = {"quick": (64, 256), "full": (512, 512)}
 
 
 @dataclass(kw_only=True)
 class QuantizeOptions:
-    """The flags `llm` and `draft` share (keyword-only, so each subclass keeps its own positional paths)."""
+    """The flags `llm` and `draft` share (keyword-only, so each subclass keeps its own positional paths).
+    `num_samples` / `max_seq_len` left at None take the `calibration` preset's."""
 
     quantization: str = "fp8"
     kv_cache_quantization: str | None = None
     lm_head_quantization: str | None = None
     text_dataset: str = DEFAULT_DATASET
-    num_samples: int = 512
-    max_seq_len: int = 512
+    calibration: str = "quick"
+    num_samples: int | None = None
+    max_seq_len: int | None = None
     batch_size: int = 4
     device: str = "cpu"
     seed: int = 0
     max_shard_bytes: int = writer.DEFAULT_MAX_SHARD_BYTES
+
+    def __post_init__(self) -> None:
+        _check_choice("--calibration", self.calibration, tuple(CALIBRATION_PRESETS))
+        samples, tokens = CALIBRATION_PRESETS[self.calibration]
+        self.num_samples = samples if self.num_samples is None else self.num_samples
+        self.max_seq_len = tokens if self.max_seq_len is None else self.max_seq_len
 
 
 @dataclass
@@ -80,8 +92,8 @@ def check_options(o: LlmOptions) -> None:
     if o.device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: expected a CUDA GPU, found none")
     config = o.model_dir / "config.json"
-    mistake = checkpoint_mistake(o.model_dir, o.output_dir, "--model_dir takes the Hugging Face "
-                                 "checkpoint to quantize, --output_dir the new one (swapped?); quantize before exporting")
+    mistake = checkpoint_mistake(o.model_dir, o.output_dir, "--model_dir takes the Hugging Face checkpoint to "
+                                 "quantize, --output_dir the new one (swapped?); quantize before exporting")
     if mistake:
         raise InputError(f"--model_dir {mistake}")
     if not config.is_file():
@@ -135,6 +147,26 @@ def calibration_batches(tokenizer_dir: Path, texts: list[str], o) -> list:
     return list(make_batches(AutoTokenizer.from_pretrained(tokenizer_dir), texts, o.max_seq_len, o.batch_size))
 
 
+def calibration_data(tokenizer_dir: Path, o) -> tuple[list, dict]:
+    """The calibration batches and what they hold (for the report), said on stderr before the long part starts,
+    with a warning when the data set yields fewer samples than asked for."""
+    texts = load_texts(o.text_dataset, o.num_samples, o.max_seq_len * CHARS_PER_TOKEN, o.seed)
+    batches = calibration_batches(tokenizer_dir, texts, o)
+    tokens = sum(int(b.attention_mask.sum()) for b in batches)
+    info = {"preset": o.calibration, "samples_asked": o.num_samples, "max_seq_len": o.max_seq_len,
+            "samples": len(texts), "tokens": tokens, "warnings": []}
+    if len(texts) < o.num_samples:
+        info["warnings"].append(f"--text_dataset {o.text_dataset}: {len(texts)} samples of up to {o.max_seq_len} "
+                                f"tokens, fewer than the {o.num_samples} asked for (--num_samples)")
+    other = "quick" if o.calibration == "full" else "full"
+    click.echo(f"calibration: {len(texts)} samples, {tokens} tokens (up to {o.max_seq_len} per sample) from "
+               f"{o.text_dataset} (--calibration {o.calibration}; --calibration {other}: "
+               f"{' x '.join(map(str, CALIBRATION_PRESETS[other]))})", err=True)
+    for warning in info["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
+    return batches, info
+
+
 def static_inputs(plan: dict[str, str]) -> list[str]:
     """The linears whose format needs a calibrated input amax (static activation scales)."""
     return [m for m, method in plan.items() if writer.needs_input_amax(method)]
@@ -151,24 +183,23 @@ def quantize_llm(o: LlmOptions) -> dict:
     kv_fp8 = o.kv_cache_quantization == "fp8"
     methods = {o.quantization, o.lm_head_quantization}
     needs_calibration = kv_fp8 or any(m and writer.needs_input_amax(m) for m in methods)
-    texts = []
+    num_layers = read_json(o.model_dir / "config.json", "the model config").get("num_hidden_layers", 0)
+    bad = [i for i in o.kv_cache_fp16_layers if not 0 <= i < num_layers]
+    if bad:
+        raise InputError(f"--kv_cache_fp16_layers: expected layer indices in [0, {num_layers}), found {bad}")
+    batches, data = [], {"samples": 0, "warnings": []}
     if needs_calibration:  # before loading the model, so a bad dataset fails fast
-        texts = load_texts(o.text_dataset, o.num_samples, o.max_seq_len * CHARS_PER_TOKEN, o.seed)
+        batches, data = calibration_data(o.model_dir, o)
 
     torch.manual_seed(o.seed)
     dtype = torch.float16 if o.device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(o.model_dir, dtype=dtype, attn_implementation="sdpa").to(o.device)
     model.eval()
-    num_layers = model.config.num_hidden_layers
-    bad = [i for i in o.kv_cache_fp16_layers if not 0 <= i < num_layers]
-    if bad:
-        raise InputError(f"--kv_cache_fp16_layers: expected layer indices in [0, {num_layers}), found {bad}")
     check_finite(model.state_dict(), o.model_dir)
 
     plan = quantization_plan(model, o)
     calib = Calibration()
     if needs_calibration:
-        batches = calibration_batches(o.model_dir, texts, o)
         calib = calibrate(model, batches, static_inputs(plan), kv=kv_fp8)
 
     state_dict = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
@@ -183,9 +214,17 @@ def quantize_llm(o: LlmOptions) -> dict:
     qt = writer.quantize_state_dict(state_dict, plan, calib.input_amax, kv_scales)
 
     all_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    report = build_report(calib, o.quantization, kv_fp8, o.kv_cache_fp16_layers, qt.excluded, len(texts))
+    report = with_calibration(build_report(calib, o.quantization, kv_fp8, o.kv_cache_fp16_layers, qt.excluded,
+                                           data["samples"]), data)
     write_quantized(qt, config, all_linears, report, o.quantization, kv_fp8, o.kv_cache_fp16_layers,
                     source_dir=o.model_dir, output_dir=o.output_dir, max_shard_bytes=o.max_shard_bytes)
+    return report
+
+
+def with_calibration(report: dict, data: dict) -> dict:
+    """The report with what the calibration data held (`calibration_data`) and its warnings first."""
+    report["calibration"] = {k: v for k, v in data.items() if k != "warnings"}
+    report["warnings"] = data["warnings"] + report["warnings"]
     return report
 
 
@@ -232,9 +271,6 @@ def quantize_draft(o: DraftOptions) -> dict:
     check_finite(tensors, o.draft_model_dir)
     methods = {o.quantization, o.lm_head_quantization}
     needs_calibration = any(m and writer.needs_input_amax(m) for m in methods)
-    texts = []
-    if needs_calibration:
-        texts = load_texts(o.text_dataset, o.num_samples, o.max_seq_len * CHARS_PER_TOKEN, o.seed)
 
     base_config = read_json(base_config, "the base model config")
     layer_ids = eagle3.target_layer_ids(config, base_config.get("num_hidden_layers", 0))
@@ -243,18 +279,20 @@ def quantize_draft(o: DraftOptions) -> dict:
     plan = {n: o.quantization for n in linears if n != "lm_head" and o.quantization != "none"}
     if o.lm_head_quantization:
         plan["lm_head"] = o.lm_head_quantization
+    batches, data = [], {"samples": 0, "warnings": []}
+    if needs_calibration:  # after every check of the draft, before the base model loads
+        batches, data = calibration_data(o.base_model_dir, o)
     calib = Calibration()
     if needs_calibration:
         torch.manual_seed(o.seed)
         dtype = torch.float16 if o.device == "cuda" else torch.float32
         base = AutoModelForCausalLM.from_pretrained(o.base_model_dir, dtype=dtype, attn_implementation="sdpa")
         base = base.to(o.device).eval()
-        batches = calibration_batches(o.base_model_dir, texts, o)
         calib = eagle3.calibrate_draft(base, model.to(o.device, dtype), batches, layer_ids, static_inputs(plan))
 
     state_dict = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     qt = writer.quantize_state_dict(state_dict, plan, calib.input_amax, {})
-    report = build_report(calib, o.quantization, False, [], qt.excluded, len(texts))
+    report = with_calibration(build_report(calib, o.quantization, False, [], qt.excluded, data["samples"]), data)
     report["target_layer_ids"] = layer_ids
     write_quantized(qt, config, linears, report, o.quantization, False, [],
                     source_dir=o.draft_model_dir, output_dir=o.output_dir, max_shard_bytes=o.max_shard_bytes)
@@ -275,8 +313,13 @@ def calibration_options(command):
     for option in reversed([
         click.option("--text_dataset", default=DEFAULT_DATASET, show_default=True,
                      help="Name or .txt/.jsonl/.json path."),
-        click.option("--num_samples", default=512, show_default=True, type=int),
-        click.option("--max_seq_len", default=512, show_default=True, type=int),
+        click.option("--calibration", default="quick", show_default=True, type=click.Choice(list(CALIBRATION_PRESETS)),
+                     help="Calibration size: quick = " + " x ".join(map(str, CALIBRATION_PRESETS["quick"]))
+                     + " (samples x tokens), minutes on a laptop CPU for a small model; full = the reference's "
+                     + " x ".join(map(str, CALIBRATION_PRESETS["full"])) + "."),
+        click.option("--num_samples", default=None, type=int, help="Calibration samples [default: the preset's]."),
+        click.option("--max_seq_len", default=None, type=int,
+                     help="Most tokens per calibration sample [default: the preset's]."),
         click.option("--batch_size", default=4, show_default=True, type=int),
         click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"])),
         click.option("--seed", default=0, show_default=True, type=int, help="Picks the calibration samples."),

@@ -26,7 +26,8 @@ class Progress:
     def bar(self) -> tqdm:
         if self._bar is None:
             self._bar = tqdm(total=self.requests, desc="requests", unit="req", file=sys.stderr, dynamic_ncols=True,
-                             disable=not self.enabled, bar_format="{desc}: {n_fmt}/{total_fmt} |{bar}| {elapsed}{postfix}")
+                             disable=not self.enabled,
+                             bar_format="{desc}: {n_fmt}/{total_fmt} |{bar}| {elapsed}{postfix}")
         return self._bar
 
     def note(self, message: str) -> None:

@@ -35,7 +35,8 @@ def hf_config(config: dict):
             kwargs.update(rope_theta=config["rope_theta"], **({"rope_scaling": scaling} if scaling else {}))
         return config_class(**kwargs)
     except (KeyError, ValueError, TypeError) as e:
-        raise InputError(f"config.json: cannot build a transformers config for model {config.get('model')!r}: {e}") from e
+        raise InputError(f"config.json: cannot build a transformers config for model {config.get('model')!r}: "
+                         f"{e}") from e
 
 
 def inverse_frequencies(config: dict) -> tuple[torch.Tensor, float, int]:

@@ -97,7 +97,8 @@ def test_progress_on_stderr_and_a_summary_line_quiet_turns_them_off(built, tmp_p
     bar = [line for line in lines if line.startswith("requests: ")]
     assert bar and bar[-1].startswith("requests: 3/3") and "tokens/s" in bar[-1]
     summary = lines[-1]
-    assert summary.startswith("llm-inference: 3 requests in 2 batches, ") and summary.endswith(f"wrote {tmp_path / 'out.json'}")
+    assert summary.startswith("llm-inference: 3 requests in 2 batches, ")
+    assert summary.endswith(f"wrote {tmp_path / 'out.json'}")
     tokens = int(summary.split(", ")[1].split()[0])
     assert tokens == int(bar[-1].split("| ")[-1].split(", ")[1].split()[0])  # the bar's final count agrees
     quiet = run(engine_dir, cases, tmp_path / "quiet.json", "--quiet")

@@ -224,3 +224,41 @@ def test_module_entry_point_exit_code(tmp_path):
         capture_output=True, text=True, cwd=Path(__file__).parents[1],
     )
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "config.json" in proc.stderr
+
+
+def test_calibration_presets_and_explicit_sizes(tmp_path):
+    from quantization.cli import CALIBRATION_PRESETS
+
+    def options(**kw):
+        return LlmOptions(tmp_path, tmp_path / "q", **kw)
+
+    quick, full = CALIBRATION_PRESETS["quick"], CALIBRATION_PRESETS["full"]
+    assert full == (512, 512)  # the reference's defaults, one flag away
+    assert (options().num_samples, options().max_seq_len) == quick
+    assert (options(calibration="full").num_samples, options(calibration="full").max_seq_len) == full
+    assert options(calibration="full", num_samples=7).num_samples == 7  # an explicit size wins over the preset
+    code, _, err = run_cli(main, "llm", "--model_dir", tmp_path, "--output_dir", tmp_path / "q", "--calibration", "x")
+    assert code == 2 and "--calibration" in err
+
+
+def test_calibration_size_said_up_front_and_a_short_data_set_warns(tiny_checkpoint, tmp_path, texts_file):
+    ckpt = tiny_checkpoint("llama")
+    out = tmp_path / "q"
+    code, _, err = run_cli(main, "llm", "--model_dir", ckpt, "--output_dir", out, "--text_dataset", texts_file,
+                           "--num_samples", "10", "--max_seq_len", "32", "--batch_size", "2")
+    assert code == 0, err
+    report = json.loads((out / "quantization_report.json").read_text())
+    lines = err.splitlines()
+    said = next(i for i, line in enumerate(lines) if line.startswith("calibration: "))
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    tokens = sum(min(len(tokenizer(t)["input_ids"]), 32) for t in TEXTS)
+    assert lines[said].startswith(f"calibration: 3 samples, {tokens} tokens (up to 32 per sample) from {texts_file}")
+    assert tokens == report["num_tokens"]  # what calibration then saw
+    # before the model loads and calibrates (the progress bars come after)
+    assert not any("calibrating" in line for line in lines[:said])
+    warning = (f"--text_dataset {texts_file}: 3 samples of up to 32 tokens, fewer than the 10 asked for "
+               "(--num_samples)")
+    assert lines[said + 1] == f"warning: {warning}"
+    assert report["warnings"][0] == warning
+    assert report["calibration"] == {"preset": "quick", "samples_asked": 10, "max_seq_len": 32, "samples": 3,
+                                     "tokens": tokens}

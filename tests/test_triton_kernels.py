@@ -21,6 +21,7 @@ import math
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -293,8 +294,8 @@ def test_kernels_compile_for_hopper_without_spills():
         tensor_core_instructions,
     )
 
-    for label, fn, signature, constexprs, num_warps in hopper_kernels():
-        kernel = compile_for_hopper(fn, signature, constexprs, num_warps)
+    for label, fn, signature, constexprs, options in hopper_kernels():
+        kernel = compile_for_hopper(fn, signature, constexprs, options)
         registers, stack = registers_and_stack(kernel.asm["cubin"])
         assert stack == 0 and registers <= 255, (label, registers, stack)
         if label.startswith("prefill"):
@@ -341,3 +342,18 @@ def test_gpu_fp8_gather():
     ids = torch.randint(0, 1000, (4, 300), dtype=torch.int32)
     got = fp8_gather(table.cuda(), scale.cuda(), ids.cuda())
     assert torch.equal(got.cpu(), fp8_gather_reference(table, scale, ids))
+
+
+def test_every_launch_states_fp_fusion():
+    """Triton 3.9 warns (at a kernel's first compile, so on every GPU run) when a launch leaves FMA contraction to its
+    default, which 3.10 changes: each launch of the project's kernels says which it wants."""
+    import ast
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "plugins").glob("*/triton_kernels.py"))
+    assert len(paths) == 2
+    for path in paths:
+        launches = [node for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)]  # kernel[grid](...)
+        assert launches, path
+        for call in launches:
+            assert "enable_fp_fusion" in {k.arg for k in call.keywords}, (path.name, ast.unparse(call.func))

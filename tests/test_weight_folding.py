@@ -28,7 +28,8 @@ def quantized_projections(fourth: bool = True) -> onnx.ModelProto:
     for i, width in enumerate((8, 4, 4, 6) if fourth else (8, 4, 4)):
         inits.append(fp8_initializer(f"w{i}", rng.normal(size=(16, width)) * 4))
         scale = np.array(0.01 * (i + 1), np.float32) if i != 1 else rng.uniform(0.01, 0.02, width).astype(np.float32)
-        inits += [numpy_helper.from_array(scale, f"ws{i}"), numpy_helper.from_array(np.array(0.05, np.float32), f"s{i}")]
+        inits += [numpy_helper.from_array(scale, f"ws{i}"),
+                  numpy_helper.from_array(np.array(0.05, np.float32), f"s{i}")]
         nodes += [helper.make_node("QuantizeLinear", ["x", f"s{i}"], [f"xq{i}"], output_dtype=FP8),
                   helper.make_node("DequantizeLinear", [f"xq{i}", f"s{i}"], [f"xdq{i}"]),
                   helper.make_node("DequantizeLinear", [f"w{i}", f"ws{i}"], [f"wdq{i}"], axis=1),

@@ -13,6 +13,8 @@ Three kernels, each in an FP16 and an FP8 variant chosen by the `FP8` constexpr:
    second kernel merges the chunks' partial softmax results.
 
 `attention_forward` runs the whole op; `present` is `past_key_value` updated in place (TensorRT aliases the two).
+Every launch states `enable_fp_fusion` (FMA contraction): Triton 3.9 warns when a launch leaves it to its default,
+which 3.10 turns off. Off for kernel 1 (it rounds like torch), on for the attention kernels, as they were measured.
 The quantizing step lives only in kernel 1, which the tests check on its own against torch (the Triton CPU
 interpreter rounds fp32 -> fp8 wrongly, see docs/gpu-kernels.md).
 """
@@ -239,7 +241,7 @@ def rope_kv_write(qkv, past_key_value, context_lengths, rope_cos_sin, kvcache_st
         s, cache.shape[3], q_scale, k_scale, v_scale, float(attrs.rms_norm_eps),
         HQ=hq, HKV=hkv, D=d, BLOCK_D=triton.next_power_of_2(d), ROT=rope_cos_sin.shape[-1],
         QK_NORM=bool(attrs.enable_qk_norm), FP8=bool(attrs.enable_fp8_kv_cache),
-        **({"enable_fp_fusion": False} if qkv.is_cuda else {}),  # no FMA: RoPE rounds like torch, FP8 codes match
+        enable_fp_fusion=False,  # no FMA: RoPE rounds like torch, FP8 codes match
     )
     return q_out
 
@@ -261,7 +263,7 @@ def prefill_attention(q, cache, context_lengths, kvcache_start_index, attrs, blo
     extra = dict(num_warps=8 if block_m >= 128 else 4, num_stages=3) if on_gpu else {}
     _prefill_kernel[(triton.cdiv(s, block_m), b * hq)](
         q, cache, out, context_lengths, kvcache_start_index, s, cache.shape[3], qk_scale, out_scale,
-        HQ=hq, HKV=attrs.num_kv_heads, D=d, BLOCK_M=block_m, BLOCK_N=block_n, **extra,
+        HQ=hq, HKV=attrs.num_kv_heads, D=d, BLOCK_M=block_m, BLOCK_N=block_n, enable_fp_fusion=True, **extra,
     )
     return out
 
@@ -289,11 +291,12 @@ def decode_attention(q, cache, context_lengths, kvcache_start_index, attrs, num_
     _decode_kernel[(b * hkv, splits)](
         q, cache, part_o, part_m, part_l, context_lengths, kvcache_start_index, capacity, chunk, qk_scale,
         HQ=hq, HKV=hkv, D=d, NUM_SPLITS=splits, BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)), BLOCK_N=block_n,
+        enable_fp_fusion=True,
     )
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=torch.float16) if out is None else out
     _decode_reduce_kernel[(b * hq,)](
         part_o, part_m, part_l, out, context_lengths, out_scale,
-        HQ=hq, D=d, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
+        HQ=hq, D=d, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), enable_fp_fusion=True,
     )
     return out
 

@@ -67,6 +67,6 @@ def fp8_gather(
         extra = dict(num_warps=8 if block_h >= 2048 else 4) if table_fp8.is_cuda else {}
         _fp8_gather_kernel[(tokens, triton.cdiv(hidden, block_h))](
             table_fp8, scale, input_ids.contiguous(), out, vocab, hidden, num_blocks,
-            BLOCK=block_size, BLOCK_H=block_h, **extra,
+            BLOCK=block_size, BLOCK_H=block_h, enable_fp_fusion=False, **extra,  # a product: nothing to fuse
         )
     return out
