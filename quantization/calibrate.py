@@ -97,11 +97,15 @@ def calibrate(model, batches: list[Batch], linear_names: Iterable[str], kv: bool
     observer = _Observer()
     device = next(model.parameters()).device
     num_tokens = 0
-    with _observing(model, list(linear_names), observer, kv):
+    linear_names = list(linear_names)
+    # the decoder alone unless the lm_head is calibrated: logits are a fifth of a small model's work, and unused here
+    forward = model if any(n == "lm_head" or n.endswith(".lm_head") for n in linear_names) else model.base_model
+    with _observing(model, linear_names, observer, kv):
         for batch in tqdm(batches, desc="calibrating", unit="batch"):
             observer.mask = batch.attention_mask.to(device).bool()
             num_tokens += int(observer.mask.sum())
-            model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
+            forward(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                    use_cache=False)
     return Calibration(
         input_amax={k: float(v) for k, v in observer.input_amax.items()},
         qkv_amax={k: tuple(float(x) for x in v) for k, v in sorted(observer.qkv_amax.items())},
