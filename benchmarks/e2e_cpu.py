@@ -106,8 +106,14 @@ def hf(ckpt: Path, prompt: str, new_tokens: int, dtype: str, threads: int) -> di
 @click.option("--long_new_tokens", default=384, show_default=True,
               help="Tokens generated after the long prompt (the engine's KV capacity is 1024).")
 @click.option("--work", default=str(ROOT / "work_out" / "bench"), show_default=True, help="Scratch directory.")
-def main(new_tokens: int, prefill_tokens: int, long_new_tokens: int, work: str) -> None:
+@click.option("--report_only", is_flag=True,
+              help="Rewrite docs/benchmarks-cpu.md from docs/benchmarks-cpu.json (and engine-memory.json) only.")
+def main(new_tokens: int, prefill_tokens: int, long_new_tokens: int, work: str, report_only: bool) -> None:
     """Export cost, embedding bytes and generation speed of the CPU backend against transformers."""
+    if report_only:
+        write_report(json.loads((ROOT / "docs" / "benchmarks-cpu.json").read_text()), new_tokens, long_new_tokens,
+                     prefill_tokens)
+        return
     from transformers import AutoTokenizer
 
     from llm_loader.gguf_convert import smollm2_checkpoint
@@ -151,6 +157,34 @@ def measurements(long: str, new_tokens: int, long_new_tokens: int) -> list[tuple
     into the cache (after the long prompt), where the per-step cost of attention shows."""
     return [("prefill", long, new_tokens, "prefill"), ("decode", PROMPT_SHORT, new_tokens, "decode"),
             ("long_decode", long, long_new_tokens, "decode")]
+
+
+def quantized_engines() -> list[str]:
+    """The quantized engines' decode speed against the fp16 engine, from `benchmarks.engine_memory`'s last run."""
+    path = ROOT / "docs" / "engine-memory.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    settings = list(data["rows"][0]["speed"])
+    name = {"0": "default threads", "1": "1 thread"}
+    lines = ["## Quantized engines", "",
+             f"Decode tokens/s of each recipe's engine against the fp16 engine, run in turns in one process "
+             f"(`python -m benchmarks.engine_memory`, {data['machine']}, 1-minute load average "
+             f"{min(data['load_average_1min']):.0f}-{max(data['load_average_1min']):.0f}); the default form "
+             "dequantizes the weights once at build, the low-memory one (`--cpuWeights quantized`) at every step. "
+             "Memory and the reasons: [engine-memory](engine-memory.md).", "",
+             "| recipe | " + " | ".join(f"default form, {name.get(t, t)}" for t in settings) + " | "
+             + " | ".join(f"low-memory form, {name.get(t, t)}" for t in settings) + " |",
+             "|---|" + "---|" * (2 * len(settings))]
+    by_recipe: dict[str, dict] = {}
+    for row in data["rows"]:
+        by_recipe.setdefault(row["recipe"], {})[row["form"]] = row
+    for recipe, forms in by_recipe.items():
+        if "fp32" in forms:
+            cells = [f"{forms[f]['speed'][t]['decode_tps']:.1f} tokens/s, {forms[f]['speed'][t]['ratio']:.2f}x"
+                     for f in ("fp32", "quantized") for t in settings]
+            lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def write_report(r: dict, new_tokens: int, long_new_tokens: int, prefill_tokens: int) -> None:
@@ -204,6 +238,7 @@ def write_report(r: dict, new_tokens: int, long_new_tokens: int, prefill_tokens:
         "- Timings move by up to about 10% between runs on this shared machine; compare ratios from one run.",
         "",
     ]
+    lines += quantized_engines()
     docs = ROOT / "docs"
     (docs / "benchmarks-cpu.json").write_text(json.dumps(r, indent=2))
     (docs / "benchmarks-cpu.md").write_text("\n".join(lines))

@@ -126,9 +126,12 @@ def _drop_unread(graph: onnx.GraphProto) -> None:
 
 def merge_duplicates(graph: onnx.GraphProto) -> None:
     """Merge small initializers of equal dtype, shape and value, then nodes of equal op, attributes and inputs (in
-    graph order, so a merge upstream lets the nodes below it merge too). A node that makes a graph output stays."""
-    canonical, renamed = {}, {}
+    graph order, so a merge upstream lets the nodes below it merge too); a Cast of an initializer to its own dtype
+    (`widen_to_fp32` makes them of the graph's Casts to fp16) is the initializer. A node that makes a graph output
+    stays."""
+    canonical, renamed, types = {}, {}, {}
     for t in graph.initializer:
+        types[t.name] = t.data_type
         if int(np.prod(t.dims, dtype=np.int64)) <= SMALL:
             key = (t.data_type, tuple(t.dims), numpy_helper.to_array(t).tobytes())
             renamed[t.name] = canonical.setdefault(key, t.name)
@@ -139,6 +142,10 @@ def merge_duplicates(graph: onnx.GraphProto) -> None:
         for j, name in enumerate(node.input):
             node.input[j] = renamed.get(name, name)
         if graph_outputs.intersection(node.output):
+            continue
+        if node.op_type == "Cast" and types.get(node.input[0]) == _attr(node, "to"):
+            renamed[node.output[0]] = node.input[0]
+            drop.add(k)
             continue
         attrs = tuple(a.SerializeToString() for a in sorted(node.attribute, key=lambda a: a.name))
         key = (node.domain, node.op_type, tuple(node.input), attrs, len(node.output))
@@ -199,5 +206,9 @@ def _join_split_concat(graph: onnx.GraphProto) -> None:
     _rename_inputs(graph, renamed)
 
 
+def _attr(node: onnx.NodeProto, name: str) -> int | None:
+    return next((a.i for a in node.attribute if a.name == name), None)
+
+
 def _axis(node: onnx.NodeProto) -> int | None:
-    return next((a.i for a in node.attribute if a.name == "axis"), None)
+    return _attr(node, "axis")

@@ -40,26 +40,29 @@ def _activation(quantize: onnx.NodeProto, dq_scale: onnx.NodeProto, dq: onnx.Nod
     - dequantized as the two DQs do: `level * (scale * s)`, each product rounded to `s`'s dtype (read through
       explicit Casts: ORT CPU runs fp16 Mul/DQ in fp32 and would drop those roundings).
 
-    About twenty nodes on the activation's own shape: this chain runs for every quantized linear at every step."""
+    About seventeen nodes once ORT has folded the constants (and the engine's fast form has merged the two
+    DequantizeLinear of the scale, which read the same fp32 scale after `widen_to_fp32`): this chain runs for every
+    quantized GEMM input at every step."""
     block = next(a.i for a in quantize.attribute if a.name == "block_size")
     b = ctx.builder(quantize.name)
     x, input_scale = quantize.input
-    s = dq_scale.input[1] if scale_type == FP32 else b.op("Cast", [dq_scale.input[1]], to=FP32)
     blocks = b.op("Reshape", [b.op("Cast", [x], to=FP32), b.const([0, 0, -1, block], np.int64)])
     amax = b.op("ReduceMax", [b.op("Abs", [blocks]), b.const([-1], np.int64)], keepdims=1)
-    ratio = b.op("Div", [b.op("Div", [amax, b.const(formats.E2M1_MAX)]), input_scale])
-    scale = b.op("Cast", [b.op("Cast", [ratio], to=FP8)], to=FP32)
+    scale = b.op("Cast", [b.op("Div", [b.op("Div", [amax, b.const(formats.E2M1_MAX)]), input_scale])], to=FP8)
+    # divide by scale * input_scale (fp32); a zero scale by the smallest FP8 scale's instead (ORT folds that constant)
     smallest = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).smallest_subnormal)
-    scaled = b.op("Div", [blocks, b.op("Mul", [b.op("Max", [scale, b.const(smallest)]), input_scale])])
+    divisor = b.op("Max", [b.op("DequantizeLinear", [scale, input_scale]),
+                           b.op("Mul", [b.const(smallest), input_scale])])
+    scaled = b.op("Div", [blocks, divisor])
     # trunc(clip(v, -4, 4)) in -4..4 picks the step; Gather reads a negative index from the table's end
     binade = b.op("Cast", [b.op("Clip", [scaled, b.const(-4.0), b.const(4.0)])], to=INT64)
     steps = np.array([0.5, 0.5, 1.0, 1.0, 2.0, 2.0, 1.0, 1.0, 0.5])  # trunc 0, 1, 2, 3, 4, then -4, -3, -2, -1
     magic = b.op("Gather", [b.const(1.5 * 2**23 * steps), binade], axis=0)
     level = b.op("Clip", [b.op("Sub", [b.op("Add", [scaled, magic]), magic]), b.const(-formats.E2M1_MAX),
                           b.const(formats.E2M1_MAX)])
-    block_scale = b.op("Mul", [scale, s])
-    if scale_type != FP32:  # the first DQ's output, rounded to its dtype
-        block_scale = b.op("Cast", [b.op("Cast", [block_scale], to=scale_type)], to=FP32)
+    block_scale = b.op("DequantizeLinear", [scale, dq_scale.input[1]])  # the first DQ, in its scale's dtype
+    if scale_type != FP32:
+        block_scale = b.op("Cast", [block_scale], to=FP32)
     values = b.op("Reshape", [b.op("Mul", [level, block_scale]), b.const([0, 0, -1], np.int64)])
     b.op("Cast", [values], outputs=[dq.output[0]], to=scale_type)
     return b.nodes
