@@ -68,7 +68,7 @@ def build(onnx_dir: str | Path, engine_dir: str | Path, *, max_batch_size: int =
         backend=backend, max_batch_size=max_batch_size, max_input_len=max_input_len,
         max_kv_cache_capacity=max_kv_cache_capacity, kv_cache_dtype=found.kv_cache_dtype,
         embedding_format=found.embedding_format, weight_format=found.weight_format, kv_io=kv_io)
-    with staged_dir(engine_dir) as out:
+    with staged_dir(engine_dir, kind="engine dir", flag="--engineDir", inputs=[onnx_dir]) as out:
         sidecar = read_embedding_sidecar(onnx_dir / "embedding.safetensors")
         if backend == "onnxruntime":
             from builder import onnxruntime_backend as ort_backend
@@ -99,7 +99,8 @@ def build(onnx_dir: str | Path, engine_dir: str | Path, *, max_batch_size: int =
 @click.option("--onnxDir", "onnx_dir", required=True, type=click.Path(path_type=Path),
               help="ONNX dir written by python -m llm_loader.export_all_cli (OUT/llm).")
 @click.option("--engineDir", "engine_dir", required=True, type=click.Path(path_type=Path),
-              help="Engine dir to write (replaced atomically if it exists).")
+              help="Engine dir to write. An existing one is replaced (atomically) only when it is an earlier engine "
+                   "dir of llm-build holding nothing else; any other existing directory is refused.")
 @click.option("--maxBatchSize", "max_batch_size", default=4, show_default=True, type=int)
 @click.option("--maxInputLen", "max_input_len", default=1024, show_default=True, type=int,
               help="Most new tokens per row in one call (prefill length).")

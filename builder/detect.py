@@ -1,8 +1,10 @@
 """What an ONNX dir holds, read from the files themselves (contracts.md sections 1, 2, 4).
 
-The build takes no precision flags: weight format, FP8 embedding and FP8 KV cache are detected here. Each fact has more than one
-witness (tensor dtype and metadata; graph bindings, plugin attributes and config.json), and they must agree, so an
-export that was edited by hand or half-converted fails before a long build instead of producing a wrong engine.
+The build takes no precision flags: weight format, FP8 embedding and FP8 KV cache are detected here. Each fact has more
+than one witness (tensor dtype and metadata; each layer's graph bindings and plugin attributes, and config.json), and
+they must agree, so an export that was edited by hand or half-converted fails before a long build instead of producing
+a wrong engine. Every dim config.json states and the graph fixes (layers, heads, head size, hidden, vocab, rotary
+dim) is checked the same way.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import onnx
 from contract import stage
 from contract.errors import InputError
 from contract.jsonfile import read_json
+from contract.onnxfile import load_model
+from contract.paths import checked_file
 from contract.stage import CONTRACT_VERSION, KvDtype
 from llm_loader.embedding import read_embedding_sidecar
 from plugins.attention import schema as attention_schema
@@ -46,51 +50,127 @@ class Detection:
         ])
 
 
+# inputs only a TensorRT-Edge-LLM 0.11 token-major (ragged, paged) export has (reference section 2.9)
+TOKEN_MAJOR_INPUTS = ("positions", "query_start_offsets", "query_lengths", "past_lengths", "logits_indices",
+                      "attention_sequence_lengths", "execution_phase_marker")
+
+
+def _foreign_export(onnx_dir: Path, config: dict) -> str | None:
+    """What a config.json without our contract_version is, when it is a TensorRT-Edge-LLM export: its graph is
+    token-major (0.11: `inputs_embeds [tokens, hidden]`, per-sequence offsets) or batch-major over a paged pool
+    (0.10: `kv_page_table`)."""
+    version = str(config.get("edgellm_version") or "")
+    try:
+        graph = load_model(onnx_dir / "model.onnx", "the exported graph").graph
+        inputs = {i.name: len(i.type.tensor_type.shape.dim) for i in graph.input}
+    except InputError:
+        inputs = {}
+    token_major = any(name in inputs for name in TOKEN_MAJOR_INPUTS) or inputs.get(stage.INPUTS_EMBEDS) == 2
+    if token_major or version.startswith("0.11"):
+        found = (f"a TensorRT-Edge-LLM {version or '0.11'} token-major/paged export (inputs_embeds [tokens, hidden], "
+                 "positions, query_start_offsets, kv_page_table)")
+    elif "kv_page_table" in inputs or version:
+        found = f"a TensorRT-Edge-LLM {version or '0.10'} export (batch-major over a paged KV pool, kv_page_table)"
+    else:
+        return None
+    return (f"{onnx_dir}: expected an ONNX dir of contract_version {CONTRACT_VERSION}, found {found}; llm-build "
+            "builds only exports of python -m llm_loader.export_all_cli (batch-major inputs_embeds [batch, seq, "
+            "hidden], one contiguous KV cache per layer, no kv_page_table): export the Hugging Face checkpoint "
+            "with it")
+
+
 def read_config(onnx_dir: Path) -> dict:
-    path = onnx_dir / "config.json"
-    if not path.is_file():
+    path = checked_file(onnx_dir, "config.json", "the runtime config", required=False)
+    if path is None:
         raise InputError(f"{onnx_dir}: expected an ONNX dir from llm_loader.export_all_cli, found no config.json")
     config = read_json(path, "the ONNX dir's runtime config")
     if config.get("contract_version") != CONTRACT_VERSION:
-        raise InputError(f"{path} contract_version: expected {CONTRACT_VERSION}, found {config.get('contract_version')!r}")
+        found = config.get("contract_version")
+        raise InputError(_foreign_export(onnx_dir, config)
+                         or f"{path} contract_version: expected {CONTRACT_VERSION}, found {found!r}")
     if "builder_config" in config:
         raise InputError(f"{path}: this is an engine dir (it has builder_config), expected an ONNX dir")
     for key in ("model", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "kv_cache_dtype"):
         if key not in config:
             raise InputError(f"{path}: expected key {key!r}, found none")
+    stage.check_runtime_config(config, str(path))
     return config
 
 
-def graph_kv_facts(model_path: Path) -> tuple[set[str], set[str], int]:
-    """(dtypes of past_key_values_* inputs, KV dtypes implied by AttentionPlugin attributes, number of layers)."""
-    if not model_path.is_file():
-        raise InputError(f"{model_path.parent}: expected model.onnx, found no such file")
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    for location in {e.value for t in graph.initializer for e in t.external_data if e.key == "location"}:
-        if not (model_path.parent / location).is_file():
-            raise InputError(f"{model_path}: expected its weights file {location} next to it, found no such file")
-    pasts = [i for i in graph.input if i.name.startswith(stage.PAST_PREFIX)]
-    binding = set()
-    for i in pasts:
-        kv = KvDtype.from_onnx(i.type.tensor_type.elem_type)
-        if kv is None:
-            raise InputError(f"{model_path} input {i.name}: expected fp16 or float8e4m3fn, found elem_type "
-                             f"{i.type.tensor_type.elem_type}")
-        binding.add(kv.value)
-    plugins = [n for n in graph.node if n.domain == attention_schema.DOMAIN and n.op_type == attention_schema.OP_TYPE]
-    plugin = {attention_schema.read_attrs(n).kv_dtype.value for n in plugins}
-    if len(plugins) != len(pasts):
-        raise InputError(f"{model_path}: expected one AttentionPlugin per past_key_values input, found "
-                         f"{len(plugins)} plugins and {len(pasts)} inputs")
-    return binding, plugin, len(pasts)
+def _dims(value: onnx.ValueInfoProto) -> list:
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
 
 
-def graph_weight_format(model_path: Path) -> str:
+def _agree(onnx_dir: Path, what: str, witnesses: dict[str, object], layer: int | None = None) -> None:
+    """Every source of one fact (config.json, a binding's dtype or shape, a plugin attribute) must say the same."""
+    if len({str(v) for v in witnesses.values()}) > 1:
+        said = ", ".join(f"{source} says {value}" for source, value in witnesses.items())
+        at = "" if layer is None else f" at layer {layer}"
+        raise InputError(f"{onnx_dir}: {what} disagrees{at}: {said}")
+
+
+def check_graph(onnx_dir: Path, graph: onnx.GraphProto, config: dict) -> None:
+    """Cross-check every layer's KV bindings and AttentionPlugin, and every dim the graph fixes, with config.json."""
+    inputs, outputs = {i.name: i for i in graph.input}, {o.name: o for o in graph.output}
+    layers = config["num_hidden_layers"]
+    for kind, found in (("input", sorted(n for n in inputs if n.startswith(stage.PAST_PREFIX))),
+                        ("output", sorted(n for n in outputs if n.startswith(stage.PRESENT_PREFIX)))):
+        prefix = stage.PAST_PREFIX if kind == "input" else stage.PRESENT_PREFIX
+        expected = sorted(f"{prefix}{i}" for i in range(layers))
+        if found != expected:
+            raise InputError(f"{onnx_dir}/model.onnx: expected {prefix}0..{layers - 1} {kind}s (config.json "
+                             f"num_hidden_layers {layers}), found {len(found)}: {', '.join(found[:4])}"
+                             f"{' ...' if len(found) > 4 else ''}")
+    plugins = {n.input[1]: n for n in graph.node if n.domain == attention_schema.DOMAIN
+               and n.op_type == attention_schema.OP_TYPE and len(n.input) > 1}
+    attention_nodes = sum(n.op_type == attention_schema.OP_TYPE for n in graph.node)
+    if attention_nodes != layers:
+        raise InputError(f"{onnx_dir}/model.onnx: expected one AttentionPlugin per layer ({layers}, config.json "
+                         f"num_hidden_layers), found {attention_nodes}")
+    hd = stage.head_dim(config)
+    for i in range(layers):
+        past, present = inputs[stage.past_key_values(i)], outputs[stage.present_key_values(i)]
+        node = plugins.get(past.name)
+        if node is None or list(node.output[1:2]) != [present.name]:
+            raise InputError(f"{onnx_dir}/model.onnx: expected an AttentionPlugin reading {past.name} and writing "
+                             f"{present.name}, found none")
+        attrs = attention_schema.read_attrs(node)
+        plugin = f"AttentionPlugin {node.name!r}"
+        past_type, present_type = (KvDtype.from_onnx(v.type.tensor_type.elem_type) for v in (past, present))
+        _agree(onnx_dir, "KV cache dtype", layer=i, witnesses={
+            f"model.onnx {past.name}": getattr(past_type, "value", past.type.tensor_type.elem_type),
+            f"model.onnx {present.name}": getattr(present_type, "value", present.type.tensor_type.elem_type),
+            f"{plugin} enable_fp8_kv_cache": attrs.kv_dtype.value,
+            "config.json kv_cache_dtype": config["kv_cache_dtype"]})
+        shape = _dims(past)
+        if len(shape) != 5 or shape[1] != 2 or _dims(present) != shape:
+            raise InputError(f"{onnx_dir}/model.onnx {past.name}: expected shape [batch, 2, kv_heads, kv_len, "
+                             f"head_dim] (and the same for {present.name}), found {shape} and {_dims(present)}")
+        _agree(onnx_dir, "num_key_value_heads", layer=i, witnesses={
+            "config.json num_key_value_heads": config["num_key_value_heads"], f"model.onnx {past.name} dim 2": shape[2],
+            f"{plugin} num_kv_heads": attrs.num_kv_heads})
+        _agree(onnx_dir, "head_dim", layer=i, witnesses={
+            "config.json head_dim": hd, f"model.onnx {past.name} dim 4": shape[4],
+            f"{plugin} head_size": attrs.head_size})
+        _agree(onnx_dir, "num_attention_heads", layer=i, witnesses={
+            "config.json num_attention_heads": config["num_attention_heads"],
+            f"{plugin} num_q_heads": attrs.num_q_heads})
+    for name, io, axis, key, value in (
+            (stage.INPUTS_EMBEDS, inputs, 2, "hidden_size", config["hidden_size"]),
+            (stage.ROPE_COS_SIN, inputs, 2, "head_dim x partial_rotary_factor", stage.rotary_dim(config)),
+            (stage.LOGITS, outputs, 2, "vocab_size", config["vocab_size"])):
+        if name not in io:
+            raise InputError(f"{onnx_dir}/model.onnx: expected {name}, found no such graph input or output")
+        dims = _dims(io[name])
+        _agree(onnx_dir, key, {f"config.json {key}": value,
+                               f"model.onnx {name} dim {axis}": dims[axis] if len(dims) == 3 else dims})
+
+
+def graph_weight_format(graph: onnx.GraphProto) -> str:
     """The weight format model.onnx holds (contracts.md 2.1), from initializer dtypes and the weight DQ nodes:
     FLOAT4E2M1 -> nvfp4; FP8 with a blocked DQ -> fp8_block (fp8_pb_wo when no activation is quantized), with a
     per-channel scale -> fp8_pc, else fp8."""
-    graph = onnx.load(str(model_path), load_external_data=False).graph
     inits = {t.name: t for t in graph.initializer}
     types = {t.data_type for t in inits.values()}
     if onnx.TensorProto.FLOAT4E2M1 in types:
@@ -113,29 +193,21 @@ def detect(onnx_dir: str | Path) -> Detection:
     if not onnx_dir.is_dir():
         raise InputError(f"--onnxDir {onnx_dir}: expected a directory, found none")
     config = read_config(onnx_dir)
-    binding, plugin, num_layers = graph_kv_facts(onnx_dir / "model.onnx")
-    witnesses = {"model.onnx past_key_values inputs": binding, "AttentionPlugin enable_fp8_kv_cache": plugin,
-                 "config.json kv_cache_dtype": {config["kv_cache_dtype"]}}
-    if any(len(w) != 1 for w in witnesses.values()) or len(set.union(*witnesses.values())) != 1:
-        said = ", ".join(f"{k} says {'/'.join(sorted(v))}" for k, v in witnesses.items())
-        raise InputError(f"{onnx_dir}: KV cache dtype disagrees: {said}")
-    if num_layers != config["num_hidden_layers"]:
-        raise InputError(f"{onnx_dir}/model.onnx: expected {config['num_hidden_layers']} past_key_values inputs "
-                         f"(config.json num_hidden_layers), found {num_layers}")
-    weights = graph_weight_format(onnx_dir / "model.onnx")
+    graph = load_model(onnx_dir / "model.onnx", "the exported graph model.onnx").graph
+    check_graph(onnx_dir, graph, config)
+    weights = graph_weight_format(graph)
     if weights != config.get("weight_format", "fp16"):
         raise InputError(f"{onnx_dir}: weight format disagrees: model.onnx initializers and DequantizeLinear nodes "
                          f"say {weights}, config.json weight_format says {config.get('weight_format', 'fp16')}")
-    sidecar = read_embedding_sidecar(onnx_dir / "embedding.safetensors")
+    sidecar = read_embedding_sidecar(checked_file(onnx_dir, "embedding.safetensors", "the embedding sidecar"))
     expected = [config["vocab_size"], config["hidden_size"]]
     if [sidecar.vocab_size, sidecar.hidden_size] != expected:
         raise InputError(f"{onnx_dir}/embedding.safetensors: tensor 'embedding' expected {expected} (config.json "
                          f"vocab_size, hidden_size), found {[sidecar.vocab_size, sidecar.hidden_size]}")
-    head_dim = stage.head_dim(config)
     return Detection(
         onnx_dir=onnx_dir, config=config, model=config["model"], embedding_format=sidecar.format,
         kv_cache_dtype=config["kv_cache_dtype"], weight_format=weights,
-        num_layers=num_layers, vocab_size=int(config["vocab_size"]), hidden_size=int(config["hidden_size"]),
-        num_kv_heads=int(config["num_key_value_heads"]), head_dim=head_dim,
-        rotary_dim=int(head_dim * (config.get("partial_rotary_factor") or 1.0)),
+        num_layers=config["num_hidden_layers"], vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
+        num_kv_heads=config["num_key_value_heads"], head_dim=stage.head_dim(config),
+        rotary_dim=stage.rotary_dim(config),
     )

@@ -8,6 +8,7 @@ when asked for.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
@@ -51,6 +52,63 @@ def producer() -> dict:
 def head_dim(config: dict) -> int:
     """`head_dim`, or `hidden_size // num_attention_heads` for configs that leave it out (as HF does)."""
     return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def rotary_dim(config: dict) -> int:
+    """Channels of each head that RoPE rotates: `head_dim * partial_rotary_factor`."""
+    return int(head_dim(config) * (config.get("partial_rotary_factor") or 1.0))
+
+
+# --- the runtime config.json of an ONNX dir and an engine dir (contracts.md 1.1) ------------------------------------
+
+MODEL_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "max_position_embeddings")
+
+
+def positive_int(config: dict, key: str, where: str, *, required: bool = True) -> int | None:
+    """`config[key]` as a positive int (a bool, a float such as 64.0 or a string is refused)."""
+    value = config.get(key)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InputError(f"{where}: {key}: expected a positive integer, found {value!r:.60}")
+    return value
+
+
+def positive_number(config: dict, key: str, where: str, *, default: float | None = None) -> float:
+    """`config[key]` as a finite positive number."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InputError(f"{where}: {key}: expected a finite positive number, found {value!r:.60}")
+    return float(value)
+
+
+def check_runtime_config(config: dict, where: str) -> None:
+    """The model fields of a runtime config.json (section 1.1) by type and range, before anything sizes a graph,
+    a cache or a table from them: a positive int is an int, eos ids are token ids, and the head counts divide."""
+    for key in MODEL_INTS:
+        positive_int(config, key, where)
+    positive_int(config, "head_dim", where, required=False)
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    if heads % kv_heads:
+        raise InputError(f"{where}: num_attention_heads ({heads}) expected a multiple of num_key_value_heads, found "
+                         f"{kv_heads}")
+    positive_number(config, "rope_theta", where)
+    positive_number(config, "rms_norm_eps", where)
+    factor = positive_number(config, "partial_rotary_factor", where, default=1.0)
+    if factor > 1 or rotary_dim(config) % 2 or rotary_dim(config) == 0:
+        raise InputError(f"{where}: partial_rotary_factor: expected a factor in (0, 1] giving an even rotary dim, "
+                         f"found {factor} (rotary dim {rotary_dim(config)})")
+    scaling = config.get("rope_scaling")
+    if scaling is not None and not (isinstance(scaling, dict) and isinstance(scaling.get("rope_type", ""), str)):
+        raise InputError(f"{where}: rope_scaling: expected null or an object with a rope_type, found {scaling!r:.60}")
+    KvDtype.parse(config.get("kv_cache_dtype"), where)
+    eos = config.get("eos_token_id", [])
+    vocab = config["vocab_size"]
+    if not isinstance(eos, list) or not all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < vocab
+                                            for e in eos):
+        raise InputError(f"{where}: eos_token_id: expected a list of token ids in [0, {vocab}), found {eos!r:.60}")
+    weight_format(config.get("weight_format", "fp16"), where)
 
 
 # --- the KV cache dtype and its forms -----------------------------------------------------------------------------
@@ -119,6 +177,8 @@ class KvDtype(str, enum.Enum):
 # the whole cache as past and present; "prefix" passes the filled prefix in and returns only this call's K/V.
 KV_IN_PLACE, KV_PREFIX = "in_place", "prefix"
 KV_IO_FORMS = (KV_IN_PLACE, KV_PREFIX)
+# The ORT engine splits each layer's cache binding into halves `past_key_values_{i}.key` / `.value` `[B,Hkv,T,D]`.
+KV_HALVES = ("key", "value")
 
 
 # --- the embedding sidecar formats (contracts.md section 4) --------------------------------------------------------

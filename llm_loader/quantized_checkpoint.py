@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from contract import formats
 from contract.errors import InputError
 from contract.jsonfile import read_json
+from contract.paths import checked_file
 from contract.stage import QUANT_ALGO_FORMATS
 from llm_loader.checkpoint import open_checkpoint
 
@@ -82,8 +83,8 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _metadata(path: Path, config: dict) -> dict:
     """The `quantization` section in ModelOpt terms, from hf_quant_config.json or config.json."""
-    hf_quant = path / "hf_quant_config.json"
-    if hf_quant.is_file():
+    hf_quant = checked_file(path, "hf_quant_config.json", "ModelOpt's quantization config", required=False)
+    if hf_quant is not None:
         meta = dict(read_json(hf_quant, "ModelOpt's quantization config").get("quantization", {}))
     else:
         meta = dict(config.get("quantization_config") or {})
@@ -192,10 +193,7 @@ KV_SUFFIXES = ("k_proj.k_scale", "v_proj.v_scale", "q_proj.q_scale")
 def read_quantized_checkpoint(path: Path | str) -> QuantizedCheckpoint:
     """Read `path` (any layout above) and check that every module holds the format the metadata claims."""
     path = Path(path)
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise InputError(f"{config_path}: expected the HF config, found no such file")
-    config = read_json(config_path, "the checkpoint config")
+    config = read_json(checked_file(path, "config.json", "the HF config"), "the checkpoint config")
     meta = _metadata(path, config)
     tensors = load_tensors(path)
     # linears: modules with a 2-D weight, minus embedding tables

@@ -13,7 +13,7 @@ Everything else (embeddings, norms, biases, excluded linears) is written as fp16
 from __future__ import annotations
 
 import json
-import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +23,9 @@ from safetensors.torch import save_file
 from contract import formats, stage
 from contract.atomic import staged_dir
 from contract.stage import WEIGHT_FORMATS
+from contract.tokenizer_files import copy_checked
 
+OUTPUT_KIND = "quantized checkpoint"  # what contract.atomic calls this writer's output
 METHODS = ("fp8", "fp8_pc", "fp8_block", "nvfp4", "none")  # weight formats (contract.stage) this writer produces
 LM_HEAD_METHODS = ("fp8", "nvfp4")
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
@@ -168,13 +170,16 @@ def write_checkpoint(
     source_dir: Path,
     extra_files: dict[str, str] | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    inputs: Iterable[Path] = (),
 ) -> Path:
-    """Write config, hf_quant_config, (sharded) safetensors and the source's tokenizer files.
+    """Write config, hf_quant_config, (sharded) safetensors and the source's tokenizer files (checked: a regular file
+    inside `source_dir`, JSON and templates parsed).
 
-    Everything goes to a temporary sibling that is renamed into place only when complete.
+    Everything goes to a temporary sibling that is renamed into place only when complete; an existing `out_dir` is
+    replaced only when it is an earlier quantized checkpoint (contract.atomic). `inputs` are the directories read.
     """
     out_dir = Path(out_dir)
-    with staged_dir(out_dir) as tmp:
+    with staged_dir(out_dir, kind=OUTPUT_KIND, flag="--output_dir", inputs=[source_dir, *inputs]) as tmp:
         shards = _shards(tensors, max_shard_bytes)
         if len(shards) == 1:
             save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
@@ -189,9 +194,7 @@ def write_checkpoint(
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "hf_quant_config.json").write_text(json.dumps(quant_config, indent=2))
-        for name in SIDE_FILES:
-            if (source_dir / name).is_file():
-                shutil.copyfile(source_dir / name, tmp / name)
+        copy_checked(source_dir, tmp, SIDE_FILES)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return out_dir

