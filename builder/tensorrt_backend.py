@@ -4,7 +4,7 @@ TensorRT comes only from NVIDIA's package index, so this module imports it insid
 in pure code elsewhere: the profiles in builder/profiles.py, the graph changes TensorRT needs (plugin namespace,
 7-input AttentionPlugin) in builder/trt_graph.py. Precision is not chosen here: with a strongly typed network the
 ONNX dtypes (FP8 KV binding, FP8 table, Q/DQ) decide it, which is how FP8 KV and FP8 embedding "just work" after
-detection. The custom ops are TensorRT Python plugins, registered by the plugins' `register()` before parsing.
+detection. The custom ops are TensorRT Python plugins, registered (plugins/tensorrt_registry.py) before parsing.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from builder.profiles import (
 from builder.trt_graph import check_gpu_support, check_profiles, prepare_for_tensorrt
 from contract.errors import InputError
 from llm_loader.embedding import EmbeddingSidecar
+from plugins.tensorrt_registry import import_tensorrt
 
 
 def tensorrt_available() -> bool:
@@ -34,24 +35,6 @@ def tensorrt_available() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
-
-
-def import_tensorrt(who: str):
-    """`tensorrt`, with both trt_edgellm plugins registered (building and deserializing an engine both need them);
-    `who` starts the error message."""
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise InputError(f"{who}: expected the tensorrt Python package (pip install --extra-index-url "
-                         f"https://pypi.nvidia.com tensorrt), found none ({e})") from e
-    from plugins.attention import trt_plugin as attention_plugin
-    from plugins.fp8_gather import trt_plugin as fp8_gather_plugin
-
-    for plugin in (attention_plugin, fp8_gather_plugin):
-        if not plugin.register():
-            raise InputError(f"{who}: expected tensorrt.plugin (TensorRT >= 10.6) to register "
-                             f"{plugin.PLUGIN_ID}, found tensorrt {trt.__version__} without it")
-    return trt
 
 
 def build_engine(model: onnx.ModelProto, model_path: Path, engine_path: Path, profiles: list[Profile]) -> None:

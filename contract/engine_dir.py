@@ -104,7 +104,7 @@ def check_ort_engines(eng: Path, config: dict, kv: KvDtype) -> None:
     inputs, outputs = {i.name: i for i in llm.input}, {o.name: o for o in llm.output}
     layers, where = config["num_hidden_layers"], f"{eng / 'config.json'}"
     for prefix, io in ((stage.PAST_PREFIX, inputs), (stage.PRESENT_PREFIX, outputs)):
-        expected = {f"{prefix}{i}.{half}" for i in range(layers) for half in stage.KV_HALVES}
+        expected = {f"{prefix}{i}.{half}" for i in range(layers) for half in stage.ORT_KV_HALVES}
         found = {n for n in io if n.startswith(prefix)}
         if found != expected:
             raise InputError(f"{where}: num_hidden_layers {layers} disagrees with {eng / 'llm.onnx'}, which has "

@@ -177,8 +177,9 @@ class KvDtype(str, enum.Enum):
 # the whole cache as past and present; "prefix" passes the filled prefix in and returns only this call's K/V.
 KV_IN_PLACE, KV_PREFIX = "in_place", "prefix"
 KV_IO_FORMS = (KV_IN_PLACE, KV_PREFIX)
-# The ORT engine splits each layer's cache binding into halves `past_key_values_{i}.key` / `.value` `[B,Hkv,T,D]`.
-KV_HALVES = ("key", "value")
+# The ORT engine splits each layer's cache binding into halves named `{past_key_values_i}.key` / `.value` (and the
+# same for present), `[B,Hkv,T,D]` each, K first (contracts.md 3.1).
+ORT_KV_HALVES = ("key", "value")
 
 
 # --- the embedding sidecar formats (contracts.md section 4) --------------------------------------------------------

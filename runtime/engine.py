@@ -1,98 +1,76 @@
-"""The engine layer: one LLM engine and one embedding engine behind a small numpy API.
+"""The engine layer: one LLM engine and one embedding engine behind a small numpy API, on either backend.
 
-Everything above this module (sampling, generation, the CLI) sees only `Engine` and `KVCache`; `Engine.load` opens
-an engine dir of either backend (`runtime/tensorrt_engine.py` for TensorRT). On ONNX Runtime the KV cache lives in
-numpy, one contiguous buffer per layer and K/V. The lowered graph (contracts.md 3.1, "ORT engine") takes it in one
-of two forms: in place, the engine reads and updates the whole buffers (bound as both past and present,
-no copy); or, for an FP8 cache, it reads only the filled prefix (a copy: a slice of the capacity axis is not
-contiguous) and returns this call's K/V, which `forward` writes into the cache at each row's length.
+Everything above this module (sampling, generation, the CLI) sees only `Engine` and `KVCache`. `Engine` holds what
+does not depend on the backend: the engine dir's config, every check of a call's inputs, and the cache's
+bookkeeping (rows, tokens cached per row, capacity, dtype). It composes one backend object, chosen by
+builder_config.backend, that owns the sessions and the cache's storage: `runtime/onnxruntime_backend.py` (CPU) and
+`runtime/tensorrt_backend.py` (GPU), both shaped like `Backend` below. The backend API speaks the graph's own I/O
+names (contracts.md 2, `contract.stage`), so a graph with more inputs or outputs needs no new backend method.
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 
 from contract import stage
 from contract.engine_dir import load_engine_config
 from contract.errors import InputError
+from contract.stage import KvDtype
+from runtime.kv_cache import KVCache, KvLayout
 from runtime.rope import rope_cos_sin
 
-_FP8 = onnx.TensorProto.FLOAT8E4M3FN
+
+class Backend(Protocol):
+    """What `Engine` needs of a backend, opened as `Backend(engine_dir, config, kv_layout, constants)`; `constants`
+    are graph inputs that are the same at every call (the RoPE table), kept where the engine runs. Arrays are the
+    backend's own (numpy on ONNX Runtime, torch tensors on the GPU on TensorRT), so they can pass from one call to
+    the next without a copy; numpy is accepted as input."""
+
+    max_selected_positions: int | None  # the most positions per row last_token_ids may pick (None: any)
+    padded_call_needs_room: bool  # a row taking part in a call needs capacity for the whole padded call
+
+    def embed(self, ids: np.ndarray):
+        """Checked int32 ids [B,S] -> fp16 embeddings [B,S,H] (the embedding engine)."""
+
+    def new_kv(self, batch: int):
+        """Zeroed cache storage for `batch` rows of `KvLayout.capacity` tokens; it has `nbytes`."""
+
+    def run(self, kv, inputs: dict, outputs: tuple[str, ...]) -> dict:
+        """The LLM engine on `inputs` (every graph input except the cache and the constants given at open), writing
+        each row's new K/V into `kv` at its `kvcache_start_index`; returns `outputs` by name."""
+
+    def to_numpy(self, array) -> np.ndarray: ...
+
+    def read_kv(self, kv, row: int, positions: np.ndarray):
+        """K/V of one row at `positions` as `[layers, 2, Hkv, n, D]` (0 = K), in the storage's dtype."""
+
+    def write_kv(self, kv, row: int, start: int, values) -> None:
+        """`values` as `read_kv` returns them, into positions start..start+n of the row."""
 
 
-@dataclass
-class KVCache:
-    """One buffer per layer. ONNX Runtime: numpy `[2, batch, Hkv, capacity, D]` (index 0 = K, 1 = V), float32 for an
-    fp16 cache (the CPU engine computes in fp32) or uint8 holding FP8 E4M3 bytes. TensorRT: a torch tensor on the GPU
-    in the graph's own layout `[batch, 2, Hkv, capacity, D]`, float16 or float8_e4m3fn."""
+def open_backend(engine_dir: Path, config: dict, kv: KvLayout, constants: dict[str, np.ndarray]) -> Backend:
+    """The backend the engine dir was built for (builder_config.backend); TensorRT is imported only for its dirs."""
+    if config["builder_config"]["backend"] == "tensorrt":
+        from runtime.tensorrt_backend import TensorRTBackend
 
-    layers: list  # np.ndarray (ONNX Runtime) or torch.Tensor (TensorRT)
-    lengths: np.ndarray  # int32 [batch]: tokens already cached per row
-    dtype: str  # "fp16" | "fp8": the engine's kv_cache_dtype
-    binding: ort.IOBinding | None = field(default=None, repr=False)  # in-place engines: these buffers, bound once
+        return TensorRTBackend(engine_dir, config, kv, constants)
+    from runtime.onnxruntime_backend import OnnxRuntimeBackend
 
-    @property
-    def nbytes(self) -> int:
-        return sum(layer.nbytes for layer in self.layers)
-
-    @property
-    def batch(self) -> int:
-        return len(self.lengths)
-
-    @property
-    def capacity(self) -> int:
-        return self.layers[0].shape[3]
+    return OnnxRuntimeBackend(engine_dir, config, kv, constants)
 
 
-def session_options() -> ort.SessionOptions:
-    """All graph optimizations (ORT has no x86 fp16 MatMul: at this level it folds the fp16 weights to fp32 once at
-    load; lower levels cast them on every run, 3x slower). Threads: ORT's default of one per physical core, or
-    EDGELLM_ORT_THREADS."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(os.environ.get("EDGELLM_ORT_THREADS") or 0)
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return opts
-
-
-def _return_freed_buffers_to_the_os() -> None:
-    """Pin glibc's mmap threshold at 1 MiB, so each freed dequantized weight goes back to the OS at once. By default
-    glibc raises the threshold to the largest buffer freed so far, which moves the next ones onto the heap, where
-    freed memory stays resident: measured on the SmolLM2 fp8 engine, peak RSS growth 777 MiB by default, 547 MiB
-    pinned, for about 5% of its (already slow) decode speed. Process-wide; a no-op off glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_mmap_threshold = -3  # <malloc.h>
-    libc.mallopt(m_mmap_threshold, 1 << 20)
-
-
-def _halves(cache: KVCache) -> list[np.ndarray]:
-    """The cache's K and V buffers `[B,Hkv,capacity,D]` (contiguous) in the engine's binding order."""
-    return [layer[j] for layer in cache.layers for j in (0, 1)]
-
-
-def _ort_input(array: np.ndarray, fp8: bool):
-    """Numpy array as an ORT input; FP8 bytes need an explicit ONNX type."""
-    if fp8:
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, _FP8)
-    return ort.OrtValue.ortvalue_from_numpy(array)
+def llm_inputs(embeds, context_lengths: np.ndarray, kvcache_start_index: np.ndarray,
+               last_token_ids: np.ndarray) -> dict:
+    """The LLM graph's inputs of one plain step by name, but the cache and the RoPE table (contracts.md 2)."""
+    return {stage.INPUTS_EMBEDS: embeds, stage.CONTEXT_LENGTHS: context_lengths,
+            stage.KVCACHE_START_INDEX: kvcache_start_index, stage.LAST_TOKEN_IDS: last_token_ids}
 
 
 class Engine:
-    """An engine directory opened for inference: `embed`, `new_cache` and `forward`.
-
-    This class runs ONNX Runtime engine dirs; `TensorRTEngine` keeps its checks and replaces the four backend steps
-    `_open`, `_lookup`, `_new_layers` and `_run`."""
+    """An engine directory opened for inference: `embed`, `new_cache` and `forward`."""
 
     def __init__(self, engine_dir: Path, config: dict):
         self.engine_dir = engine_dir
@@ -106,45 +84,24 @@ class Engine:
         self.max_batch_size = int(bc["max_batch_size"])
         self.max_input_len = int(bc["max_input_len"])
         self.max_kv_cache_capacity = int(bc["max_kv_cache_capacity"])
-        self.kv_cache_dtype = bc["kv_cache_dtype"]
+        self.kv_cache_dtype = bc["kv_cache_dtype"]  # "fp16" | "fp8" (contract.stage.KvDtype values)
         eos = config.get("eos_token_id")
         self.eos_token_ids = [int(e) for e in (eos if isinstance(eos, list) else [] if eos is None else [eos])]
         self.rope = rope_cos_sin(config, self.max_kv_cache_capacity)
-        self._open()
-
-    def _open(self) -> None:
-        """The ONNX Runtime sessions of llm.onnx and embedding.onnx."""
-        opts = session_options()
-        providers = ["CPUExecutionProvider"]
-        self.embedding_session = ort.InferenceSession(str(self.engine_dir / "embedding.onnx"), opts,
-                                                      providers=providers)
-        if self.config.get("weight_format", "fp16") != "fp16":
-            # ORT's CPU provider has no FP8/FP4 GEMM: every step dequantizes each weight into a transient fp32
-            # buffer. The arena would keep all those buffers for good (measured on SmolLM2 fp8: 1002 MiB against
-            # 413 MiB without it, and 737 MiB for the fp16 engine); without it the low-precision weights pay off.
-            opts.enable_cpu_mem_arena = False
-            _return_freed_buffers_to_the_os()
-        self.llm_session = ort.InferenceSession(str(self.engine_dir / "llm.onnx"), opts, providers=providers)
-        # (past, present) binding names per layer and K/V, in the order of KVCache's buffers
-        self._kv_names = [(f"past_key_values_{i}.{kind}", f"present_key_values_{i}.{kind}")
-                          for i in range(self.num_layers) for kind in ("key", "value")]
-        self.kv_in_place = self.config["builder_config"]["kv_io"] == stage.KV_IN_PLACE
+        layout = KvLayout(self.num_layers, self.num_kv_heads, self.max_kv_cache_capacity, self.head_dim,
+                          KvDtype(self.kv_cache_dtype))
+        self.backend = open_backend(engine_dir, config, layout, {stage.ROPE_COS_SIN: self.rope})
 
     @staticmethod
     def load(engine_dir: str | Path) -> "Engine":
         """Validate ENG (InputError if it is not a complete engine dir of a known contract) and open it on the
-        backend it was built for (builder_config.backend)."""
+        backend it was built for."""
         engine_dir = Path(engine_dir)
-        config = load_engine_config(engine_dir)
-        if config["builder_config"]["backend"] == "tensorrt":
-            from runtime.tensorrt_engine import TensorRTEngine
-
-            return TensorRTEngine(engine_dir, config)
-        return Engine(engine_dir, config)
+        return Engine(engine_dir, load_engine_config(engine_dir))
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         """int32 [B,S] -> fp16 [B,S,H]; an id outside [0, vocab) is an InputError (a GPU kernel would give zeros)."""
-        return self._lookup(self._checked_ids(input_ids))
+        return self.backend.to_numpy(self.backend.embed(self._checked_ids(input_ids)))
 
     def _checked_ids(self, input_ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(input_ids)
@@ -155,22 +112,12 @@ class Engine:
             raise InputError(f"input_ids: token id {int(ids[bad][0])} is outside the vocabulary [0, {self.vocab_size})")
         return ids.astype(np.int32, copy=False)
 
-    def _lookup(self, ids: np.ndarray) -> np.ndarray:
-        """Checked int32 ids -> fp16 embeddings (the embedding engine)."""
-        (embeds,) = self.embedding_session.run(["inputs_embeds"], {"input_ids": ids})
-        return embeds
-
     def new_cache(self, batch: int) -> KVCache:
         """An empty cache of `max_kv_cache_capacity` tokens per row, in the engine's KV dtype."""
         if not 1 <= batch <= self.max_batch_size:
             raise InputError(f"batch: expected 1..{self.max_batch_size} (the engine's max_batch_size), found {batch}")
-        return KVCache(self._new_layers(batch), np.zeros(batch, np.int32), self.kv_cache_dtype)
-
-    def _new_layers(self, batch: int) -> list[np.ndarray]:
-        """Zeroed cache buffers, one per layer (KVCache's ONNX Runtime layout)."""
-        shape = (2, batch, self.num_kv_heads, self.max_kv_cache_capacity, self.head_dim)
-        dtype = np.uint8 if self.kv_cache_dtype == "fp8" else np.float32
-        return [np.zeros(shape, dtype) for _ in range(self.num_layers)]
+        return KVCache(self.backend.new_kv(batch), np.zeros(batch, np.int32), self.max_kv_cache_capacity,
+                       self.kv_cache_dtype)
 
     def forward(self, cache: KVCache, input_ids: np.ndarray, context_lengths: np.ndarray,
                 last_token_ids: np.ndarray) -> np.ndarray:
@@ -185,55 +132,11 @@ class Engine:
         self._check(cache, ids, ctx, last)
         valid = np.arange(ids.shape[1])[None, :] < ctx[:, None]
         ids = self._checked_ids(np.where(valid, ids, 0))  # padding may hold any value; only real tokens are checked
-        logits = self._run(cache, ids, ctx, last)
+        inputs = llm_inputs(self.backend.embed(ids), ctx, cache.lengths.copy(), last)
+        outputs = self.backend.run(cache.storage, inputs, (stage.LOGITS,))
+        logits = self.backend.to_numpy(outputs[stage.LOGITS])
         cache.lengths += ctx
         return logits
-
-    def _run(self, cache: KVCache, ids: np.ndarray, ctx: np.ndarray, last: np.ndarray) -> np.ndarray:
-        """Embedding and llm.onnx on checked inputs; the cache's lengths are the caller's to advance."""
-        batch, seq = ids.shape
-        start = cache.lengths.copy()
-        # the in-place GQA node needs room for the whole padded call in every row that takes part in it
-        tight = (ctx > 0) & (start + seq > cache.capacity) if self.kv_in_place else np.zeros(batch, bool)
-        if tight.any():
-            b = int(np.argmax(tight))
-            raise InputError(f"KV cache: row {b} holds {int(start[b])} tokens; a call padded to {seq} tokens "
-                             f"would pass the capacity {cache.capacity}; send that row in a shorter call")
-        fp8 = cache.dtype == "fp8"
-        feeds = {"inputs_embeds": self._lookup(ids), "rope_rotary_cos_sin": self.rope, "context_lengths": ctx,
-                 "kvcache_start_index": start, "last_token_ids": last}
-        if self.kv_in_place:
-            if cache.binding is None:
-                cache.binding = self._bind_in_place(cache)
-            binding = cache.binding
-        else:
-            prefix = int(start.max())
-            binding = self.llm_session.io_binding()
-            for (past, present), half in zip(self._kv_names, _halves(cache)):
-                binding.bind_ortvalue_input(past, _ort_input(np.ascontiguousarray(half[:, :, :prefix]), fp8))
-                binding.bind_output(present)
-        for name, value in feeds.items():
-            binding.bind_cpu_input(name, value)
-        logits = np.empty((batch, last.shape[1], self.vocab_size), np.float32)
-        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))  # written in place
-        self.llm_session.run_with_iobinding(binding)
-        if not self.kv_in_place:
-            presents = binding.get_outputs()[:-1]  # in binding order: the presents, then logits
-            for half, present in zip(_halves(cache), presents):
-                present = present.numpy()
-                for b in range(batch):
-                    n, s = int(ctx[b]), int(start[b])
-                    half[b, :, s:s + n] = present[b, :, :n]
-        return logits
-
-    def _bind_in_place(self, cache: KVCache) -> ort.IOBinding:
-        """A binding of the cache's buffers as both past and present (OrtValues wrap them: no copy)."""
-        binding = self.llm_session.io_binding()
-        for (past, present), half in zip(self._kv_names, _halves(cache)):
-            value = _ort_input(half, cache.dtype == "fp8")
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)
-        return binding
 
     def _check(self, cache: KVCache, ids: np.ndarray, ctx: np.ndarray, last: np.ndarray) -> None:
         if ids.ndim != 2:
@@ -250,8 +153,45 @@ class Engine:
         if last.ndim != 2 or last.shape[0] != batch or (last < 0).any() or (last >= seq).any():
             raise InputError(f"last_token_ids: expected int64 [{batch}, T] with values in [0, {seq}), "
                              f"found shape {last.shape}")
+        most = self.backend.max_selected_positions
+        if most is not None and last.shape[1] > most:
+            raise InputError(f"last_token_ids: expected at most {most} positions per row (the engine's profiles), "
+                             f"found {last.shape[1]}")
         over = cache.lengths + ctx > cache.capacity
         if over.any():
             b = int(np.argmax(over))
             raise InputError(f"KV cache: row {b} would hold {int(cache.lengths[b] + ctx[b])} tokens, more than the "
                              f"capacity {cache.capacity} (max_kv_cache_capacity)")
+        if self.backend.padded_call_needs_room:
+            tight = (ctx > 0) & (cache.lengths + seq > cache.capacity)
+            if tight.any():
+                b = int(np.argmax(tight))
+                raise InputError(f"KV cache: row {b} holds {int(cache.lengths[b])} tokens; a call padded to {seq} "
+                                 f"tokens would pass the capacity {cache.capacity}; send that row in a shorter call")
+
+    def read_kv(self, cache: KVCache, row: int, positions) -> object:
+        """The K/V cached for `row` at `positions` as `[layers, 2, Hkv, n, D]` (0 = K, 1 = V), in the backend's own
+        array (numpy on ONNX Runtime: float32 for an fp16 cache, FP8 as bytes; a GPU tensor on TensorRT)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        self._check_row(cache, row)
+        if positions.ndim != 1 or (positions < 0).any() or (positions >= cache.capacity).any():
+            raise InputError(f"positions: expected indices in [0, {cache.capacity}), found {positions.tolist()}")
+        return self.backend.read_kv(cache.storage, row, positions)
+
+    def write_kv(self, cache: KVCache, row: int, start: int, values) -> None:
+        """Write `values` (as `read_kv` returns them) into `row` at positions start..start+n, e.g. to move accepted
+        tokens' K/V together; the row's length is the caller's to set."""
+        self._check_row(cache, row)
+        expected = (self.num_layers, 2, self.num_kv_heads, None, self.head_dim)
+        shape = tuple(values.shape)
+        if len(shape) != 5 or any(e not in (None, n) for e, n in zip(expected, shape)):
+            raise InputError(f"values: expected [{self.num_layers}, 2, {self.num_kv_heads}, n, {self.head_dim}], "
+                             f"found {list(shape)}")
+        if not 0 <= start <= cache.capacity - shape[3]:
+            raise InputError(f"start: expected {shape[3]} positions from start within the capacity {cache.capacity}, "
+                             f"found start {start}")
+        self.backend.write_kv(cache.storage, row, start, values)
+
+    def _check_row(self, cache: KVCache, row: int) -> None:
+        if not 0 <= row < cache.batch:
+            raise InputError(f"row: expected 0..{cache.batch - 1}, found {row}")

@@ -122,6 +122,10 @@ def test_prefill_then_decode_matches_transformers(built, family):
         past = out.past_key_values
         assert_logits_close(step, out.logits.numpy())
     assert cache.lengths.tolist() == [12]
+    # the cache holds transformers' post-RoPE keys and values, K first
+    ours = engine.read_kv(cache, 0, np.arange(12))
+    ref = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in past.layers]).numpy()
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=0.005 * float(np.abs(ref).max()))
 
 
 def test_batch_of_two_lengths_equals_each_row_alone(built):
@@ -135,8 +139,8 @@ def test_batch_of_two_lengths_equals_each_row_alone(built):
         expected = [run(engine, alone, [prompt])] + [run(engine, alone, [rest[i:i + 1]]) for i in range(2)]
         for g, e in zip(got, expected):
             np.testing.assert_allclose(g[row], e[0], rtol=0, atol=1e-2 * float(np.abs(e).max()))
-        np.testing.assert_array_equal(batch.layers[0][:, row, :, :alone.lengths[0]],
-                                      alone.layers[0][:, 0, :, :alone.lengths[0]])
+        cached = np.arange(alone.lengths[0])
+        np.testing.assert_array_equal(engine.read_kv(batch, row, cached), engine.read_kv(alone, 0, cached))
     assert batch.lengths.tolist() == [9, 5]
 
 
@@ -153,7 +157,8 @@ def test_chunks_on_top_of_a_prefix_equal_one_prefill(built, family):
     want = run(engine, whole, [a, b], all_logits=True)
     for row, (done, n) in enumerate(((6, 11), (2, 7))):
         np.testing.assert_allclose(got[row, :n - done], want[row, done:n], rtol=0, atol=1e-3 * float(np.abs(want).max()))
-        np.testing.assert_allclose(chunked.layers[0][:, row, :, :n], whole.layers[0][:, row, :, :n], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(engine.read_kv(chunked, row, np.arange(n)), engine.read_kv(whole, row, np.arange(n)),
+                                   rtol=0, atol=1e-4)
     assert chunked.lengths.tolist() == [11, 7]
 
 
@@ -171,12 +176,40 @@ def test_a_finished_row_sits_a_step_out(built):
     engine = Engine.load(built["llama"][1])
     cache = engine.new_cache(2)
     run(engine, cache, [tokens(4), tokens(4, seed=3)])
-    before = [layer[:, 1].copy() for layer in cache.layers]
+    everywhere = np.arange(CAPACITY)
+    before = engine.read_kv(cache, 1, everywhere)
     ids = np.array([[5], [0]], np.int32)
     engine.forward(cache, ids, np.array([1, 0], np.int32), np.zeros((2, 1), np.int64))
     assert cache.lengths.tolist() == [5, 4]
-    for layer, old in zip(cache.layers, before):
-        np.testing.assert_array_equal(layer[:, 1], old)
+    np.testing.assert_array_equal(engine.read_kv(cache, 1, everywhere), before)
+
+
+def test_kv_written_into_another_row_continues_like_the_original(built):
+    """write_kv of one row's K/V (as read_kv gives them) into a row of another cache: that row then decodes as the
+    original does, since the cache is all the state a row has (what moving accepted tokens' K/V relies on)."""
+    engine = Engine.load(built["llama"][1])
+    a, b = tokens(7, seed=8), tokens(3, seed=9)
+    src = engine.new_cache(1)
+    run(engine, src, [a[:6]])
+    kv = engine.read_kv(src, 0, np.arange(6))
+    np.testing.assert_array_equal(engine.read_kv(src, 0, [4, 1]), kv[:, :, :, [4, 1]])
+    dst = engine.new_cache(2)
+    run(engine, dst, [b, b])  # row 1 holds other tokens, overwritten below
+    row0 = engine.read_kv(dst, 0, np.arange(CAPACITY))
+    engine.write_kv(dst, 1, 0, kv)
+    dst.lengths[1] = 6
+    np.testing.assert_array_equal(engine.read_kv(dst, 1, np.arange(6)), kv)
+    np.testing.assert_array_equal(engine.read_kv(dst, 0, np.arange(CAPACITY)), row0)
+    want, got = run(engine, src, [a[6:]]), run(engine, dst, [b[:1], a[6:]])
+    np.testing.assert_allclose(got[1], want[0], rtol=0, atol=1e-3 * float(np.abs(want).max()))
+    with pytest.raises(InputError, match=r"row: expected 0\.\.1, found 2"):
+        engine.read_kv(dst, 2, [0])
+    with pytest.raises(InputError, match=rf"positions: expected indices in \[0, {CAPACITY}\)"):
+        engine.read_kv(dst, 0, [CAPACITY])
+    with pytest.raises(InputError, match=r"values: expected \[2, 2, 2, n, 16\], found \[2, 2, 2, 6\]"):
+        engine.write_kv(dst, 0, 0, kv[..., 0])
+    with pytest.raises(InputError, match="start: expected 6 positions from start within the capacity"):
+        engine.write_kv(dst, 0, CAPACITY - 5, kv)
 
 
 def test_fp16_embedding_lookup_is_the_table_row(built):
@@ -241,13 +274,15 @@ def test_fp8_kv_cache_holds_fp8_of_the_fp16_engines_keys(built, tmp_path):
     ckpt, fp16_eng = built["llama"]
     fp8, fp16 = Engine.load(build_engine(tmp_path, ckpt, "fp8kv", edit=make_fp8_kv)), Engine.load(fp16_eng)
     c8, c16 = fp8.new_cache(2), fp16.new_cache(2)
-    assert c8.dtype == "fp8" and c8.layers[0].dtype == np.uint8
+    assert c8.dtype == "fp8" and fp8.read_kv(c8, 0, [0]).dtype == np.uint8
     assert c8.nbytes * 4 == c16.nbytes  # one byte per value; the CPU engine holds an fp16 cache in fp32
     rows = [tokens(6), tokens(4, seed=5)]
     l8, l16 = run(fp8, c8, rows), run(fp16, c16, rows)
     # layer 0's K/V do not depend on the cache, so they are exactly fp8(the fp16 engine's value / 1.0) (scales are 1)
-    expected = torch.from_numpy(c16.layers[0][:, :, :, :6]).float().clamp(-448, 448).to(torch.float8_e4m3fn)
-    np.testing.assert_array_equal(c8.layers[0][:, :, :, :6], expected.view(torch.uint8).numpy())
+    for row in range(2):
+        first = np.arange(6)
+        expected = torch.from_numpy(fp16.read_kv(c16, row, first)[0]).clamp(-448, 448).to(torch.float8_e4m3fn)
+        np.testing.assert_array_equal(fp8.read_kv(c8, row, first)[0], expected.view(torch.uint8).numpy())
     np.testing.assert_allclose(l8, l16, rtol=0, atol=0.1 * float(np.abs(l16).max()))
 
 

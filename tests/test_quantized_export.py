@@ -41,7 +41,8 @@ from llm_loader.onnx_graph import MIN_ACT_AMAX
 from llm_loader.quantized_checkpoint import dequantize_linear, read_quantized_checkpoint
 from plugins.nvfp4.reference import nvfp4_activation_qdq
 from quantization.cli import main as quantize_main
-from runtime.engine import Engine, session_options
+from runtime.engine import Engine
+from runtime.onnxruntime_backend import session_options
 
 DATASET = Path(__file__).resolve().parents[1] / "quantization" / "data" / "tinyshakespeare.txt"
 NUM_TOKENS = 12
@@ -186,7 +187,8 @@ def test_recipe_engine_matches_fake_quant_reference(tiny_checkpoint, tmp_path, l
     plugins = [n for n in graph.node if n.op_type == "AttentionPlugin"]
     if kv:
         q = read_quantized_checkpoint(qckpt)
-        fp16_bytes = sum(2 * layer.size for layer in cache.layers)  # the same cache shape at 2 bytes an element
+        # K and V of every layer, row and slot at 2 bytes an element
+        fp16_bytes = 2 * 2 * found.num_layers * cache.batch * found.num_kv_heads * cache.capacity * found.head_dim
         assert cache.dtype == "fp8" and cache.nbytes * 2 == fp16_bytes
         for i, node in enumerate(plugins):
             attrs = {a.name: a for a in node.attribute}

@@ -1,4 +1,4 @@
-"""The TensorRT backend end to end: `llm-build --backend tensorrt`, then greedy generation on `TensorRTEngine`.
+"""The TensorRT backend end to end: `llm-build --backend tensorrt`, then greedy generation on the TensorRT backend.
 
 Needs a CUDA GPU (Ada or newer for FP8) and TensorRT >= 10.6, so it is skipped wherever this project's CI runs and has
 not run yet (docs/gpu-kernels.md). Head size 64: the GPU kernels' smallest tile.
@@ -17,7 +17,7 @@ from llm_loader.export_all_cli import export
 from runtime.chat import load_tokenizer
 from runtime.engine import Engine
 from runtime.generate import generate
-from runtime.tensorrt_engine import TensorRTEngine
+from runtime.tensorrt_backend import TensorRTBackend
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not tensorrt_available(), reason="needs TensorRT and a CUDA GPU")]
 LIMITS = dict(max_batch_size=4, max_input_len=64, max_kv_cache_capacity=128)
@@ -29,7 +29,7 @@ def test_qwen3_matches_transformers(tmp_path, smollm2_checkpoint):
     ckpt = make_tiny_checkpoint("qwen3", tmp_path / "ckpt", smollm2_checkpoint, head_dim=64)
     engine_dir = build(export(ckpt, tmp_path / "onnx"), tmp_path / "engine", backend="tensorrt", **LIMITS)
     engine, tokenizer = Engine.load(engine_dir), load_tokenizer(engine_dir)
-    assert isinstance(engine, TensorRTEngine)
+    assert isinstance(engine.backend, TensorRTBackend)
     jobs = jobs_for(tokenizer, PROMPTS)
     generations, _ = generate(engine, tokenizer, jobs, 24)
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)

@@ -1,5 +1,5 @@
 """The TensorRT path's pure logic on real exports: what the builder changes in the graph (builder/trt_graph.py) and
-what the runtime binds (runtime/tensorrt_engine.py). TensorRT itself is not needed."""
+what the runtime binds (runtime/tensorrt_backend.py under runtime/engine.py). TensorRT itself is not needed."""
 
 from __future__ import annotations
 
@@ -26,18 +26,23 @@ from builder.trt_graph import (
     prepare_for_tensorrt,
 )
 from contract.errors import InputError
+from contract.stage import ROPE_COS_SIN, KvDtype
 from llm_loader.embedding import read_embedding_sidecar
 from llm_loader.export_all_cli import export
 from plugins.attention.reference import AttentionPlugin
 from plugins.attention.trt_plugin import INPUT_NAMES as TRT_ATTENTION_INPUTS
+from runtime.engine import llm_inputs
+from runtime.kv_cache import KvLayout
 from runtime.rope import rope_cos_sin
-from runtime.tensorrt_engine import (
+from runtime.tensorrt_backend import (
     CONTEXT,
     GENERATION,
     check_kv_binding,
-    llm_inputs,
+    llm_bindings,
     new_cache_layers,
     profile_for,
+    read_layers,
+    write_layers,
 )
 
 ONNX_TYPES = {torch.float16: TensorProto.FLOAT16, torch.float32: TensorProto.FLOAT, torch.int32: TensorProto.INT32,
@@ -161,26 +166,36 @@ def test_llm_profiles_name_exactly_the_graph_inputs(exports, family):
 LIMITS = Limits(max_batch_size=2, max_input_len=16, max_kv_cache_capacity=32)
 
 
-def runtime_inputs(onnx_dir: Path, embeds: torch.Tensor, layers: list, context_lengths, start, last) -> dict:
-    """llm_inputs as TensorRTEngine._run builds them (its numpy arrays become tensors), on the CPU."""
+def runtime_bindings(onnx_dir: Path, embeds: torch.Tensor, layers: list, context_lengths, start,
+                     last) -> tuple[dict, dict]:
+    """The inputs and cache outputs TensorRTBackend.run binds for Engine.forward (its numpy arrays become tensors),
+    on the CPU."""
     config = json.loads((onnx_dir / "config.json").read_text())
     rope = torch.from_numpy(rope_cos_sin(config, LIMITS.max_kv_cache_capacity))
-    return llm_inputs(embeds, layers, rope, *(torch.from_numpy(np.asarray(a)) for a in (context_lengths, start, last)))
+    step = llm_inputs(embeds, *(torch.from_numpy(np.asarray(a)) for a in (context_lengths, start, last)))
+    return llm_bindings({ROPE_COS_SIN: rope}, step, layers)
+
+
+def cache_layers(batch: int, num_layers: int, num_kv_heads: int, head_dim: int, kv_cache_dtype: str) -> list:
+    return new_cache_layers(batch, KvLayout(num_layers, num_kv_heads, LIMITS.max_kv_cache_capacity, head_dim,
+                                            KvDtype(kv_cache_dtype)), "cpu")
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "llama-fp8kv"])
 @pytest.mark.parametrize("batch, seq", [(2, 5), (2, 1), (1, 16), (1, 1)])
 def test_runtime_bindings_fit_the_graph_and_the_profile_they_run_in(exports, family, batch, seq):
-    """Every binding TensorRTEngine makes: the graph's name, dtype and static dims, and within the min/max of the
-    profile it selects; each present output is typed and shaped like the past it aliases."""
+    """Every binding TensorRTBackend makes: the graph's name, dtype and static dims, and within the min/max of the
+    profile it selects; each present output is the tensor of the past it aliases, typed and shaped like it."""
     found = detect(exports[family])
     dims = ModelDims(found.num_layers, found.hidden_size, found.num_kv_heads, found.head_dim, found.rotary_dim)
-    layers = new_cache_layers(batch, dims.num_layers, dims.num_kv_heads, LIMITS.max_kv_cache_capacity, dims.head_dim,
-                              found.kv_cache_dtype, "cpu")
-    inputs = runtime_inputs(exports[family], torch.zeros(batch, seq, dims.hidden_size, dtype=torch.float16), layers,
-                            np.full(batch, seq, np.int32), np.zeros(batch, np.int32), np.zeros((batch, 1), np.int64))
+    layers = cache_layers(batch, dims.num_layers, dims.num_kv_heads, dims.head_dim, found.kv_cache_dtype)
+    inputs, presents = runtime_bindings(exports[family], torch.zeros(batch, seq, dims.hidden_size, dtype=torch.float16),
+                                        layers, np.full(batch, seq, np.int32), np.zeros(batch, np.int32),
+                                        np.zeros((batch, 1), np.int64))
     graph = load_graph(exports[family]).graph
     assert set(inputs) == {i.name for i in graph.input}
+    assert set(presents) | {"logits"} == {o.name for o in graph.output}
+    assert all(presents[f"present_key_values_{i}"] is inputs[f"past_key_values_{i}"] for i in range(len(layers)))
     profile = llm_profiles(LIMITS, dims)[profile_for(seq)]
     assert profile.name == ("generation" if seq == 1 else "context")
     for value in graph.input:
@@ -203,14 +218,13 @@ def test_runtime_bindings_run_the_graph_to_transformers_logits(exports):
     config = json.loads((onnx_dir / "config.json").read_text())
     table = read_embedding_sidecar(onnx_dir / "embedding.safetensors").table
     session = ReferenceEvaluator(str(onnx_dir / "model.onnx"), new_ops=[AttentionPlugin])
-    layers = new_cache_layers(2, config["num_hidden_layers"], config["num_key_value_heads"],
-                              LIMITS.max_kv_cache_capacity, config["head_dim"], "fp16", "cpu")
+    layers = cache_layers(2, config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"], "fp16")
     lengths = np.zeros(2, np.int32)
     outputs = ["logits"] + [f"present_key_values_{i}" for i in range(len(layers))]
 
     def step(ids: np.ndarray, ctx: np.ndarray) -> np.ndarray:
         last = np.maximum(ctx - 1, 0).astype(np.int64)[:, None]
-        inputs = runtime_inputs(onnx_dir, table[torch.from_numpy(ids).long()], layers, ctx, lengths.copy(), last)
+        inputs, _ = runtime_bindings(onnx_dir, table[torch.from_numpy(ids).long()], layers, ctx, lengths.copy(), last)
         logits, *presents = session.run(outputs, {name: t.numpy() for name, t in inputs.items()})
         for layer, present in zip(layers, presents):
             layer.copy_(torch.from_numpy(present))
@@ -236,7 +250,18 @@ def test_runtime_bindings_run_the_graph_to_transformers_logits(exports):
                          use_cache=True)
                 ref.append(out.logits[0, -1])
         assert_logits_close(np.stack([o[b] for o in ours]), torch.stack(ref).numpy())
+        # what the backend's read_kv gives for the row: transformers' post-RoPE K and V (fp16 against fp32)
+        cached = read_layers(layers, b, torch.arange(int(lengths[b]))).float().numpy()
+        want = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in out.past_key_values.layers])
+        np.testing.assert_allclose(cached, want.numpy(), rtol=0, atol=0.005 * float(want.abs().max()))
     assert lengths.tolist() == [10, 7]
+    # write_layers (the backend's write_kv) puts a read row at any offset of another row, and touches nothing else
+    other = cache_layers(2, config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"], "fp16")
+    moved = read_layers(layers, 1, torch.arange(7))
+    write_layers(other, 0, 3, moved)
+    assert torch.equal(read_layers(other, 0, torch.arange(3, 10)), moved)
+    assert not read_layers(other, 0, torch.arange(3)).any()
+    assert not read_layers(other, 1, torch.arange(LIMITS.max_kv_cache_capacity)).any()
 
 
 def test_runtime_refuses_an_engine_whose_kv_binding_disagrees_with_the_config(tmp_path):

@@ -33,7 +33,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from contract.errors import InputError
-from contract.stage import KV_HALVES, KV_IN_PLACE, KV_PREFIX, KvDtype
+from contract.stage import KV_IN_PLACE, KV_PREFIX, ORT_KV_HALVES, KvDtype
 from plugins.attention.schema import DOMAIN, OP_TYPE, read_attrs
 
 F16, F32, FP8 = TensorProto.FLOAT16, TensorProto.FLOAT, TensorProto.FLOAT8E4M3FN
@@ -69,7 +69,7 @@ def _cache_io(ctx, node: onnx.NodeProto, hkv: int, d: int, seq_dims: tuple[str, 
                              "found none")
         dtype = info.type.tensor_type.elem_type
         halves = [helper.make_tensor_value_info(f"{name}.{kind}", dtype, ["batch", hkv, dim, d])
-                  for kind in KV_HALVES]
+                  for kind in ORT_KV_HALVES]
         ctx.replace_io(name, *halves)
         names += [h.name for h in halves]
     return tuple(names)
