@@ -89,18 +89,18 @@ def check_target(final: str | Path, *, kind: str, flag: str, inputs: Iterable[st
     if not final.is_dir():
         raise InputError(f"{where}: expected a directory to write the {kind} into, found a file; choose another "
                          f"{flag}")
-    entries = _entries(final)
-    if not entries:
+    top = sorted(p.name for p in final.iterdir())  # not a walk: the target may be a typo such as `~`
+    if not top:
         return
     found_kind, listed = _marker_kind(final)
     if found_kind is None:
         raise InputError(f"{where}: expected a new or empty directory, or {_a(kind)} written earlier by this command, "
-                         f"found a directory holding other files ({_show(entries)}); it is left as it is: remove it "
+                         f"found a directory holding other files ({_show(top)}); it is left as it is: remove it "
                          f"yourself or choose another {flag}")
     if found_kind != kind:
         raise InputError(f"{where}: expected {_a(kind)} to replace, found {_a(found_kind)}; it is left as it is: "
                          f"choose another {flag}")
-    stray = [e for e in entries if e != MARKER and e not in listed]
+    stray = [e for e in _entries(final) if e != MARKER and e not in listed]
     if stray:
         raise InputError(f"{where}: is {_a(kind)} from an earlier run, but it also holds files that run did not write "
                          f"({_show(stray)}); move them out or choose another {flag}")
