@@ -12,14 +12,12 @@ from pathlib import Path
 
 import click
 
-from builder.detect import detect
 from builder.profiles import Limits, ModelDims, validate_limits
-from contract import engine_dir as engine_dir_mod
 from contract import stage
 from contract.atomic import staged_dir
+from contract.cli import CONTEXT_SETTINGS, example, run_cli
 from contract.errors import InputError
 from contract.stage import KvDtype
-from llm_loader.embedding import read_embedding_sidecar
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
@@ -50,6 +48,11 @@ def resolve_backend(backend: str) -> str:
 def build(onnx_dir: str | Path, engine_dir: str | Path, *, max_batch_size: int = 4, max_input_len: int = 1024,
           max_kv_cache_capacity: int = 4096, backend: str = "auto") -> Path:
     """Build ENG from an ONNX dir; ENG appears only once complete (written to a temp sibling, then renamed)."""
+    # onnx and torch are imported here, under contract.cli's Ctrl-C guard, not when --help is asked for
+    from builder.detect import detect
+    from contract import engine_dir as engine_dir_mod
+    from llm_loader.embedding import read_embedding_sidecar
+
     onnx_dir, engine_dir = Path(onnx_dir), Path(engine_dir)
     limits = Limits(max_batch_size, max_input_len, max_kv_cache_capacity)
     validate_limits(limits)
@@ -95,9 +98,11 @@ def build(onnx_dir: str | Path, engine_dir: str | Path, *, max_batch_size: int =
     return engine_dir
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT_SETTINGS, epilog=example(
+    "llm-build --onnxDir out/llm --engineDir engines/smollm2 --maxBatchSize 2 --maxInputLen 512 "
+    "--maxKVCacheCapacity 1024"))
 @click.option("--onnxDir", "onnx_dir", required=True, type=click.Path(path_type=Path),
-              help="ONNX dir written by python -m llm_loader.export_all_cli (OUT/llm).")
+              help="ONNX dir written by llm-export / python -m llm_loader.export_all_cli (OUT/llm).")
 @click.option("--engineDir", "engine_dir", required=True, type=click.Path(path_type=Path),
               help="Engine dir to write. An existing one is replaced (atomically) only when it is an earlier engine "
                    "dir of llm-build holding nothing else; any other existing directory is refused.")
@@ -110,20 +115,21 @@ def build(onnx_dir: str | Path, engine_dir: str | Path, *, max_batch_size: int =
               help="auto = tensorrt if TensorRT and a CUDA GPU are available, else onnxruntime.")
 @click.option("--specBase", "spec_base", is_flag=True, help="EAGLE base engine (not implemented in this build).")
 @click.option("--specDraft", "spec_draft", is_flag=True, help="EAGLE draft engine (not implemented in this build).")
-def main(onnx_dir, engine_dir, max_batch_size, max_input_len, max_kv_cache_capacity, backend, spec_base, spec_draft):
+def cli(onnx_dir, engine_dir, max_batch_size, max_input_len, max_kv_cache_capacity, backend, spec_base, spec_draft):
     """Build inference engines from an exported ONNX dir. FP8 embedding and FP8 KV cache are detected from the
     files; there are no precision flags."""
-    try:
-        if spec_base or spec_draft:
-            flag = "--specBase" if spec_base else "--specDraft"
-            raise InputError(f"{flag}: speculative-decoding engines are not implemented in this build; "
-                             "only vanilla engines (spec_decode_type 'none')")
-        build(onnx_dir, engine_dir, max_batch_size=max_batch_size, max_input_len=max_input_len,
-              max_kv_cache_capacity=max_kv_cache_capacity, backend=backend)
-    except InputError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    if spec_base or spec_draft:
+        flag = "--specBase" if spec_base else "--specDraft"
+        raise InputError(f"{flag}: speculative-decoding engines are not implemented in this build; "
+                         "only vanilla engines (spec_decode_type 'none')")
+    build(onnx_dir, engine_dir, max_batch_size=max_batch_size, max_input_len=max_input_len,
+          max_kv_cache_capacity=max_kv_cache_capacity, backend=backend)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`llm-build`; exit codes as `contract.cli.run_cli` says."""
+    return run_cli(cli, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """Export a Hugging Face checkpoint to the ONNX directory `OUT/llm/` (contracts.md section 1).
 
-    python -m llm_loader.export_all_cli CKPT OUT [--fp8-embedding] [--dtype fp16]
+    llm-export CKPT OUT [--fp8-embedding] [--dtype fp16]      (or python -m llm_loader.export_all_cli ...)
 
 A quantized checkpoint (FP8, FP8 per-channel, HF fine-grained FP8, NVFP4; optional FP8 KV cache) is detected from
 its own files and exported with Q/DQ linears (contracts.md 2.1); no flag is needed.
@@ -19,24 +19,22 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from tqdm import tqdm
 
 from contract.atomic import staged_dir
-from contract.errors import InputError, run_cli
+from contract.cli import CONTEXT_SETTINGS, example, run_cli
+from contract.errors import InputError
 from contract.paths import checked_file
-from llm_loader.checkpoint import Checkpoint, open_checkpoint
-from llm_loader.embedding import write_embedding_sidecar
 from llm_loader.model_config import ModelConfig, model_config_from_dict
-from llm_loader.onnx_graph import kv_cache_dtype, weight_format, write_model
-from llm_loader.quantized_checkpoint import (
-    SCALE_SUFFIXES,
-    QuantizedCheckpoint,
-    read_quantized_checkpoint,
-)
 from llm_loader.runtime_config import runtime_config
 from llm_loader.tokenizer_files import copy_tokenizer_files
+
+if TYPE_CHECKING:
+    from llm_loader.checkpoint import Checkpoint
+    from llm_loader.quantized_checkpoint import QuantizedCheckpoint
 
 DTYPES = ("fp16",)
 
@@ -47,6 +45,8 @@ _NOT_WEIGHTS = re.compile(r".*(\.rotary_emb\.inv_freq|\.k_proj\.k_scale|\.v_proj
 
 def check_every_tensor_used(ckpt: Checkpoint, cfg: ModelConfig, quant: QuantizedCheckpoint | None) -> None:
     """Refuse checkpoint tensors the graph did not take: the config then describes a different model."""
+    from llm_loader.quantized_checkpoint import SCALE_SUFFIXES
+
     used = set(ckpt.read)
     for q in (quant.linears.values() if quant else ()):
         if q.format != "fp16":  # the graph took these through the quantized view, not `ckpt.tensor`
@@ -57,11 +57,12 @@ def check_every_tensor_used(ckpt: Checkpoint, cfg: ModelConfig, quant: Quantized
     if not unused:
         return
     config = ckpt.path / "config.json"
-    beyond = [n for n in unused if (m := re.match(r"model\.layers\.(\d+)\.", n)) and int(m[1]) >= cfg.num_hidden_layers]
+    layers = cfg.num_hidden_layers
+    beyond = [n for n in unused if (m := re.match(r"model\.layers\.(\d+)\.", n)) and int(m[1]) >= layers]
     if beyond:
-        raise InputError(f"{ckpt.path}: tensor {beyond[0]!r}: expected layers 0..{cfg.num_hidden_layers - 1} "
-                         f"({config} num_hidden_layers {cfg.num_hidden_layers}), found a tensor of a later layer; "
-                         "the config describes another model")
+        raise InputError(f"{ckpt.path}: tensor {beyond[0]!r}: expected layers 0..{layers - 1} ({config} "
+                         f"num_hidden_layers {layers}), found a tensor of a later layer; the config describes another "
+                         "model")
     more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
     raise InputError(f"{ckpt.path}: tensor {unused[0]!r}{more}: expected only tensors of the {cfg.model_type} model "
                      f"{config} describes, found it unused (check attention_bias, tie_word_embeddings and the layer "
@@ -71,6 +72,12 @@ def check_every_tensor_used(ckpt: Checkpoint, cfg: ModelConfig, quant: Quantized
 def export(checkpoint_dir: Path, out_dir: Path, fp8_embedding: bool = False, dtype: str = "fp16",
            progress: bool = False) -> Path:
     """Export `checkpoint_dir` into `out_dir/llm` and return that path."""
+    # torch and onnx are imported here, under contract.cli's Ctrl-C guard, not when --help is asked for
+    from llm_loader.checkpoint import open_checkpoint
+    from llm_loader.embedding import write_embedding_sidecar
+    from llm_loader.onnx_graph import kv_cache_dtype, weight_format, write_model
+    from llm_loader.quantized_checkpoint import read_quantized_checkpoint
+
     if dtype not in DTYPES:
         raise InputError(f"--dtype: expected one of {DTYPES}, found {dtype!r}")
     ckpt = open_checkpoint(checkpoint_dir)
@@ -94,7 +101,8 @@ def export(checkpoint_dir: Path, out_dir: Path, fp8_embedding: bool = False, dty
     return final
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT_SETTINGS, epilog=example(
+    "llm-export ~/.cache/edgellm-toolchain/SmolLM2-135M-Instruct out --fp8-embedding   # writes out/llm/"))
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--fp8-embedding", "--fp8_embedding", "fp8_embedding", is_flag=True,
@@ -109,8 +117,8 @@ def cli(checkpoint: Path, out: Path, fp8_embedding: bool, dtype: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; bad input and usage errors print `error: ...` to stderr and return 2."""
-    return run_cli(cli, argv, "python -m llm_loader.export_all_cli")
+    """`llm-export` (also `python -m llm_loader.export_all_cli`); exit codes as `contract.cli.run_cli` says."""
+    return run_cli(cli, argv)
 
 
 if __name__ == "__main__":

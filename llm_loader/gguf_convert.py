@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 
 from contract.atomic import staged_dir
+from contract.cli import CONTEXT_SETTINGS, example, run_cli
 from contract.errors import InputError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -77,23 +78,26 @@ def smollm2_checkpoint(cache_dir: Path | None = None) -> Path:
     return out
 
 
-@click.command()
+@click.command(context_settings=CONTEXT_SETTINGS, epilog=example(
+    "python -m llm_loader.gguf_convert                       # prints the cached SmolLM2 checkpoint's path",
+    "python -m llm_loader.gguf_convert model.Q4_1.gguf ckpt  # any GGUF transformers can read"))
 @click.argument("gguf_file", required=False, type=click.Path(path_type=Path))
 @click.argument("out_dir", required=False, type=click.Path(path_type=Path))
-def main(gguf_file: Path | None, out_dir: Path | None) -> None:
+def cli(gguf_file: Path | None, out_dir: Path | None) -> None:
     """Convert GGUF_FILE into an fp16 HF checkpoint at OUT_DIR; with no arguments, the cached SmolLM2 checkpoint."""
-    try:
-        if gguf_file is None:
-            path = smollm2_checkpoint()
-        elif out_dir is None:
-            raise InputError("OUT_DIR: expected an output directory after GGUF_FILE, found none")
-        else:
-            path = convert_gguf(gguf_file, out_dir)
-    except InputError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    if gguf_file is None:
+        path = smollm2_checkpoint()
+    elif out_dir is None:
+        raise InputError("OUT_DIR: expected an output directory after GGUF_FILE, found none")
+    else:
+        path = convert_gguf(gguf_file, out_dir)
     click.echo(str(path))
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`python -m llm_loader.gguf_convert`; exit codes as `contract.cli.run_cli` says."""
+    return run_cli(cli, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -28,6 +28,7 @@ from llm_loader.checkpoint import Checkpoint
 from llm_loader.model_config import ModelConfig
 from llm_loader.quantized_checkpoint import QuantizedCheckpoint, QuantizedLinear
 from plugins.attention import schema as attention_schema
+from plugins.graph_builder import GraphBuilder, Names
 from plugins.nvfp4 import schema as nvfp4_schema
 
 DATA_ALIGN = 4096  # page-aligned tensors can be memory-mapped by runtimes
@@ -64,30 +65,19 @@ class WeightFile:
         self.file.close()
 
 
-class Graph:
-    """Nodes in order plus the weight file; `op` returns the name of the node's (first) output."""
+class Graph(GraphBuilder):
+    """The exporter's builder: nodes in order under stable names, constants and weights streamed to the weight file;
+    plus the checkpoint, model config and quantization the blocks read."""
 
     def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, weights: WeightFile, quant: QuantizedCheckpoint | None = None):
+        super().__init__(Names(), lambda name, array: weights.add(name, array))
         self.ckpt, self.cfg, self.weights, self.quant = ckpt, cfg, weights, quant
-        self.nodes: list[onnx.NodeProto] = []
-        self.names: set[str] = set()
         self.shared: dict[str, str] = {}
 
-    def op(self, op_type: str, inputs: list[str], name: str, outputs: int | list[str] = 1, **attrs):
-        if name in self.names:
-            raise ValueError(f"duplicate node name {name}")
-        self.names.add(name)
-        outs = [f"{name}/out{j}" for j in range(outputs)] if isinstance(outputs, int) else outputs
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, **attrs))
-        return outs[0] if len(outs) == 1 else outs
-
-    def constant(self, name: str, array: np.ndarray) -> str:
-        return self.weights.add(name, array)
-
-    def shared_constant(self, name: str, array: np.ndarray) -> str:
+    def shared_const(self, name: str, values, dtype) -> str:
         """A constant written once per graph (only quantized graphs use these, so fp16 bytes do not change)."""
         if name not in self.shared:
-            self.shared[name] = self.constant(name, array)
+            self.shared[name] = self.const(values, dtype, name=name)
         return self.shared[name]
 
     def scalar(self, name: str, value: torch.Tensor | float, dtype: torch.dtype) -> str:
@@ -169,15 +159,15 @@ def dynamic_fp8_activation(g: Graph, x: str, size: int, block: int, name: str) -
     x32 = g.op("Cast", [x], f"{name}/input_fp32", to=FP32)
     padded = x32
     if nblocks * block != size:  # zeros do not change a block's amax
-        pads = g.shared_constant(f"const.pad_last.{nblocks * block - size}",
-                                 np.array([0, 0, 0, 0, 0, nblocks * block - size], dtype=np.int64))
+        pads = g.shared_const(f"const.pad_last.{nblocks * block - size}", [0, 0, 0, 0, 0, nblocks * block - size],
+                              np.int64)
         padded = g.op("Pad", [x32, pads], f"{name}/input_pad")
-    shape = g.shared_constant(f"const.blocks.{nblocks}x{block}", np.array([0, 0, nblocks, block], dtype=np.int64))
+    shape = g.shared_const(f"const.blocks.{nblocks}x{block}", [0, 0, nblocks, block], np.int64)
     blocks = g.op("Reshape", [padded, shape], f"{name}/input_blocks")
     amax = g.op("ReduceMax", [g.op("Abs", [blocks], f"{name}/input_abs"), "const.last_axis"], f"{name}/input_amax",
                 keepdims=0)
-    floor = g.shared_constant("const.min_act_amax", np.array([MIN_ACT_AMAX], dtype=np.float32))
-    fp8_max = g.shared_constant("const.fp8_max", np.array([formats.FP8_MAX], dtype=np.float32))
+    floor = g.shared_const("const.min_act_amax", [MIN_ACT_AMAX], np.float32)
+    fp8_max = g.shared_const("const.fp8_max", [formats.FP8_MAX], np.float32)
     scale = g.op("Div", [g.op("Max", [amax, floor], f"{name}/input_amax_floor"), fp8_max], f"{name}/input_scale")
     xq = g.op("QuantizeLinear", [x32, scale], f"{name}/input_q", axis=2, block_size=block, output_dtype=FP8)
     xdq = g.op("DequantizeLinear", [xq, scale], f"{name}/input_dq", axis=2, block_size=block)
@@ -279,7 +269,7 @@ def attention_block(g: Graph, x: str, i: int) -> str:
         inputs += [g.weight(f"{p}.{n}.weight", g.read(f"{p}.{n}.weight", (d,))) for n in ("q_norm", "k_norm")]
     attn = f"layers.{i}/attention/out0"
     g.nodes.append(attention_schema.make_node(
-        inputs, [attn, stage.present_key_values(i)], name=f"layers.{i}/attention",
+        inputs, [attn, stage.present_key_values(i)], name=g.names.claim(f"layers.{i}/attention"),
         num_q_heads=hq, num_kv_heads=hkv, head_size=d, enable_qk_norm=cfg.qk_norm, rms_norm_eps=cfg.rms_norm_eps,
         **kv_cache_attrs(g, i),
     ))
@@ -350,10 +340,10 @@ def write_model(
     weights = WeightFile(Path(out_dir) / "model.onnx.data")
     try:
         g = Graph(ckpt, cfg, weights, quant)
-        g.constant("const.last_axis", np.array([-1], dtype=np.int64))
-        g.constant("const.rms_norm_eps", np.array(cfg.rms_norm_eps, dtype=np.float32))
-        g.constant("const.two", np.array(2.0, dtype=np.float32))
-        g.constant("const.attn_flat_shape", np.array([0, 0, cfg.num_attention_heads * cfg.head_dim], dtype=np.int64))
+        g.const([-1], np.int64, name="const.last_axis")
+        g.const(cfg.rms_norm_eps, np.float32, name="const.rms_norm_eps")
+        g.const(2.0, np.float32, name="const.two")
+        g.const([0, 0, cfg.num_attention_heads * cfg.head_dim], np.int64, name="const.attn_flat_shape")
         x = stage.INPUTS_EMBEDS
         for i in wrap_layers(range(cfg.num_hidden_layers)):
             x = decoder_layer(g, x, i)

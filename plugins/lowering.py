@@ -1,8 +1,9 @@
 """Replace every `trt_edgellm` node with standard ONNX (opset 23) / `com.microsoft` ops that ONNX Runtime runs on CPU.
 
 Each op package exports `ORT_LOWERING = {(domain, op_type): lower_fn}`; a `lower_fn(node, ctx)` returns the nodes
-that replace `node` and may add initializers, shared nodes (built once per graph, e.g. the RoPE tables) and
-graph input/output changes through `ctx`. The caller saves the returned model (external data stays as is).
+that replace `node`, built with `ctx.builder(prefix)` (`plugins.graph_builder`: fresh names, inline constants), and
+may add shared nodes (built once per graph, e.g. the RoPE tables) and graph input/output changes through `ctx`.
+The caller saves the returned model (external data stays as is).
 
 `widen_to_fp32` then makes the LLM graph compute in fp32: ORT's CPU provider has no fp16 kernels on x86 and would
 otherwise wrap every fp16 node in inserted Casts.
@@ -12,44 +13,38 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from contract.errors import InputError
 from contract.stage import CUSTOM_DOMAIN, ONNX_OPSET
+from plugins.graph_builder import GraphBuilder, Names
 
 MS_DOMAIN = "com.microsoft"
 
 
 class LoweringContext:
-    """What a lowering function may touch: fresh names, new initializers, shared sub-graphs, graph I/O shapes."""
+    """What a lowering function may touch: a builder for new nodes and constants, shared sub-graphs, graph I/O."""
 
     def __init__(self, graph: onnx.GraphProto):
-        self.graph = graph
         self.inputs = {v.name: v for v in graph.input}
         self.outputs = {v.name: v for v in graph.output}
-        self.initializers = {t.name for t in graph.initializer}
         self.new_initializers: list[onnx.TensorProto] = []
         self.pending: list[onnx.NodeProto] = []  # shared nodes to place before the node being lowered
         self.shared: dict[tuple, object] = {}
         self.used_domains: set[str] = set()
         self.replaced_io: dict[str, list[onnx.ValueInfoProto]] = {}  # graph input/output name -> its replacements
-        self._names = {n for n in self.inputs} | self.initializers | {o for node in graph.node for o in node.output}
-        self._counter = 0
+        initializers = {t.name for t in graph.initializer}
+        self.names = Names([*self.inputs, *initializers, *(o for node in graph.node for o in node.output)])
 
-    def name(self, hint: str) -> str:
-        """A tensor/node name not yet used in the graph."""
-        while True:
-            self._counter += 1
-            candidate = f"{hint}__{self._counter}"
-            if candidate not in self._names:
-                self._names.add(candidate)
-                return candidate
+    def builder(self, prefix: str, nodes: list[onnx.NodeProto] | None = None) -> GraphBuilder:
+        """New nodes (appended to `nodes`, or the builder's own list) and inline constants, fresh names from `prefix`."""
+        return GraphBuilder(self.names, self._add_initializer, nodes, prefix)
 
-    def const(self, hint: str, tensor: onnx.TensorProto) -> str:
-        tensor.name = self.name(hint)
-        self.new_initializers.append(tensor)
-        return tensor.name
+    def _add_initializer(self, name: str, array: np.ndarray) -> str:
+        self.new_initializers.append(numpy_helper.from_array(array, name))
+        return name
 
     def shared_value(self, key: tuple, build: Callable[[], object]) -> object:
         """`build()` once per graph for `key`; its nodes must go to `ctx.pending`."""
@@ -60,15 +55,6 @@ class LoweringContext:
     def replace_io(self, name: str, *new: onnx.ValueInfoProto) -> None:
         """Replace graph input or output `name` by `new` (in its place, in order)."""
         self.replaced_io[name] = list(new)
-
-    def set_dim(self, value_name: str, axis: int, dim_param: str) -> None:
-        """Rename one dim of a graph input or output to a symbolic dim (no-op for inner tensors)."""
-        info = self.inputs.get(value_name) or self.outputs.get(value_name)
-        if info is None or not info.type.tensor_type.HasField("shape"):
-            return
-        dim = info.type.tensor_type.shape.dim[axis]
-        dim.Clear()
-        dim.dim_param = dim_param
 
 
 def _registry() -> dict[tuple[str, str], Callable]:

@@ -1,5 +1,7 @@
-"""`python -m quantization llm|draft ...` (see quantization/cli.py)."""
+"""`python -m quantization llm|draft ...`, the same command as `llm-quantize` (see quantization/cli.py)."""
+
+import sys
 
 from quantization.cli import main
 
-main()
+sys.exit(main())

@@ -16,14 +16,15 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
-
-from contract import formats, stage
+from contract import stage
 from contract.atomic import staged_dir
 from contract.stage import WEIGHT_FORMATS
 from contract.tokenizer_files import copy_checked
+
+if TYPE_CHECKING:  # imported by the CLI for its constants before torch (contract.cli); the functions import it
+    import torch
 
 OUTPUT_KIND = "quantized checkpoint"  # what contract.atomic calls this writer's output
 METHODS = ("fp8", "fp8_pc", "fp8_block", "nvfp4", "none")  # weight formats (contract.stage) this writer produces
@@ -59,6 +60,8 @@ def needs_input_amax(method: str) -> bool:
 
 def unfit_reason(method: str, shape: tuple[int, int]) -> str | None:
     """Why a ``[out, in]`` weight cannot take `method`, or None. Only NVFP4 has a hard size rule (16-element groups)."""
+    from contract import formats
+
     if method == "nvfp4" and shape[1] % formats.NVFP4_GROUP:
         return f"in_features {shape[1]} is not a multiple of {formats.NVFP4_GROUP}"
     return None
@@ -66,6 +69,10 @@ def unfit_reason(method: str, shape: tuple[int, int]) -> str | None:
 
 def quantize_linear(method: str, weight: torch.Tensor, input_amax: float | None) -> dict[str, torch.Tensor]:
     """The tensors of one quantized linear, keyed by suffix (`weight`, `weight_scale`, ...)."""
+    import torch
+
+    from contract import formats
+
     if method == "fp8":
         q, scale = formats.quantize_fp8_per_tensor(weight)
         return {"weight": q, "weight_scale": scale, "input_scale": formats.amax_to_scale(torch.tensor(input_amax))}
@@ -94,6 +101,10 @@ def quantize_state_dict(
     attention_prefix: str = "model.layers.{}.self_attn",
 ) -> QuantizedTensors:
     """Quantize the linears in `plan` (module -> method); every other floating tensor becomes fp16."""
+    import torch
+
+    from contract import formats
+
     tensors, methods, excluded = {}, {}, {}
     for name, value in state_dict.items():
         module, _, suffix = name.rpartition(".")
@@ -121,6 +132,8 @@ def hf_quant_config(
     qt: QuantizedTensors, all_linears: list[str], kv_fp8: bool, kv_fp16_layers: list[int]
 ) -> dict:
     """ModelOpt's `hf_quant_config.json`: one `quant_algo`, or MIXED_PRECISION with a per-module table."""
+    from contract import formats
+
     algos = {WEIGHT_FORMATS[m].quant_algo for m in qt.methods.values()}
     exclude = sorted(m for m in all_linears if m not in qt.methods)
     quant: dict = {"kv_cache_quant_algo": "FP8" if kv_fp8 else None, "exclude_modules": exclude}
@@ -141,6 +154,8 @@ def hf_quant_config(
 
 def fine_grained_fp8_config(exclude: list[str]) -> dict:
     """config.json `quantization_config` of the HF fine-grained FP8 layout (DeepSeek-V3, Qwen3-*-FP8)."""
+    from contract import formats
+
     return {
         "quant_method": "fp8",
         "fmt": "e4m3",
@@ -178,6 +193,8 @@ def write_checkpoint(
     Everything goes to a temporary sibling that is renamed into place only when complete; an existing `out_dir` is
     replaced only when it is an earlier quantized checkpoint (contract.atomic). `inputs` are the directories read.
     """
+    from safetensors.torch import save_file
+
     out_dir = Path(out_dir)
     with staged_dir(out_dir, kind=OUTPUT_KIND, flag="--output_dir", inputs=[source_dir, *inputs]) as tmp:
         shards = _shards(tensors, max_shard_bytes)

@@ -1,31 +1,36 @@
-"""`python -m quantization llm|draft`: HF checkpoint in, quantized checkpoint (ModelOpt unified HF layout) out.
+"""`llm-quantize llm|draft` (or `python -m quantization`): HF checkpoint in, quantized checkpoint (ModelOpt unified HF
+layout) out.
 
-    python -m quantization llm --model_dir M --output_dir Q --quantization nvfp4 --kv_cache_quantization fp8
-    python -m quantization draft --base_model_dir M --draft_model_dir D --output_dir QD   # EAGLE3 draft
+    llm-quantize llm --model_dir M --output_dir Q --quantization nvfp4 --kv_cache_quantization fp8
+    llm-quantize draft --base_model_dir M --draft_model_dir D --output_dir QD   # EAGLE3 draft
 
 Steps: check the inputs, load the model (fp32 on CPU, fp16 on CUDA), calibrate only what needs static scales
 (input amax for fp8/nvfp4, post-RoPE q/k/v amax for the FP8 KV cache), quantize the weights, write the directory
-atomically, print and save the calibration report.
+atomically, print and save the calibration report. torch, transformers and the modules that need them at import
+are imported inside the functions that use them, so `--help` answers at once and Ctrl-C is caught (contract.cli).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import torch
 
 from contract.atomic import check_target
-from contract.errors import InputError, run_cli
+from contract.cli import CONTEXT_SETTINGS, example, run_cli
+from contract.errors import InputError
 from contract.jsonfile import read_json
 from contract.paths import checked_file
 from contract.tokenizer_files import PARSED, read_checked
 from quantization import checkpoint_writer as writer
 from quantization.datasets import DEFAULT_DATASET, load_texts, make_batches
 from quantization.report import build_report, format_table
+
+if TYPE_CHECKING:
+    import torch
 
 REPORT_FILE = "quantization_report.json"
 CHARS_PER_TOKEN = 4  # how much text a sample needs to fill --max_seq_len tokens
@@ -61,6 +66,8 @@ def _check_choice(flag: str, value: str | None, choices: tuple[str, ...]) -> Non
 
 def check_options(o: LlmOptions) -> None:
     """Everything that can be rejected before a model is loaded."""
+    import torch
+
     _check_choice("--quantization", o.quantization, writer.METHODS)
     _check_choice("--kv_cache_quantization", o.kv_cache_quantization, ("fp8",))
     _check_choice("--lm_head_quantization", o.lm_head_quantization, writer.LM_HEAD_METHODS)
@@ -98,6 +105,8 @@ def check_inside(model_dir: Path) -> None:
 
 def check_finite(state_dict: dict[str, torch.Tensor], model_dir: Path) -> None:
     """NaN or Inf in a weight would silently poison every scale computed from it."""
+    import torch
+
     for name, t in state_dict.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             kind = "NaN" if torch.isnan(t).any() else "Inf"
@@ -106,6 +115,8 @@ def check_finite(state_dict: dict[str, torch.Tensor], model_dir: Path) -> None:
 
 def quantization_plan(model, o: LlmOptions) -> dict[str, str]:
     """Module name -> method for every linear that gets quantized: the decoder layers' linears, lm_head on request."""
+    import torch
+
     plan = {}
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear):
@@ -140,6 +151,7 @@ def static_inputs(plan: dict[str, str]) -> list[str]:
 
 def quantize_llm(o: LlmOptions) -> dict:
     """The `llm` subcommand; returns the calibration report."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from quantization.calibrate import Calibration, calibrate
@@ -209,6 +221,7 @@ class DraftOptions(QuantizeOptions):
 
 def quantize_draft(o: DraftOptions) -> dict:
     """The `draft` subcommand: calibrate an EAGLE3 draft on its base's hidden states, quantize fc and midlayer.*."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from quantization import eagle3
@@ -262,7 +275,11 @@ def quantize_draft(o: DraftOptions) -> dict:
     return report
 
 
-@click.group()
+@click.group(context_settings=CONTEXT_SETTINGS, epilog=example(
+    "llm-quantize llm --model_dir SmolLM2-135M-Instruct --output_dir smollm2-nvfp4 --quantization nvfp4 "
+    "--kv_cache_quantization fp8",
+    "llm-quantize draft --base_model_dir Llama-3.1-8B-Instruct --draft_model_dir EAGLE3-LLaMA3.1-8B "
+    "--output_dir eagle3-fp8"))
 def cli() -> None:
     """Quantize Hugging Face checkpoints to FP8 / NVFP4 with an optional calibrated FP8 KV cache."""
 
@@ -282,7 +299,9 @@ def calibration_options(command):
     return command
 
 
-@cli.command()
+@cli.command(epilog=example(
+    "llm-quantize llm --model_dir SmolLM2-135M-Instruct --output_dir smollm2-nvfp4 --quantization nvfp4 "
+    "--kv_cache_quantization fp8"))
 @click.option("--model_dir", required=True, type=click.Path(path_type=Path), help="HF checkpoint (fp16/bf16).")
 @click.option("--output_dir", required=True, type=click.Path(path_type=Path),
               help="New directory (an earlier quantized checkpoint there is replaced; anything else is refused).")
@@ -301,7 +320,9 @@ def llm(model_dir, output_dir, kv_cache_fp16_layers, **kwargs) -> None:
     click.echo(f"wrote {output_dir} ({report['quantization']}, kv cache {report['kv_cache_quantization'] or 'fp16'})")
 
 
-@cli.command()
+@cli.command(epilog=example(
+    "llm-quantize draft --base_model_dir Llama-3.1-8B-Instruct --draft_model_dir EAGLE3-LLaMA3.1-8B "
+    "--output_dir eagle3-fp8"))
 @click.option("--base_model_dir", required=True, type=click.Path(path_type=Path), help="The draft's HF base model.")
 @click.option("--draft_model_dir", required=True, type=click.Path(path_type=Path), help="EAGLE3 draft checkpoint.")
 @click.option("--output_dir", required=True, type=click.Path(path_type=Path),
@@ -319,6 +340,6 @@ def draft(**kwargs) -> None:
     click.echo(f"wrote {kwargs['output_dir']} (EAGLE3 draft, {report['quantization']}, kv cache fp16)")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: bad input of any kind -> `error: <message>` on stderr, exit code 2, no output directory."""
-    sys.exit(run_cli(cli, argv, "python -m quantization"))
+def main(argv: list[str] | None = None) -> int:
+    """`llm-quantize` (also `python -m quantization`); exit codes as `contract.cli.run_cli` says."""
+    return run_cli(cli, argv)

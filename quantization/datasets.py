@@ -11,12 +11,13 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
-
-import torch
+from typing import TYPE_CHECKING, Iterator
 
 from contract.errors import InputError
 from contract.jsonfile import parse_json_text, read_json_value
+
+if TYPE_CHECKING:  # the CLI imports this module before torch (contract.cli)
+    import torch
 
 DATA_DIR = Path(__file__).parent / "data"
 DEFAULT_DATASET = "tinyshakespeare"

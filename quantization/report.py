@@ -9,9 +9,10 @@ KV cache in FP16 (`--kv_cache_fp16_layers`) is the known remedy.
 from __future__ import annotations
 
 import statistics
+from typing import TYPE_CHECKING
 
-from contract.formats import FP8_MAX
-from quantization.calibrate import Calibration
+if TYPE_CHECKING:  # imported by the CLI before torch and transformers (contract.cli)
+    from quantization.calibrate import Calibration
 
 OUTLIER_FACTOR = 4.0
 
@@ -34,6 +35,7 @@ def build_report(
     num_samples: int,
 ) -> dict:
     """JSON-ready summary; scales are the unclamped amax/448 that the checkpoint carries."""
+    from contract.formats import FP8_MAX
     layers = [
         {
             "layer": i,

@@ -14,6 +14,7 @@ import click
 from tqdm import tqdm
 
 from contract.atomic import write_json_atomic
+from contract.cli import CONTEXT_SETTINGS, example, run_cli
 from contract.errors import InputError
 from runtime.chat import Prompt, format_prompt, load_tokenizer, token_bytes
 from runtime.generate import Generation, Job, Timing, generate
@@ -76,7 +77,8 @@ def run_test_cases(engine, tokenizer, cases: TestCases, batch_size: int | None =
     return responses, timing
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT_SETTINGS, epilog=example(
+    "llm-inference --engineDir engines/smollm2 --inputFile examples/llm_basic.json --outputFile out.json"))
 @click.option("--engineDir", "engine_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Engine directory written by llm-build (engines, config.json, tokenizer, chat template); it runs on "
                    "the backend it was built for (ONNX Runtime on the CPU, or TensorRT on a GPU).")
@@ -93,32 +95,34 @@ def run_test_cases(engine, tokenizer, cases: TestCases, batch_size: int | None =
 @click.option("--dumpProfile", "dump_profile", is_flag=True,
               help="Print prefill / decode throughput and time to first token, and add them to the output as "
                    "'profile'.")
-def main(engine_dir: Path, input_file: Path, output_file: Path, batch_size: int | None,
-         max_generate_length: int | None, warmup: int, dump_profile: bool) -> None:
+def cli(engine_dir: Path, input_file: Path, output_file: Path, batch_size: int | None,
+        max_generate_length: int | None, warmup: int, dump_profile: bool) -> None:
     """Generate answers for the requests of INPUTFILE with the engine in ENGINEDIR.
 
     Sampling (temperature, top_k, top_p, logit_bias, sampling_seed), chat-template options and stop strings are read
     from the input file only; greedy decoding is top_k 1 or temperature 0.
     """
+    # onnxruntime (or TensorRT) is imported here, under contract.cli's Ctrl-C guard, not when --help is asked for
     from runtime.engine import Engine
 
-    try:
-        if not output_file.resolve().parent.is_dir():
-            raise InputError(f"--outputFile: expected a path in an existing directory, found {output_file}")
-        cases = load_test_cases(input_file)
-        engine = Engine.load(engine_dir)
-        tokenizer = load_tokenizer(engine_dir)
-        responses, timing = run_test_cases(engine, tokenizer, cases, batch_size, max_generate_length, warmup)
-        output = {"input_file": str(input_file), "responses": responses}
-        if dump_profile:
-            output["profile"] = timing.profile()
-            for key, value in output["profile"].items():
-                click.echo(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}", err=True)
-        write_json_atomic(output_file, output, flag="--outputFile", inputs=[input_file, engine_dir])
-    except InputError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    if not output_file.resolve().parent.is_dir():
+        raise InputError(f"--outputFile: expected a path in an existing directory, found {output_file}")
+    cases = load_test_cases(input_file)
+    engine = Engine.load(engine_dir)
+    tokenizer = load_tokenizer(engine_dir)
+    responses, timing = run_test_cases(engine, tokenizer, cases, batch_size, max_generate_length, warmup)
+    output = {"input_file": str(input_file), "responses": responses}
+    if dump_profile:
+        output["profile"] = timing.profile()
+        for key, value in output["profile"].items():
+            click.echo(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}", err=True)
+    write_json_atomic(output_file, output, flag="--outputFile", inputs=[input_file, engine_dir])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`llm-inference`; exit codes as `contract.cli.run_cli` says."""
+    return run_cli(cli, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,8 +9,7 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import make_tiny_checkpoint
+from helpers import edit_config, make_fp8_kv, make_tiny_checkpoint, run_cli
 from safetensors.torch import load_file, save_file
 
 from builder.cli import main as llm_build
@@ -88,36 +87,13 @@ def onnx_dir(exports, tmp_path) -> Path:
     return Path(shutil.copytree(exports["fp16"], tmp_path / "llm"))
 
 
-def make_fp8_kv(onnx_dir: Path, inputs: bool = True, plugins: bool = True, config: bool = True) -> None:
-    """Edit an export's KV-cache witnesses to FP8, each on request (graph only; the weights file is untouched)."""
-    path = onnx_dir / "model.onnx"
-    model = onnx.load(str(path), load_external_data=False)
-    for value in [*model.graph.input, *model.graph.output]:
-        if inputs and "key_values_" in value.name:
-            value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT8E4M3FN
-    for node in model.graph.node:
-        if plugins and node.op_type == "AttentionPlugin":
-            for attr in node.attribute:
-                if attr.name == "enable_fp8_kv_cache":
-                    attr.i = 1
-    onnx.save(model, str(path))
-    if config:
-        edit_config(onnx_dir, kv_cache_dtype="fp8")
-
-
-def edit_config(onnx_dir: Path, **changes) -> None:
-    path = onnx_dir / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-
-
 def run_build(onnx_dir: Path, engine_dir: Path, *extra: str):
-    return CliRunner().invoke(llm_build, ["--onnxDir", str(onnx_dir), "--engineDir", str(engine_dir),
-                                          "--backend", "onnxruntime", "--maxInputLen", "32",
-                                          "--maxKVCacheCapacity", "64", *extra])
+    return run_cli(llm_build, "--onnxDir", onnx_dir, "--engineDir", engine_dir, "--backend", "onnxruntime",
+                   "--maxInputLen", "32", "--maxKVCacheCapacity", "64", *extra)
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: "), result.stderr
     assert not any("Traceback" in line for line in lines)
@@ -220,7 +196,6 @@ def test_cli_rejects_an_engine_dir_as_onnx_dir_and_spec_flags(onnx_dir, tmp_path
 def test_cli_tensorrt_without_tensorrt_is_a_clear_error(onnx_dir, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present; TensorRT may be too")
-    result = CliRunner().invoke(llm_build, ["--onnxDir", str(onnx_dir), "--engineDir", str(tmp_path / "eng"),
-                                            "--backend", "tensorrt"])
+    result = run_cli(llm_build, "--onnxDir", onnx_dir, "--engineDir", tmp_path / "eng", "--backend", "tensorrt")
     assert_one_line_error(result, "--backend tensorrt")
     assert resolve_backend("auto") == "onnxruntime"

@@ -10,13 +10,19 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import make_tiny_checkpoint
+from helpers import (
+    assert_logits_close,
+    export_and_build,
+    forward_rows,
+    hf_model,
+    make_fp8_kv,
+    make_tiny_checkpoint,
+    tokens,
+)
 from safetensors.torch import load_file
 
-from builder.cli import build
 from contract.errors import InputError
 from contract.formats import dequantize_fp8_row_block
-from llm_loader.export_all_cli import export
 from runtime.engine import Engine
 from runtime.rope import rope_cos_sin
 
@@ -56,14 +62,6 @@ FAMILIES = ("llama", "qwen2", "qwen3")
 CAPACITY = 64
 
 
-def build_engine(root: Path, ckpt: Path, name: str, fp8_embedding: bool = False, edit=None) -> Path:
-    onnx_dir = export(ckpt, root / f"onnx-{name}", fp8_embedding=fp8_embedding)
-    if edit:
-        edit(onnx_dir)
-    return build(onnx_dir, root / f"eng-{name}", max_batch_size=2, max_input_len=16,
-                 max_kv_cache_capacity=CAPACITY, backend="onnxruntime")
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, smollm2_checkpoint) -> dict[str, tuple[Path, Path]]:
     """name -> (checkpoint, engine dir) for each family, plus llama with an FP8 embedding table."""
@@ -71,37 +69,11 @@ def built(tmp_path_factory, smollm2_checkpoint) -> dict[str, tuple[Path, Path]]:
     out = {}
     for family in FAMILIES:
         ckpt = make_tiny_checkpoint(family, root / f"ckpt-{family}", smollm2_checkpoint)
-        out[family] = (ckpt, build_engine(root, ckpt, family))
-    out["llama-fp8emb"] = (out["llama"][0], build_engine(root, out["llama"][0], "llama-fp8emb", fp8_embedding=True))
+        out[family] = (ckpt, export_and_build(ckpt, root / family, max_kv_cache_capacity=CAPACITY)[1])
+    llama = out["llama"][0]
+    out["llama-fp8emb"] = (llama, export_and_build(llama, root / "llama-fp8emb", fp8_embedding=True,
+                                                   max_kv_cache_capacity=CAPACITY)[1])
     return out
-
-
-def hf_model(ckpt: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-
-
-def assert_logits_close(ours: np.ndarray, ref: np.ndarray) -> None:
-    """fp16 activations against an fp32 reference: within 0.5% of the logit range, and the same top-1 token at
-    nearly every position (random tokens give flat distributions where a near-tie may flip)."""
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=0.005 * float(np.abs(ref).max()))
-    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
-
-
-def tokens(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 49152, n).astype(np.int32)
-
-
-def run(engine: Engine, cache, rows: list[np.ndarray], all_logits: bool = False) -> np.ndarray:
-    """One forward over right-padded `rows`; logits of every position (all_logits) or of each row's last token."""
-    seq = max(len(r) for r in rows)
-    ids = np.zeros((len(rows), seq), np.int32)
-    for b, r in enumerate(rows):
-        ids[b, :len(r)] = r
-    ctx = np.array([len(r) for r in rows], np.int32)
-    last = np.tile(np.arange(seq), (len(rows), 1)) if all_logits else np.maximum(ctx - 1, 0)[:, None]
-    return engine.forward(cache, ids, ctx, last.astype(np.int64))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -110,13 +82,13 @@ def test_prefill_then_decode_matches_transformers(built, family):
     engine, hf = Engine.load(eng), hf_model(ckpt)
     ids = tokens(12)
     cache = engine.new_cache(1)
-    prefill = run(engine, cache, [ids[:5]], all_logits=True)
+    prefill = forward_rows(engine, cache, [ids[:5]], all_logits=True)
     with torch.no_grad():
         out = hf(torch.tensor(ids[None, :5], dtype=torch.long), use_cache=True)
     assert_logits_close(prefill, out.logits.numpy())
     past = out.past_key_values
     for t in range(5, 12):
-        step = run(engine, cache, [ids[t:t + 1]])
+        step = forward_rows(engine, cache, [ids[t:t + 1]])
         with torch.no_grad():
             out = hf(torch.tensor([[ids[t]]], dtype=torch.long), past_key_values=past, use_cache=True)
         past = out.past_key_values
@@ -132,11 +104,11 @@ def test_batch_of_two_lengths_equals_each_row_alone(built):
     engine = Engine.load(built["llama"][1])
     a, b = tokens(9, seed=1), tokens(6, seed=2)
     batch = engine.new_cache(2)
-    got = [run(engine, batch, [a[:7], b[:3]])]
-    got += [run(engine, batch, [a[t:t + 1], b[t - 4:t - 3]]) for t in (7, 8)]  # rows at different positions
+    got = [forward_rows(engine, batch, [a[:7], b[:3]])]
+    got += [forward_rows(engine, batch, [a[t:t + 1], b[t - 4:t - 3]]) for t in (7, 8)]  # rows at different positions
     for row, (prompt, rest) in enumerate(((a[:7], a[7:9]), (b[:3], b[3:5]))):
         alone = engine.new_cache(1)
-        expected = [run(engine, alone, [prompt])] + [run(engine, alone, [rest[i:i + 1]]) for i in range(2)]
+        expected = [forward_rows(engine, alone, [prompt])] + [forward_rows(engine, alone, [rest[i:i + 1]]) for i in range(2)]
         for g, e in zip(got, expected):
             np.testing.assert_allclose(g[row], e[0], rtol=0, atol=1e-2 * float(np.abs(e).max()))
         cached = np.arange(alone.lengths[0])
@@ -151,10 +123,10 @@ def test_chunks_on_top_of_a_prefix_equal_one_prefill(built, family):
     engine = Engine.load(built[family][1])
     a, b = tokens(11, seed=6), tokens(7, seed=7)
     chunked = engine.new_cache(2)
-    run(engine, chunked, [a[:6], b[:2]])
-    got = run(engine, chunked, [a[6:], b[2:]], all_logits=True)
+    forward_rows(engine, chunked, [a[:6], b[:2]])
+    got = forward_rows(engine, chunked, [a[6:], b[2:]], all_logits=True)
     whole = engine.new_cache(2)
-    want = run(engine, whole, [a, b], all_logits=True)
+    want = forward_rows(engine, whole, [a, b], all_logits=True)
     for row, (done, n) in enumerate(((6, 11), (2, 7))):
         np.testing.assert_allclose(got[row, :n - done], want[row, done:n], rtol=0, atol=1e-3 * float(np.abs(want).max()))
         np.testing.assert_allclose(engine.read_kv(chunked, row, np.arange(n)), engine.read_kv(whole, row, np.arange(n)),
@@ -165,7 +137,7 @@ def test_chunks_on_top_of_a_prefix_equal_one_prefill(built, family):
 def test_a_padded_call_that_does_not_fit_the_cache_is_refused(built):
     engine = Engine.load(built["llama"][1])
     cache = engine.new_cache(2)
-    run(engine, cache, [tokens(1), tokens(2)])
+    forward_rows(engine, cache, [tokens(1), tokens(2)])
     cache.lengths[:] = [CAPACITY - 1, 2]  # row 0 has room for one more token only
     with pytest.raises(InputError, match="row 0 holds 63 tokens; a call padded to 3 tokens"):
         engine.forward(cache, np.zeros((2, 3), np.int32), np.array([1, 3], np.int32), np.zeros((2, 1), np.int64))
@@ -175,7 +147,7 @@ def test_a_padded_call_that_does_not_fit_the_cache_is_refused(built):
 def test_a_finished_row_sits_a_step_out(built):
     engine = Engine.load(built["llama"][1])
     cache = engine.new_cache(2)
-    run(engine, cache, [tokens(4), tokens(4, seed=3)])
+    forward_rows(engine, cache, [tokens(4), tokens(4, seed=3)])
     everywhere = np.arange(CAPACITY)
     before = engine.read_kv(cache, 1, everywhere)
     ids = np.array([[5], [0]], np.int32)
@@ -190,17 +162,17 @@ def test_kv_written_into_another_row_continues_like_the_original(built):
     engine = Engine.load(built["llama"][1])
     a, b = tokens(7, seed=8), tokens(3, seed=9)
     src = engine.new_cache(1)
-    run(engine, src, [a[:6]])
+    forward_rows(engine, src, [a[:6]])
     kv = engine.read_kv(src, 0, np.arange(6))
     np.testing.assert_array_equal(engine.read_kv(src, 0, [4, 1]), kv[:, :, :, [4, 1]])
     dst = engine.new_cache(2)
-    run(engine, dst, [b, b])  # row 1 holds other tokens, overwritten below
+    forward_rows(engine, dst, [b, b])  # row 1 holds other tokens, overwritten below
     row0 = engine.read_kv(dst, 0, np.arange(CAPACITY))
     engine.write_kv(dst, 1, 0, kv)
     dst.lengths[1] = 6
     np.testing.assert_array_equal(engine.read_kv(dst, 1, np.arange(6)), kv)
     np.testing.assert_array_equal(engine.read_kv(dst, 0, np.arange(CAPACITY)), row0)
-    want, got = run(engine, src, [a[6:]]), run(engine, dst, [b[:1], a[6:]])
+    want, got = forward_rows(engine, src, [a[6:]]), forward_rows(engine, dst, [b[:1], a[6:]])
     np.testing.assert_allclose(got[1], want[0], rtol=0, atol=1e-3 * float(np.abs(want).max()))
     with pytest.raises(InputError, match=r"row: expected 0\.\.1, found 2"):
         engine.read_kv(dst, 2, [0])
@@ -240,7 +212,7 @@ def test_out_of_range_ids_and_overfull_cache_are_input_errors(built):
     cache = engine.new_cache(1)
     cache.lengths[:] = CAPACITY - 2
     with pytest.raises(InputError, match="capacity"):
-        run(engine, cache, [tokens(3)])
+        forward_rows(engine, cache, [tokens(3)])
     with pytest.raises(InputError, match="max_batch_size"):
         engine.new_cache(3)
 
@@ -249,7 +221,7 @@ def test_load_rejects_what_is_not_a_complete_matching_engine_dir(built, tmp_path
     eng = built["llama"][1]
     with pytest.raises(InputError, match="not an engine directory"):
         Engine.load(tmp_path)
-    onnx_dir = eng.parent / "onnx-llama" / "llm"
+    onnx_dir = eng.parent / "onnx" / "llm"
     with pytest.raises(InputError, match="builder_config"):
         Engine.load(onnx_dir)
     copy = Path(shutil.copytree(eng, tmp_path / "eng"))
@@ -269,15 +241,14 @@ def test_load_rejects_what_is_not_a_complete_matching_engine_dir(built, tmp_path
 
 
 def test_fp8_kv_cache_holds_fp8_of_the_fp16_engines_keys(built, tmp_path):
-    from test_builder import make_fp8_kv
-
     ckpt, fp16_eng = built["llama"]
-    fp8, fp16 = Engine.load(build_engine(tmp_path, ckpt, "fp8kv", edit=make_fp8_kv)), Engine.load(fp16_eng)
+    _, fp8_eng = export_and_build(ckpt, tmp_path, edit=make_fp8_kv, max_kv_cache_capacity=CAPACITY)
+    fp8, fp16 = Engine.load(fp8_eng), Engine.load(fp16_eng)
     c8, c16 = fp8.new_cache(2), fp16.new_cache(2)
     assert c8.dtype == "fp8" and fp8.read_kv(c8, 0, [0]).dtype == np.uint8
     assert c8.nbytes * 4 == c16.nbytes  # one byte per value; the CPU engine holds an fp16 cache in fp32
     rows = [tokens(6), tokens(4, seed=5)]
-    l8, l16 = run(fp8, c8, rows), run(fp16, c16, rows)
+    l8, l16 = forward_rows(fp8, c8, rows), forward_rows(fp16, c16, rows)
     # layer 0's K/V do not depend on the cache, so they are exactly fp8(the fp16 engine's value / 1.0) (scales are 1)
     for row in range(2):
         first = np.arange(6)
@@ -288,12 +259,13 @@ def test_fp8_kv_cache_holds_fp8_of_the_fp16_engines_keys(built, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_prefill_and_decode_match_transformers(smollm2_checkpoint, tmp_path):
-    engine = Engine.load(build(export(smollm2_checkpoint, tmp_path / "onnx"), tmp_path / "eng", max_batch_size=1,
-                               max_input_len=64, max_kv_cache_capacity=128, backend="onnxruntime"))
+    _, engine_dir = export_and_build(smollm2_checkpoint, tmp_path, max_batch_size=1, max_input_len=64,
+                                     max_kv_cache_capacity=128)
+    engine = Engine.load(engine_dir)
     hf = hf_model(smollm2_checkpoint)
     ids = tokens(24, seed=7)
     cache = engine.new_cache(1)
-    got = [run(engine, cache, [ids[:16]], all_logits=True)] + [run(engine, cache, [ids[t:t + 1]]) for t in range(16, 24)]
+    got = [forward_rows(engine, cache, [ids[:16]], all_logits=True)] + [forward_rows(engine, cache, [ids[t:t + 1]]) for t in range(16, 24)]
     with torch.no_grad():
         ref = hf(torch.tensor(ids[None], dtype=torch.long)).logits.numpy()
     assert_logits_close(np.concatenate(got, axis=1), ref)

@@ -1,28 +1,19 @@
 """runtime.generate on real engines (tiny checkpoint -> export -> ONNX Runtime build) against transformers."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_checkpoint
+from helpers import (
+    PROMPTS,
+    export_and_build,
+    jobs_for,
+    make_tiny_checkpoint,
+    transformers_greedy,
+)
 
 from contract.errors import InputError
 
-PROMPTS = ["Hello there, how are", "The capital of France is a city that", "a",
-           "One two three four five six seven eight nine ten eleven"]
-
-
-def build_tiny_engine(family: str, root: Path, tokenizer_dir: Path) -> tuple[Path, Path]:
-    """(checkpoint dir, engine dir) of a tiny `family` model, through the real exporter and builder."""
-    from builder.cli import build
-    from llm_loader.export_all_cli import export
-
-    ckpt = make_tiny_checkpoint(family, root / f"{family}-ckpt", tokenizer_dir)
-    onnx_dir = export(ckpt, root / f"{family}-onnx")
-    engine_dir = build(onnx_dir, root / f"{family}-engine", max_batch_size=4, max_input_len=64,
-                       max_kv_cache_capacity=128, backend="onnxruntime")
-    return ckpt, engine_dir
+LIMITS = dict(max_batch_size=4, max_input_len=64, max_kv_cache_capacity=128)
 
 
 @pytest.fixture(scope="module")
@@ -35,26 +26,13 @@ def tiny(tmp_path_factory, smollm2_checkpoint):
 
     def get(family):
         if family not in built:
-            ckpt, eng = build_tiny_engine(family, tmp_path_factory.mktemp(family), smollm2_checkpoint)
+            root = tmp_path_factory.mktemp(family)
+            ckpt = make_tiny_checkpoint(family, root / "ckpt", smollm2_checkpoint)
+            _, eng = export_and_build(ckpt, root, **LIMITS)
             built[family] = ckpt, Engine.load(eng), load_tokenizer(eng)
         return built[family]
 
     return get
-
-
-def jobs_for(tokenizer, prompts, **kw):
-    from runtime.generate import Job
-    from runtime.sampling import SamplingParams
-
-    sampling = kw.pop("sampling", SamplingParams(top_k=1))
-    return [Job(tokenizer.encode(p), sampling, **kw) for p in prompts]
-
-
-def transformers_greedy(model, prompt_ids: list[int], n: int, eos_token_ids: list[int]) -> torch.Tensor:
-    """The new tokens of `transformers`' own greedy generate (the reference for engine generations)."""
-    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, top_k=None, top_p=None,
-                         eos_token_id=eos_token_ids, pad_token_id=0)
-    return out[0, len(prompt_ids):]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])

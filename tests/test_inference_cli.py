@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from test_generate import build_tiny_engine
+from helpers import export_and_build, make_tiny_checkpoint, run_cli
 
 from runtime.cli import main
 
@@ -17,7 +16,10 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, smollm2_checkpoint):
-    return build_tiny_engine("llama", tmp_path_factory.mktemp("cli"), smollm2_checkpoint)
+    """(checkpoint, engine dir) of a tiny llama."""
+    root = tmp_path_factory.mktemp("cli")
+    ckpt = make_tiny_checkpoint("llama", root / "ckpt", smollm2_checkpoint)
+    return ckpt, export_and_build(ckpt, root, max_batch_size=4, max_input_len=64, max_kv_cache_capacity=128)[1]
 
 
 def run(engine_dir, cases, out: Path, *flags):
@@ -27,8 +29,7 @@ def run(engine_dir, cases, out: Path, *flags):
         path.write_text(json.dumps(cases))
     else:
         path = cases
-    return CliRunner().invoke(main, ["--engineDir", str(engine_dir), "--inputFile", str(path),
-                                     "--outputFile", str(out), *flags])
+    return run_cli(main, "--engineDir", engine_dir, "--inputFile", path, "--outputFile", out, *flags)
 
 
 @pytest.mark.parametrize("apply_chat_template", [True, False])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CliResult, run_cli
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -29,18 +30,9 @@ def texts_file(tmp_path) -> Path:
     return path
 
 
-def run(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def quantize(ckpt: Path, out: Path, capsys, texts: Path, *extra: str) -> Path:
-    code, _, err = run(["llm", "--model_dir", str(ckpt), "--output_dir", str(out), "--text_dataset", str(texts), *FAST, *extra], capsys)
+def quantize(ckpt: Path, out: Path, texts: Path, *extra: str) -> Path:
+    code, _, err = run_cli(main, "llm", "--model_dir", ckpt, "--output_dir", out, "--text_dataset", texts, *FAST,
+                           *extra)
     assert code == 0, err
     return out
 
@@ -50,9 +42,9 @@ BOUNDS = {"fp8": 2**-4, "fp8_pc": 2**-4, "fp8_block": 2**-4, "nvfp4": 1 / 6}
 
 
 @pytest.mark.parametrize("method", ["fp8", "fp8_pc", "fp8_block", "nvfp4"])
-def test_quantize_and_read_back(tiny_checkpoint, tmp_path, capsys, texts_file, method):
+def test_quantize_and_read_back(tiny_checkpoint, tmp_path, texts_file, method):
     ckpt = tiny_checkpoint("llama")
-    out = quantize(ckpt, tmp_path / "q", capsys, texts_file, "--quantization", method)
+    out = quantize(ckpt, tmp_path / "q", texts_file, "--quantization", method)
     assert {"config.json", "hf_quant_config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja",
             "generation_config.json", "quantization_report.json"} <= {p.name for p in out.iterdir()}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp sibling left
@@ -124,9 +116,9 @@ def reference_qkv_amax(ckpt: Path, texts: list[str], max_len: int) -> dict[int, 
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_kv_scales_are_post_rope_amax_over_real_tokens(tiny_checkpoint, tmp_path, capsys, texts_file, family):
+def test_kv_scales_are_post_rope_amax_over_real_tokens(tiny_checkpoint, tmp_path, texts_file, family):
     ckpt = tiny_checkpoint(family)
-    out = quantize(ckpt, tmp_path / "q", capsys, texts_file, "--quantization", "none", "--kv_cache_quantization", "fp8")
+    out = quantize(ckpt, tmp_path / "q", texts_file, "--quantization", "none", "--kv_cache_quantization", "fp8")
     qc = read_quantized_checkpoint(out)
     assert qc.kv_cache_quant_algo == "FP8" and qc.quant_algo is None
     reference = reference_qkv_amax(ckpt, TEXTS, 32)
@@ -142,21 +134,21 @@ def test_kv_scales_are_post_rope_amax_over_real_tokens(tiny_checkpoint, tmp_path
     assert all(t.dtype == torch.float16 for n, t in tensors.items() if not n.endswith("_scale"))
 
 
-def test_outlier_layer_warning_and_fp16_kv_layers(tiny_checkpoint, tmp_path, capsys, texts_file):
+def test_outlier_layer_warning_and_fp16_kv_layers(tiny_checkpoint, tmp_path, texts_file):
     ckpt = tiny_checkpoint("qwen2", num_hidden_layers=4)
     weights = load_file(ckpt / "model.safetensors")
     weights["model.layers.3.self_attn.k_proj.bias"] *= 100  # the Qwen2.5 last-layer k bias, exaggerated
     save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
 
-    code, out, err = run(["llm", "--model_dir", str(ckpt), "--output_dir", str(tmp_path / "a"), "--text_dataset",
-                          str(texts_file), *FAST, "--kv_cache_quantization", "fp8"], capsys)
+    code, out, err = run_cli(main, "llm", "--model_dir", ckpt, "--output_dir", tmp_path / "a", "--text_dataset",
+                             texts_file, *FAST, "--kv_cache_quantization", "fp8")
     assert code == 0, err
     assert "layer 3" in out and "--kv_cache_fp16_layers 3" in out
     report = json.loads((tmp_path / "a" / "quantization_report.json").read_text())
     assert report["kv_outlier_layers"] == [3]
 
-    code, out, err = run(["llm", "--model_dir", str(ckpt), "--output_dir", str(tmp_path / "b"), "--text_dataset",
-                          str(texts_file), *FAST, "--kv_cache_quantization", "fp8", "--kv_cache_fp16_layers", "3"], capsys)
+    code, out, err = run_cli(main, "llm", "--model_dir", ckpt, "--output_dir", tmp_path / "b", "--text_dataset",
+                             texts_file, *FAST, "--kv_cache_quantization", "fp8", "--kv_cache_fp16_layers", "3")
     assert code == 0, err
     assert "consider" not in out
     qc = read_quantized_checkpoint(tmp_path / "b")
@@ -164,9 +156,9 @@ def test_outlier_layer_warning_and_fp16_kv_layers(tiny_checkpoint, tmp_path, cap
     assert "model.layers.3.self_attn.k_proj.k_scale" not in load_file(tmp_path / "b" / "model.safetensors")
 
 
-def test_nvfp4_excludes_unfit_linear_and_lm_head_mixed(tiny_checkpoint, tmp_path, capsys, texts_file):
+def test_nvfp4_excludes_unfit_linear_and_lm_head_mixed(tiny_checkpoint, tmp_path, texts_file):
     ckpt = tiny_checkpoint("llama", intermediate_size=72, tie_word_embeddings=True)  # down_proj in=72 is not a multiple of 16
-    out = quantize(ckpt, tmp_path / "q", capsys, texts_file, "--quantization", "nvfp4", "--lm_head_quantization", "fp8")
+    out = quantize(ckpt, tmp_path / "q", texts_file, "--quantization", "nvfp4", "--lm_head_quantization", "fp8")
     meta = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
     assert "model.layers.0.mlp.down_proj" in meta["exclude_modules"]
     assert meta["quant_algo"] == "MIXED_PRECISION"
@@ -180,7 +172,7 @@ def test_nvfp4_excludes_unfit_linear_and_lm_head_mixed(tiny_checkpoint, tmp_path
     assert "model.layers.0.mlp.down_proj" in report["excluded_modules"]
 
 
-def test_sharded_output_has_index(tiny_checkpoint, tmp_path, capsys, texts_file):
+def test_sharded_output_has_index(tiny_checkpoint, tmp_path, texts_file):
     ckpt = tiny_checkpoint("llama")
     out = tmp_path / "q"
     quantize_llm(LlmOptions(ckpt, out, quantization="fp8_pc", max_shard_bytes=2**20))
@@ -190,7 +182,7 @@ def test_sharded_output_has_index(tiny_checkpoint, tmp_path, capsys, texts_file)
     assert read_quantized_checkpoint(out).linears["model.layers.1.self_attn.o_proj"].format == "fp8_pc"
 
 
-def assert_failed(result: tuple[int, str, str], out_dir: Path, *words):
+def assert_failed(result: CliResult, out_dir: Path, *words):
     code, _, err = result
     assert code == 2
     last = err.strip().splitlines()[-1]  # progress bars may precede it on stderr
@@ -201,29 +193,29 @@ def assert_failed(result: tuple[int, str, str], out_dir: Path, *words):
     assert [p for p in out_dir.parent.iterdir() if p.name.startswith(f".{out_dir.name}")] == []
 
 
-def test_nan_weight_is_named(tiny_checkpoint, tmp_path, capsys, texts_file):
+def test_nan_weight_is_named(tiny_checkpoint, tmp_path, texts_file):
     ckpt = tiny_checkpoint("llama")
     weights = load_file(ckpt / "model.safetensors")
     weights["model.layers.1.mlp.gate_proj.weight"][3, 4] = float("nan")
     save_file(weights, ckpt / "model.safetensors")
     out = tmp_path / "q"
-    result = run(["llm", "--model_dir", str(ckpt), "--output_dir", str(out), "--text_dataset", str(texts_file), *FAST], capsys)
+    result = run_cli(main, "llm", "--model_dir", ckpt, "--output_dir", out, "--text_dataset", texts_file, *FAST)
     assert_failed(result, out, "model.layers.1.mlp.gate_proj.weight", "NaN")
 
 
-def test_bad_inputs_exit_2_without_output(tiny_checkpoint, tmp_path, capsys):
+def test_bad_inputs_exit_2_without_output(tiny_checkpoint, tmp_path):
     ckpt = tiny_checkpoint("llama")
     out = tmp_path / "q"
     base = ["llm", "--model_dir", str(ckpt), "--output_dir", str(out), *FAST]
-    assert_failed(run([*base, "--quantization", "int3"], capsys), out, "--quantization", "int3")
-    assert_failed(run([*base, "--text_dataset", str(tmp_path / "missing.txt")], capsys), out, "missing.txt")
-    assert_failed(run([*base, "--kv_cache_fp16_layers", "0"], capsys), out, "--kv_cache_fp16_layers")
-    assert_failed(run([*base, "--kv_cache_quantization", "fp8", "--kv_cache_fp16_layers", "9"], capsys), out, "[9]")
+    assert_failed(run_cli(main, *base, "--quantization", "int3"), out, "--quantization", "int3")
+    assert_failed(run_cli(main, *base, "--text_dataset", str(tmp_path / "missing.txt")), out, "missing.txt")
+    assert_failed(run_cli(main, *base, "--kv_cache_fp16_layers", "0"), out, "--kv_cache_fp16_layers")
+    assert_failed(run_cli(main, *base, "--kv_cache_quantization", "fp8", "--kv_cache_fp16_layers", "9"), out, "[9]")
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.json").write_text((ckpt / "config.json").read_text())
-    assert_failed(run(["llm", "--model_dir", str(empty), "--output_dir", str(out)], capsys), out, "safetensors")
-    assert_failed(run(["draft", "--base_model_dir", str(ckpt)], capsys), out, "--draft_model_dir")
+    assert_failed(run_cli(main, "llm", "--model_dir", str(empty), "--output_dir", str(out)), out, "safetensors")
+    assert_failed(run_cli(main, "draft", "--base_model_dir", str(ckpt)), out, "--draft_model_dir")
 
 
 def test_module_entry_point_exit_code(tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -98,15 +99,6 @@ def base(tiny_checkpoint) -> Path:
     return path
 
 
-def run(args: list[str], capsys) -> tuple[int, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
-
 def draft_args(base: Path, draft: Path, out: Path, texts: Path, *extra: str) -> list[str]:
     return ["draft", "--base_model_dir", str(base), "--draft_model_dir", str(draft), "--output_dir", str(out),
             "--text_dataset", str(texts), *FAST, *extra]
@@ -135,10 +127,10 @@ def reference_amax(base: Path, draft: Path) -> tuple[float, float]:
     return fc_amax, q_amax
 
 
-def test_fp8_draft(base, tmp_path, capsys, texts_file):
+def test_fp8_draft(base, tmp_path, texts_file):
     draft = make_draft(tmp_path / "draft")
     out = tmp_path / "q"
-    code, err = run(draft_args(base, draft, out, texts_file), capsys)
+    code, _, err = run_cli(main, *draft_args(base, draft, out, texts_file))
     assert code == 0, err
     assert {"config.json", "hf_quant_config.json", "model.safetensors", "quantization_report.json"} <= {
         p.name for p in out.iterdir()
@@ -172,11 +164,11 @@ def test_fp8_draft(base, tmp_path, capsys, texts_file):
 
 
 @pytest.mark.parametrize("method, weight_dtype", [("nvfp4", torch.uint8), ("fp8_block", torch.float8_e4m3fn)])
-def test_other_formats(base, tmp_path, capsys, texts_file, method, weight_dtype):
+def test_other_formats(base, tmp_path, texts_file, method, weight_dtype):
     draft = make_draft(tmp_path / "draft")
     out = tmp_path / "q"
     lm_head = ["--lm_head_quantization", "fp8"] if method == "nvfp4" else []
-    code, err = run(draft_args(base, draft, out, texts_file, "--quantization", method, *lm_head), capsys)
+    code, _, err = run_cli(main, *draft_args(base, draft, out, texts_file, "--quantization", method, *lm_head))
     assert code == 0, err
     q = load_file(out / "model.safetensors")
     for name in LINEARS:
@@ -237,10 +229,10 @@ def _bad_layers(base, tmp_path):
         (lambda b, t: make_draft(t / "draft"), ["--kv_cache_quantization", "fp8"], "expected none for a draft"),
     ],
 )
-def test_errors(base, tmp_path, capsys, texts_file, make, extra, message):
+def test_errors(base, tmp_path, texts_file, make, extra, message):
     draft = make(base, tmp_path)
     out = tmp_path / "q"
-    code, err = run(draft_args(base, draft, out, texts_file, *extra), capsys)
+    code, _, err = run_cli(main, *draft_args(base, draft, out, texts_file, *extra))
     assert code == 2
     assert err.startswith("error: ") and message in err, err
     assert not out.exists()

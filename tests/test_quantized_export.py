@@ -28,6 +28,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import export_and_build, quantize, run_cli
 from safetensors.torch import load_file, save_file
 
 from builder.cli import build
@@ -40,28 +41,10 @@ from llm_loader.export_all_cli import main as export_main
 from llm_loader.onnx_graph import MIN_ACT_AMAX
 from llm_loader.quantized_checkpoint import dequantize_linear, read_quantized_checkpoint
 from plugins.nvfp4.reference import nvfp4_activation_qdq
-from quantization.cli import main as quantize_main
 from runtime.engine import Engine
 from runtime.onnxruntime_backend import session_options
 
-DATASET = Path(__file__).resolve().parents[1] / "quantization" / "data" / "tinyshakespeare.txt"
 NUM_TOKENS = 12
-
-
-def quantize(src: Path, out: Path, method: str, kv: bool = False) -> Path:
-    args = ["llm", "--model_dir", str(src), "--output_dir", str(out), "--quantization", method,
-            "--text_dataset", str(DATASET), "--num_samples", "8", "--max_seq_len", "32"]
-    try:
-        quantize_main(args + (["--kv_cache_quantization", "fp8"] if kv else []))
-    except SystemExit as e:  # click may exit 0 after a successful command
-        assert not e.code, f"quantization failed: {e.code}"
-    return out
-
-
-def build_engine(ckpt: Path, root: Path, fp8_embedding: bool = False) -> tuple[Path, Path]:
-    onnx_dir = export(ckpt, root / "onnx", fp8_embedding=fp8_embedding)
-    return onnx_dir, build(onnx_dir, root / "engine", backend="onnxruntime", max_batch_size=2, max_input_len=32,
-                           max_kv_cache_capacity=64)
 
 
 def dynamic_fp8(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -163,8 +146,8 @@ RECIPES = [  # (id, family, --quantization, FP8 KV, --fp8-embedding)
 @pytest.mark.parametrize("label,family,method,kv,fp8_emb", RECIPES, ids=[r[0] for r in RECIPES])
 def test_recipe_engine_matches_fake_quant_reference(tiny_checkpoint, tmp_path, label, family, method, kv, fp8_emb):
     src = tiny_checkpoint(family, initializer_range=0.02)  # HF's default init: a network that does not amplify flips
-    qckpt = quantize(src, tmp_path / "q", method, kv)
-    onnx_dir, engine_dir = build_engine(qckpt, tmp_path, fp8_embedding=fp8_emb)
+    qckpt = quantize(src, tmp_path / "q", method, kv=kv)
+    onnx_dir, engine_dir = export_and_build(qckpt, tmp_path, fp8_embedding=fp8_emb, max_input_len=32)
 
     config = json.loads((engine_dir / "config.json").read_text())
     assert config["weight_format"] == method == config["builder_config"]["weight_format"]
@@ -206,7 +189,7 @@ def test_recipe_engine_matches_fake_quant_reference(tiny_checkpoint, tmp_path, l
 def test_ort_keeps_quantized_weights_low_precision_at_rest(tiny_checkpoint, tmp_path, method):
     """ORT's optimized graph (ORT_ENABLE_ALL, the runtime's options) still holds the FP8 / packed FP4 weights."""
     qckpt = quantize(tiny_checkpoint("llama"), tmp_path / "q", method)
-    _, engine_dir = build_engine(qckpt, tmp_path)
+    _, engine_dir = export_and_build(qckpt, tmp_path, max_input_len=32)
     opts = session_options()
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(engine_dir / "llm.onnx"), opts, providers=["CPUExecutionProvider"])
@@ -234,7 +217,7 @@ def test_modelopt_fp8_pb_wo_checkpoint_exports_weight_only(tiny_checkpoint, tmp_
     quant = {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "FP8_PB_WO", "exclude_modules": ["lm_head"]}}
     (ckpt / "hf_quant_config.json").write_text(json.dumps(quant))
 
-    onnx_dir, engine_dir = build_engine(ckpt, tmp_path)
+    onnx_dir, engine_dir = export_and_build(ckpt, tmp_path, max_input_len=32)
     assert detect(onnx_dir).weight_format == "fp8_pb_wo"
     graph = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph
     assert not any(n.op_type == "QuantizeLinear" for n in graph.node)  # weight-only: activations stay fp16
@@ -278,21 +261,21 @@ def test_lowered_fp4_activation_matches_reference(tiny_checkpoint, tmp_path):
         np.testing.assert_array_equal(y, nvfp4_activation_qdq(x, input_scale).numpy())
 
 
-def test_missing_kv_scale_is_an_export_error(tiny_checkpoint, tmp_path, capsys):
+def test_missing_kv_scale_is_an_export_error(tiny_checkpoint, tmp_path):
     qckpt = quantize(tiny_checkpoint("llama"), tmp_path / "q", "fp8", kv=True)
     for file in qckpt.glob("*.safetensors"):
         tensors = load_file(file)
         if tensors.pop("model.layers.1.self_attn.v_proj.v_scale", None) is not None:
             save_file(tensors, file)
-    assert export_main([str(qckpt), str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err
+    code, _, err = run_cli(export_main, qckpt, tmp_path / "out")
+    assert code == 2
     assert "error: " in err and "model.layers.1.self_attn.v_proj.v_scale" in err.split("error: ")[-1]
     assert not (tmp_path / "out").exists()
 
 
 def test_edited_kv_dtype_or_weight_format_is_refused(tiny_checkpoint, tmp_path):
     qckpt = quantize(tiny_checkpoint("llama"), tmp_path / "q", "fp8", kv=True)
-    onnx_dir, engine_dir = build_engine(qckpt, tmp_path)
+    onnx_dir, engine_dir = export_and_build(qckpt, tmp_path, max_input_len=32)
     for key, value, words in (("kv_cache_dtype", "fp16", "KV cache dtype disagrees"),
                               ("weight_format", "fp16", "weight format disagrees")):
         edited = tmp_path / f"edited-{key}"
@@ -310,13 +293,6 @@ def test_edited_kv_dtype_or_weight_format_is_refused(tiny_checkpoint, tmp_path):
 
 
 def test_per_layer_fp16_kv_is_refused_at_export(tiny_checkpoint, tmp_path):
-    src = tiny_checkpoint("llama")
-    out = tmp_path / "q"
-    try:
-        quantize_main(["llm", "--model_dir", str(src), "--output_dir", str(out), "--quantization", "fp8",
-                       "--kv_cache_quantization", "fp8", "--kv_cache_fp16_layers", "0",
-                       "--text_dataset", str(DATASET), "--num_samples", "8", "--max_seq_len", "32"])
-    except SystemExit as e:
-        assert not e.code
+    out = quantize(tiny_checkpoint("llama"), tmp_path / "q", "fp8", "--kv_cache_fp16_layers", "0", kv=True)
     with pytest.raises(InputError, match="kv_cache_fp16_layers"):
         export(out, tmp_path / "onnx")

@@ -6,10 +6,17 @@ not run yet (docs/gpu-kernels.md). Head size 64: the GPU kernels' smallest tile.
 
 import pytest
 import torch
-from conftest import make_tiny_checkpoint
-from test_engine import assert_logits_close, run, tokens
-from test_generate import PROMPTS, jobs_for, transformers_greedy
-from test_quantized_export import quantize
+from helpers import (
+    PROMPTS,
+    assert_logits_close,
+    export_and_build,
+    forward_rows,
+    jobs_for,
+    make_tiny_checkpoint,
+    quantize,
+    tokens,
+    transformers_greedy,
+)
 
 from builder.cli import build
 from builder.tensorrt_backend import tensorrt_available
@@ -27,7 +34,7 @@ def test_qwen3_matches_transformers(tmp_path, smollm2_checkpoint):
     from transformers import AutoModelForCausalLM
 
     ckpt = make_tiny_checkpoint("qwen3", tmp_path / "ckpt", smollm2_checkpoint, head_dim=64)
-    engine_dir = build(export(ckpt, tmp_path / "onnx"), tmp_path / "engine", backend="tensorrt", **LIMITS)
+    _, engine_dir = export_and_build(ckpt, tmp_path, backend="tensorrt", **LIMITS)
     engine, tokenizer = Engine.load(engine_dir), load_tokenizer(engine_dir)
     assert isinstance(engine.backend, TensorRTBackend)
     jobs = jobs_for(tokenizer, PROMPTS)
@@ -50,5 +57,5 @@ def test_fp8_variants_match_the_onnxruntime_engine(tmp_path, smollm2_checkpoint,
     caches = trt.new_cache(2), ort.new_cache(2)
     calls = [[tokens(9, seed=1), tokens(5, seed=2)]] + [[tokens(1, seed=s), tokens(1, seed=10 + s)] for s in range(3)]
     for rows in calls:
-        ours, ref = (run(engine, cache, rows) for engine, cache in zip((trt, ort), caches))
+        ours, ref = (forward_rows(engine, cache, rows) for engine, cache in zip((trt, ort), caches))
         assert_logits_close(ours, ref)

@@ -30,32 +30,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from contract.errors import InputError
 from contract.stage import KV_IN_PLACE, KV_PREFIX, ORT_KV_HALVES, KvDtype
 from plugins.attention.schema import DOMAIN, OP_TYPE, read_attrs
+from plugins.graph_builder import GraphBuilder
 
 F16, F32, FP8 = TensorProto.FLOAT16, TensorProto.FLOAT, TensorProto.FLOAT8E4M3FN
-
-
-class _Builder:
-    """Appends nodes with fresh names; `op(...)` returns the output name(s)."""
-
-    def __init__(self, ctx, prefix: str, sink: list):
-        self.ctx, self.prefix, self.nodes = ctx, prefix, sink
-
-    def op(self, op_type: str, inputs: list[str], n_out: int = 1, out: str | None = None, domain: str = "", **attrs):
-        outs = [out] if out else [self.ctx.name(f"{self.prefix}/{op_type}") for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.ctx.name(f"{self.prefix}/{op_type}"), domain=domain, **attrs))
-        return outs[0] if n_out == 1 else outs
-
-    def const(self, values, dtype) -> str:
-        return self.ctx.const(f"{self.prefix}/const", numpy_helper.from_array(np.asarray(values, dtype=dtype)))
-
-    def ints(self, *values: int) -> str:
-        """An int64 vector (shapes, axes; 0 in a Reshape shape copies that dim)."""
-        return self.const(list(values), np.int64)
 
 
 def _cache_io(ctx, node: onnx.NodeProto, hkv: int, d: int, seq_dims: tuple[str, str]) -> tuple[str, str, str, str]:
@@ -97,9 +79,9 @@ def _lower_in_place(node: onnx.NodeProto, ctx, a) -> list[onnx.NodeProto]:
     past_k, past_v, present_k, present_v = _cache_io(ctx, node, a.num_kv_heads, a.head_size, ("kv_capacity",) * 2)
 
     def build():
-        g = _Builder(ctx, "attention_shared", ctx.pending)
+        g = ctx.builder("attention_shared", ctx.pending)
         table = g.op("Cast", [g.op("Squeeze", [rope, g.ints(0)])], to=F16)  # [R, rd]: cos | sin halves
-        cos, sin = g.op("Split", [table], n_out=2, axis=-1, num_outputs=2)
+        cos, sin = g.op("Split", [table], outputs=2, axis=-1, num_outputs=2)
         capacity = g.op("Cast", [g.op("Squeeze", [g.op("Shape", [past_k], start=2, end=3), g.ints(0)])],
                         to=TensorProto.INT32)
         seq = g.op("Cast", [g.op("Squeeze", [g.op("Shape", [qkv], start=1, end=2), g.ints(0)])], to=TensorProto.INT32)
@@ -117,26 +99,24 @@ def _lower_in_place(node: onnx.NodeProto, ctx, a) -> list[onnx.NodeProto]:
 
     # every layer has the same S and capacity: the first layer's tensors give them to all
     cos, sin, longest, seqlens_k, valid = ctx.shared_value(("attention_in_place", lengths, rope, starts), build)
-    nodes: list[onnx.NodeProto] = []
-    g = _Builder(ctx, node.name or "attention", nodes)
+    g = ctx.builder(node.name or "attention")
     query, key, value = qkv, "", ""  # packed QKV
     if a.enable_qk_norm:  # GQA's own Q/K-norm inputs are CUDA/WebGPU only in ORT 1.32: normalize before it
         hq, hkv, d = a.num_q_heads, a.num_kv_heads, a.head_size
-        qk, value = g.op("Split", [qkv, g.ints((hq + hkv) * d, hkv * d)], n_out=2, axis=-1)
+        qk, value = g.op("Split", [qkv, g.ints((hq + hkv) * d, hkv * d)], outputs=2, axis=-1)
         qk = _qk_norm(g, g.op("Cast", [qk], to=F32), a, *node.input[5:7])
-        query, key = g.op("Split", [qk, g.ints(hq * d, hkv * d)], n_out=2, axis=-1)
+        query, key = g.op("Split", [qk, g.ints(hq * d, hkv * d)], outputs=2, axis=-1)
     # GroupQueryAttention's inputs by position (ORT 1.32): query, key, value, past_key, past_value, seqlens_k,
     # total_sequence_length, cos_cache, sin_cache, position_ids, attention_bias, head_sink, k_scale, v_scale,
     # q_norm_weight, k_norm_weight, query_seqlens
     inputs = [query, key, value, past_k, past_v, seqlens_k, longest, cos, sin, "", "", "", "", "", "", "", lengths]
     attrs = dict(num_heads=a.num_q_heads, kv_num_heads=a.num_kv_heads, scale=a.attention_scale, do_rotary=1)
-    out = ctx.name(f"{node.name}/gqa")
-    nodes.append(helper.make_node("GroupQueryAttention", inputs, [out, present_k, present_v], name=out,
-                                  domain="com.microsoft", **attrs))
+    gqa_outputs = [ctx.names.fresh(f"{node.name}/gqa"), present_k, present_v]
+    out = g.op("GroupQueryAttention", inputs, outputs=gqa_outputs, domain="com.microsoft", **attrs)[0]
     out = g.op("Where", [valid, out, g.const(0, np.float16)])  # right-padding rows: zeros, as the contract says
-    g.op("Reshape", [out, g.ints(0, 0, a.num_q_heads, a.head_size)], out=node.output[0])
+    g.op("Reshape", [out, g.ints(0, 0, a.num_q_heads, a.head_size)], outputs=[node.output[0]])
     ctx.used_domains.add("com.microsoft")
-    return nodes
+    return g.nodes
 
 
 def _shared_prefix_inputs(ctx, qkv: str, past: str, lengths: str, rope: str, starts: str, group: int):
@@ -144,7 +124,7 @@ def _shared_prefix_inputs(ctx, qkv: str, past: str, lengths: str, rope: str, sta
     rows [B,S,1,1]."""
 
     def build():
-        g = _Builder(ctx, "attention_shared", ctx.pending)
+        g = ctx.builder("attention_shared", ctx.pending)
         seq = g.op("Squeeze", [g.op("Shape", [qkv], start=1, end=2)])  # S
         past_len = g.op("Squeeze", [g.op("Shape", [past], start=2, end=3)])  # P
         zero, one = g.const(0, np.int64), g.const(1, np.int64)
@@ -155,7 +135,7 @@ def _shared_prefix_inputs(ctx, qkv: str, past: str, lengths: str, rope: str, sta
         table = g.op("Squeeze", [rope, g.ints(0)])  # [R, rd]
         last_row = g.op("Sub", [g.op("Shape", [table], start=0, end=1), one])
         rows = g.op("Gather", [table, g.op("Min", [positions, last_row])], axis=0)  # [B,S,rd]
-        cos, sin = g.op("Split", [rows], n_out=2, axis=-1, num_outputs=2)
+        cos, sin = g.op("Split", [rows], outputs=2, axis=-1, num_outputs=2)
         # mask over the slots t of [past ‖ new]
         slots = g.op("Range", [zero, g.op("Add", [seq, past_len]), one])  # [P+S]
         own_prefix = g.op("Less", [slots, g.op("Unsqueeze", [starts64, g.ints(1, 2)])])  # [B,1,P+S]
@@ -179,15 +159,14 @@ def _lower_prefix_form(node: onnx.NodeProto, ctx, a, rotary_dim: int) -> list[on
     past_k, past_v, present_k, present_v = _cache_io(ctx, node, hkv, d, ("past_len", "seq_len"))
     cos, sin, mask, valid = _shared_prefix_inputs(ctx, qkv, past_k, lengths, rope, starts, group)
 
-    nodes: list[onnx.NodeProto] = []
-    g = _Builder(ctx, node.name or "attention", nodes)
+    g = ctx.builder(node.name or "attention")
     # 1-3: split, Qwen3 q/k norm, RoPE (q and k side by side as Hq+Hkv heads)
-    qk, v = g.op("Split", [qkv, g.ints((hq + hkv) * d, hkv * d)], n_out=2, axis=-1)
+    qk, v = g.op("Split", [qkv, g.ints((hq + hkv) * d, hkv * d)], outputs=2, axis=-1)
     qk = g.op("Cast", [qk], to=F32)
     if a.enable_qk_norm:
         qk = g.op("Cast", [_qk_norm(g, qk, a, *node.input[5:7])], to=F32)
     qk = g.op("RotaryEmbedding", [qk, cos, sin], num_heads=hq + hkv, rotary_embedding_dim=rotary_dim)
-    q, k = g.op("Split", [g.op("Cast", [qk], to=F16), g.ints(hq * d, hkv * d)], n_out=2, axis=-1)
+    q, k = g.op("Split", [g.op("Cast", [qk], to=F16), g.ints(hq * d, hkv * d)], outputs=2, axis=-1)
 
     # 4-5: this call's K and V in the cache dtype (= present), and what attention reads: fp32 [past ‖ new]
     def heads_first(x: str) -> str:  # [B,S,Hkv·D] -> [B,Hkv,S,D]
@@ -198,10 +177,10 @@ def _lower_prefix_form(node: onnx.NodeProto, ctx, a, rotary_dim: int) -> list[on
         new = heads_first(new)
         if a.enable_fp8_kv_cache:
             s = g.const(scale, np.float32)
-            g.op("QuantizeLinear", [g.op("Cast", [new], to=F32), s], out=present, output_dtype=FP8, saturate=1)
+            g.op("QuantizeLinear", [g.op("Cast", [new], to=F32), s], outputs=[present], output_dtype=FP8, saturate=1)
             keys_values.append(g.op("Concat", [g.op("DequantizeLinear", [past, s]), g.op("DequantizeLinear", [present, s])], axis=2))
         else:
-            g.op("Identity", [new], out=present)
+            g.op("Identity", [new], outputs=[present])
             keys_values.append(g.op("Cast", [g.op("Concat", [past, present], axis=2)], to=F32))
     keys, values = keys_values  # [B,Hkv,P+S,D]
     if a.enable_fp8_kv_cache:
@@ -216,12 +195,12 @@ def _lower_prefix_form(node: onnx.NodeProto, ctx, a, rotary_dim: int) -> list[on
     out = g.op("Transpose", [g.op("Reshape", [out, g.ints(0, hkv, group, -1, d)])], perm=[0, 3, 1, 2, 4])
     out = g.op("Cast", [g.op("Reshape", [out, g.ints(0, 0, hq, d)])], to=F16)  # [B,S,Hq,D]
     # 7: right-padding rows are zeros
-    g.op("Where", [valid, out, g.const(0, np.float16)], out=node.output[0])
+    g.op("Where", [valid, out, g.const(0, np.float16)], outputs=[node.output[0]])
     ctx.used_domains.add("com.microsoft")
-    return nodes
+    return g.nodes
 
 
-def _qk_norm(g: _Builder, qk: str, a, q_gamma: str, k_gamma: str) -> str:
+def _qk_norm(g: GraphBuilder, qk: str, a, q_gamma: str, k_gamma: str) -> str:
     """Qwen3's per-head RMSNorm of the fp32 `[B,S,(Hq+Hkv)·D]` q|k, fp16 result; as HF, the normalized value is
     rounded to fp16 before the fp16 gamma multiplies it."""
     hq, hkv, d = a.num_q_heads, a.num_kv_heads, a.head_size

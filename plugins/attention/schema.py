@@ -1,14 +1,17 @@
 """`trt_edgellm::AttentionPlugin`: names, attributes and the node builder (contracts.md section 3.1).
 
-The exporter builds nodes with `make_node`; the reference, the ORT lowering and the GPU plugin read them back with
-`read_attrs`, so the attribute names and defaults live only here.
+The exporter builds nodes with `make_node`; every consumer checks the attributes with `attrs_from_fields` (the
+reference and the ORT lowering through `read_attrs`, the TensorRT plugin on the fields TensorRT hands it), so the
+attribute names, defaults and checks live only here.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 
 from contract.errors import InputError
@@ -86,34 +89,65 @@ def make_node(
     )
 
 
-def read_attrs(node: onnx.NodeProto) -> AttentionAttrs:
-    """The node's attributes, checked against what this project supports."""
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    where = f"AttentionPlugin node {node.name!r}"
+def attrs_from_fields(fields: Mapping[str, object], where: str) -> AttentionAttrs:
+    """The attributes, checked against what this project supports, whoever hands them over: an ONNX node's
+    (`read_attrs`) or TensorRT's plugin fields (`trt_plugin`). `where` names the node or plugin in the message."""
     for key in ("num_q_heads", "num_kv_heads", "head_size"):
-        if key not in attrs:
+        if key not in fields:
             raise InputError(f"{where}: expected attribute {key!r}, found none")
-    if attrs.get("sliding_window_size", -1) != -1:
-        raise InputError(f"{where}: expected sliding_window_size -1 (off), found {attrs['sliding_window_size']}")
-    if attrs.get("enable_tree_attention", 0) != 0:
-        raise InputError(f"{where}: expected enable_tree_attention 0, found {attrs['enable_tree_attention']}")
-    hq, hkv, d = int(attrs["num_q_heads"]), int(attrs["num_kv_heads"]), int(attrs["head_size"])
-    if hkv <= 0 or hq % hkv != 0:
+    if _int(fields, "sliding_window_size", -1, where) != -1:
+        raise InputError(f"{where}: expected sliding_window_size -1 (off), found {fields['sliding_window_size']}")
+    if _int(fields, "enable_tree_attention", 0, where) != 0:
+        raise InputError(f"{where}: expected enable_tree_attention 0, found {fields['enable_tree_attention']}")
+    hq, hkv, d = (_int(fields, key, None, where) for key in ("num_q_heads", "num_kv_heads", "head_size"))
+    if hq <= 0 or hkv <= 0 or hq % hkv != 0:
         raise InputError(f"{where}: expected num_q_heads a multiple of num_kv_heads, found {hq} and {hkv}")
-    scales = tuple(float(s) for s in attrs.get("qkv_scales", (1.0, 1.0, 1.0)))
-    if len(scales) != 3 or not all(s > 0 for s in scales):
-        raise InputError(f"{where}: expected qkv_scales of 3 positive floats, found {list(scales)}")
-    qk_norm = bool(attrs.get("enable_qk_norm", 0))
-    n_inputs = len(INPUTS) + (len(QK_NORM_INPUTS) if qk_norm else 0)
-    if len(node.input) != n_inputs:
-        raise InputError(f"{where}: expected {n_inputs} inputs (enable_qk_norm={int(qk_norm)}), found {len(node.input)}")
+    if d <= 0:
+        raise InputError(f"{where}: expected a positive head_size, found {d}")
+    flags = {key: _int(fields, key, 0, where) for key in ("enable_fp8_kv_cache", "enable_qk_norm")}
+    for key, value in flags.items():
+        if value not in (0, 1):
+            raise InputError(f"{where}: expected {key} 0 or 1, found {value}")
+    raw = fields.get("qkv_scales", (1.0, 1.0, 1.0))  # a list from ONNX, a float32 array from TensorRT
+    try:
+        scales = tuple(float(s) for s in np.asarray(raw, np.float32).reshape(-1))
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: expected qkv_scales of 3 positive finite floats, found {raw!r}") from None
+    if len(scales) != 3 or not all(0 < s < math.inf for s in scales):
+        raise InputError(f"{where}: expected qkv_scales of 3 positive finite floats, found {list(scales)}")
     return AttentionAttrs(
         num_q_heads=hq,
         num_kv_heads=hkv,
         head_size=d,
-        attention_scale=float(attrs.get("attention_scale", 1.0 / math.sqrt(d))),
-        enable_fp8_kv_cache=bool(attrs.get("enable_fp8_kv_cache", 0)),
+        attention_scale=_positive_float(fields, "attention_scale", 1.0 / math.sqrt(d), where),
+        enable_fp8_kv_cache=bool(flags["enable_fp8_kv_cache"]),
         qkv_scales=scales,
-        enable_qk_norm=qk_norm,
-        rms_norm_eps=float(attrs.get("rms_norm_eps", 1e-6)),
+        enable_qk_norm=bool(flags["enable_qk_norm"]),
+        rms_norm_eps=_positive_float(fields, "rms_norm_eps", 1e-6, where),
     )
+
+
+def read_attrs(node: onnx.NodeProto) -> AttentionAttrs:
+    """The node's attributes (checked by `attrs_from_fields`) and its input count."""
+    where = f"AttentionPlugin node {node.name!r}"
+    attrs = attrs_from_fields({a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}, where)
+    n_inputs = len(INPUTS) + (len(QK_NORM_INPUTS) if attrs.enable_qk_norm else 0)
+    if len(node.input) != n_inputs:
+        raise InputError(f"{where}: expected {n_inputs} inputs (enable_qk_norm={int(attrs.enable_qk_norm)}), "
+                         f"found {len(node.input)}")
+    return attrs
+
+
+def _int(fields: Mapping[str, object], key: str, default: int | None, where: str) -> int:
+    value = fields.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InputError(f"{where}: expected an int {key}, found {value!r}")
+    return int(value)
+
+
+def _positive_float(fields: Mapping[str, object], key: str, default: float, where: str) -> float:
+    value = fields.get(key, default)
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not number or not 0 < value < math.inf:
+        raise InputError(f"{where}: expected a positive finite float {key}, found {value!r}")
+    return float(value)

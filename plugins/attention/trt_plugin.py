@@ -16,12 +16,11 @@ No annotations are postponed here (`tensorrt.plugin` reads the real type hints o
 """
 
 import functools
-import math
 
 import numpy as np
 
 from contract.errors import InputError
-from plugins.attention.schema import AttentionAttrs
+from plugins.attention.schema import AttentionAttrs, attrs_from_fields
 from plugins.trt_tensors import as_torch
 
 PLUGIN_ID = "trt_edgellm::AttentionPlugin"
@@ -30,6 +29,7 @@ INPUT_NAMES = (
     "k_norm_gamma",
 )
 GPU_HEAD_SIZES = (64, 128)  # the head sizes the Triton kernels are tested with
+WHERE = f"{PLUGIN_ID} attributes"
 
 
 def check_head_size(head_size: int, where: str) -> None:
@@ -38,28 +38,12 @@ def check_head_size(head_size: int, where: str) -> None:
         raise InputError(f"{where}: expected head_size 64 or 128 (the GPU kernels' tile sizes), found {head_size}")
 
 
-def attrs_from_fields(
-    num_q_heads, num_kv_heads, head_size, attention_scale, enable_fp8_kv_cache, qkv_scales, enable_qk_norm,
-    rms_norm_eps, sliding_window_size=-1, enable_tree_attention=0,
-) -> AttentionAttrs:
-    """The plugin's attributes as TensorRT hands them over (ints, floats, a float32 array), checked."""
-    where = f"{PLUGIN_ID} attributes"
-    if int(sliding_window_size) != -1:
-        raise InputError(f"{where}: expected sliding_window_size -1 (off), found {sliding_window_size}")
-    if int(enable_tree_attention) != 0:
-        raise InputError(f"{where}: expected enable_tree_attention 0, found {enable_tree_attention}")
-    hq, hkv, d = int(num_q_heads), int(num_kv_heads), int(head_size)
-    if hkv <= 0 or hq % hkv:
-        raise InputError(f"{where}: expected num_q_heads a multiple of num_kv_heads, found {hq} and {hkv}")
-    check_head_size(d, where)
-    scales = tuple(float(s) for s in np.asarray(qkv_scales, dtype=np.float32).reshape(-1))
-    if len(scales) != 3 or not all(s > 0 and math.isfinite(s) for s in scales):
-        raise InputError(f"{where}: expected qkv_scales of 3 positive floats, found {list(scales)}")
-    return AttentionAttrs(
-        num_q_heads=hq, num_kv_heads=hkv, head_size=d, attention_scale=float(attention_scale),
-        enable_fp8_kv_cache=bool(enable_fp8_kv_cache), qkv_scales=scales, enable_qk_norm=bool(enable_qk_norm),
-        rms_norm_eps=float(rms_norm_eps),
-    )
+def plugin_attrs(**fields) -> AttentionAttrs:
+    """The plugin's attributes as TensorRT hands them over (ints, floats, a float32 array): the contract's checks
+    (`schema.attrs_from_fields`), then the GPU kernels' head sizes."""
+    attrs = attrs_from_fields(fields, WHERE)
+    check_head_size(attrs.head_size, WHERE)
+    return attrs
 
 
 def expected_input_dtypes(attrs: AttentionAttrs) -> tuple[str, ...]:
@@ -98,9 +82,11 @@ def register() -> bool:
         enable_fp8_kv_cache: int, qkv_scales: npt.NDArray[np.float32], enable_qk_norm: int, rms_norm_eps: float,
         sliding_window_size: int, enable_tree_attention: int,
     ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
-        attrs = attrs_from_fields(
-            num_q_heads, num_kv_heads, head_size, attention_scale, enable_fp8_kv_cache, qkv_scales, enable_qk_norm,
-            rms_norm_eps, sliding_window_size, enable_tree_attention,
+        attrs = plugin_attrs(
+            num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size, attention_scale=attention_scale,
+            enable_fp8_kv_cache=enable_fp8_kv_cache, qkv_scales=qkv_scales, enable_qk_norm=enable_qk_norm,
+            rms_norm_eps=rms_norm_eps, sliding_window_size=sliding_window_size,
+            enable_tree_attention=enable_tree_attention,
         )
         inputs = (qkv, past_key_value, context_lengths, rope_rotary_cos_sin, kvcache_start_index, q_norm_gamma, k_norm_gamma)
         check_input_dtypes([t.dtype.name for t in inputs], attrs)
@@ -119,9 +105,10 @@ def register() -> bool:
 
         from plugins.attention.triton_kernels import attention_forward
 
-        attrs = attrs_from_fields(
-            num_q_heads, num_kv_heads, head_size, attention_scale, enable_fp8_kv_cache, qkv_scales, enable_qk_norm,
-            rms_norm_eps,
+        attrs = plugin_attrs(
+            num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size, attention_scale=attention_scale,
+            enable_fp8_kv_cache=enable_fp8_kv_cache, qkv_scales=qkv_scales, enable_qk_norm=enable_qk_norm,
+            rms_norm_eps=rms_norm_eps,
         )
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             views = [as_torch(t) for t in (qkv, past_key_value, context_lengths, rope_rotary_cos_sin,

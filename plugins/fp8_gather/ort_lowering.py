@@ -6,7 +6,6 @@ element at rest), multiplies by the fp32 row-block scale and a Cast gives fp16. 
 from __future__ import annotations
 
 import onnx
-from onnx import helper
 
 from plugins.fp8_gather.schema import DOMAIN, OP_TYPE, read_block_size
 
@@ -14,15 +13,12 @@ from plugins.fp8_gather.schema import DOMAIN, OP_TYPE, read_block_size
 def lower_fp8_gather(node: onnx.NodeProto, ctx) -> list[onnx.NodeProto]:
     block = read_block_size(node)
     table, scale, ids = node.input
-    dequantized = ctx.name(f"{node.name}_fp32")
+    g = ctx.builder(node.name)
+    dequantized = g.op("GatherBlockQuantized", [table, ids, scale], domain="com.microsoft", gather_axis=0,
+                       quantize_axis=1, block_size=block)
+    g.op("Cast", [dequantized], outputs=[node.output[0]], to=onnx.TensorProto.FLOAT16)
     ctx.used_domains.add("com.microsoft")
-    return [
-        helper.make_node(
-            "GatherBlockQuantized", [table, ids, scale], [dequantized], name=ctx.name(node.name),
-            domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=block,
-        ),
-        helper.make_node("Cast", [dequantized], [node.output[0]], name=ctx.name(f"{node.name}_cast"), to=onnx.TensorProto.FLOAT16),
-    ]
+    return g.nodes
 
 
 ORT_LOWERING = {(DOMAIN, OP_TYPE): lower_fp8_gather}

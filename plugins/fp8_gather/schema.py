@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import numpy as np
 import onnx
 
 from contract.errors import InputError
@@ -22,12 +25,18 @@ def make_node(table: str, scale: str, input_ids: str, output: str, *, name: str,
     )
 
 
+def block_size_from_fields(fields: Mapping[str, object], where: str) -> int:
+    """`block_size`, checked, whoever hands it over: an ONNX node (`read_block_size`) or TensorRT (`trt_plugin`)."""
+    block = fields.get("block_size", DEFAULT_BLOCK_SIZE)
+    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block <= 0:
+        raise InputError(f"{where}: expected a positive int block_size, found {block!r}")
+    return int(block)
+
+
 def read_block_size(node: onnx.NodeProto) -> int:
-    """The node's `block_size`, checked."""
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    block = int(attrs.get("block_size", DEFAULT_BLOCK_SIZE))
-    if block <= 0:
-        raise InputError(f"Fp8Gather node {node.name!r}: expected a positive block_size, found {block}")
+    """The node's `block_size` (checked by `block_size_from_fields`) and its input count."""
+    where = f"Fp8Gather node {node.name!r}"
+    block = block_size_from_fields({a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}, where)
     if len(node.input) != 3:
-        raise InputError(f"Fp8Gather node {node.name!r}: expected 3 inputs (table, scale, input_ids), found {len(node.input)}")
+        raise InputError(f"{where}: expected 3 inputs (table, scale, input_ids), found {len(node.input)}")
     return block

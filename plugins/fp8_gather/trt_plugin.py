@@ -9,17 +9,13 @@ import functools
 import math
 
 from contract.errors import InputError
+from plugins.fp8_gather.schema import block_size_from_fields
 from plugins.trt_tensors import as_torch
 
 PLUGIN_ID = "trt_edgellm::Fp8Gather"
 INPUT_NAMES = ("table", "scale", "input_ids")
 EXPECTED_DTYPES = ("FP8", "FLOAT", "INT32")
-
-
-def check_block_size(block_size) -> int:
-    if int(block_size) <= 0:
-        raise InputError(f"{PLUGIN_ID} attribute block_size: expected a positive int, found {block_size}")
-    return int(block_size)
+WHERE = f"{PLUGIN_ID} attributes"
 
 
 def check_input_dtypes(dtype_names) -> None:
@@ -53,7 +49,7 @@ def register() -> bool:
 
     @trtp.register(PLUGIN_ID)
     def _describe(table: trtp.TensorDesc, scale: trtp.TensorDesc, input_ids: trtp.TensorDesc, block_size: int) -> trtp.TensorDesc:
-        check_block_size(block_size)
+        block_size_from_fields({"block_size": block_size}, WHERE)
         check_input_dtypes([t.dtype.name for t in (table, scale, input_ids)])
         return trtp.from_shape_expr(output_shape(input_ids.shape_expr, table.shape_expr), dtype=trt.float16)
 

@@ -15,41 +15,26 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
 from contract import formats
+from plugins.graph_builder import GraphBuilder
 from plugins.nvfp4 import schema
 
 FP32, FP16, FP8, INT64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.FLOAT8E4M3FN, TensorProto.INT64
 _LEVELS = formats.E2M1_LEVELS.numpy()
 
 
-class _Builder:
-    """Appends nodes with fresh names from the lowering context."""
-
-    def __init__(self, ctx, hint: str):
-        self.ctx, self.hint, self.nodes = ctx, hint, []
-
-    def op(self, op_type: str, inputs: list[str], out: str | None = None, **attrs) -> str:
-        out = out or self.ctx.name(f"{self.hint}/{op_type}")
-        self.nodes.append(helper.make_node(op_type, inputs, [out], name=self.ctx.name(f"{self.hint}/{op_type}"),
-                                           **attrs))
-        return out
-
-    def const(self, value, dtype=np.float32) -> str:
-        return self.ctx.const(f"{self.hint}/const", numpy_helper.from_array(np.asarray(value, dtype=dtype)))
-
-
 def _activation(node: onnx.NodeProto, ctx) -> list[onnx.NodeProto]:
     """TRT_FP4DynamicQuantize(x, input_scale) -> (fp32 E2M1 values [..., K], FP8 block scales [..., K/block])."""
     block = next(a.i for a in node.attribute if a.name == "block_size")
-    b = _Builder(ctx, node.name)
+    b = ctx.builder(node.name)
     x, input_scale = node.input
     blocks = b.op("Reshape", [b.op("Cast", [x], to=FP32), b.const([0, 0, -1, block], np.int64)])
     amax = b.op("ReduceMax", [b.op("Abs", [blocks]), b.const([-1], np.int64)], keepdims=1)
     ratio = b.op("Div", [b.op("Div", [amax, b.const(formats.E2M1_MAX)]), input_scale])
     scale = b.op("Min", [ratio, b.const(formats.FP8_MAX)])
-    b.op("Cast", [b.op("Squeeze", [scale, b.const([-1], np.int64)])], out=node.output[1], to=FP8)
+    b.op("Cast", [b.op("Squeeze", [scale, b.const([-1], np.int64)])], outputs=[node.output[1]], to=FP8)
     scale32 = b.op("Unsqueeze", [b.op("Cast", [node.output[1]], to=FP32), b.const([-1], np.int64)])
     safe = b.op("Where", [b.op("Equal", [scale32, b.const(0.0)]), b.const(1.0), scale32])
     scaled = b.op("Div", [blocks, b.op("Mul", [safe, input_scale])])
@@ -61,11 +46,11 @@ def _activation(node: onnx.NodeProto, ctx) -> list[onnx.NodeProto]:
     steps = b.op("Mul", [b.op("Cast", [above], to=FP32), b.const(np.diff(_LEVELS))])
     level = b.op("ReduceSum", [steps, b.const([-1], np.int64)], keepdims=0)
     signed = b.op("Where", [b.op("Less", [scaled, b.const(0.0)]), b.op("Neg", [level]), level])
-    b.op("Reshape", [signed, b.const([0, 0, -1], np.int64)], out=node.output[0])
+    b.op("Reshape", [signed, b.const([0, 0, -1], np.int64)], outputs=[node.output[0]])
     return b.nodes
 
 
-def _weight_values(b: _Builder, init: onnx.TensorProto) -> str:
+def _weight_values(b: GraphBuilder, init: onnx.TensorProto) -> str:
     """Retype the FLOAT4E2M1 initializer as its packed uint8 bytes; return fp32 E2M1 values `[out, in/2, 2]`."""
     out, inp = init.dims
     init.data_type = TensorProto.UINT8
@@ -88,15 +73,15 @@ def _dequantize(node: onnx.NodeProto, ctx, values: str, rank: int, scale_type: i
     unrounded fp32 block scale; explicit casts keep the graph's (and `reference.py`'s) fp16 rounding of the scale.
     """
     block = next(a.i for a in node.attribute if a.name == "block_size")
-    b = _Builder(ctx, node.name)
+    b = ctx.builder(node.name)
     scale = node.input[1] if scale_type == FP32 else b.op("Cast", [node.input[1]], to=FP32)
     blocks = b.op("Reshape", [values, b.const([0] * (rank - 1) + [-1, block], np.int64)])
     scaled = b.op("Mul", [blocks, b.op("Unsqueeze", [scale, b.const([-1], np.int64)])])
     shape = b.const([0] * (rank - 1) + [-1], np.int64)
     if scale_type == FP32:
-        b.op("Reshape", [scaled, shape], out=node.output[0])
+        b.op("Reshape", [scaled, shape], outputs=[node.output[0]])
     else:
-        b.op("Cast", [b.op("Reshape", [scaled, shape])], out=node.output[0], to=scale_type)
+        b.op("Cast", [b.op("Reshape", [scaled, shape])], outputs=[node.output[0]], to=scale_type)
     return b.nodes
 
 
@@ -126,7 +111,7 @@ def lower_fp4(graph: onnx.GraphProto, ctx) -> None:
             nodes += _dequantize(node, ctx, node.input[0], 3, scale_type)
         elif (node.op_type == "DequantizeLinear" and node.input[0] in inits
               and inits[node.input[0]].data_type == TensorProto.FLOAT4E2M1):
-            b = _Builder(ctx, node.name)
+            b = ctx.builder(node.name)
             values = _weight_values(b, inits[node.input[0]])
             nodes += b.nodes + _dequantize(node, ctx, values, 2, _float_type(node.input[1], inits, producers))
         else:
