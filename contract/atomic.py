@@ -95,10 +95,10 @@ def check_target(final: str | Path, *, kind: str, flag: str, inputs: Iterable[st
     found_kind, listed = _marker_kind(final)
     if found_kind is None:
         raise InputError(f"{where}: expected a new or empty directory, or {_a(kind)} written earlier by this command, "
-                         f"found a directory holding other files ({_show(top)}); it is left as it is: remove it "
-                         f"yourself or choose another {flag}")
+                         f"found a directory holding other files ({_show(top)}); it is left untouched: give {flag} "
+                         "a new or empty directory")
     if found_kind != kind:
-        raise InputError(f"{where}: expected {_a(kind)} to replace, found {_a(found_kind)}; it is left as it is: "
+        raise InputError(f"{where}: expected {_a(kind)} to replace, found {_a(found_kind)}; it is left untouched: "
                          f"choose another {flag}")
     stray = [e for e in _entries(final) if e != MARKER and e not in listed]
     if stray:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import onnx
 import pytest
+from helpers import REPO, export_and_build, make_tiny_checkpoint, run_cli
 from onnx import TensorProto, helper
 from safetensors.torch import load_file, save_file
-from test_generate import build_tiny_engine
 
 from builder.cli import main as build_main
 from contract import chat_template
@@ -34,7 +34,6 @@ from llm_loader.export_all_cli import main as export_main
 from quantization.cli import main as quantize_main
 from runtime.cli import main as infer_main
 
-REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = Path(__file__).resolve().parent / "data" / "chat_templates"
 COMMANDS = {"export": export_main, "build": build_main, "quantize": quantize_main, "infer": infer_main}
 USER = [{"role": "user", "content": "Name a color."}]
@@ -44,8 +43,9 @@ USER = [{"role": "user", "content": "Name a color."}]
 def base(tmp_path_factory, smollm2_checkpoint) -> dict[str, Path]:
     """A tiny llama checkpoint, its export and its ONNX Runtime engine (max_input_len 64): never edited."""
     root = tmp_path_factory.mktemp("base")
-    ckpt, engine = build_tiny_engine("llama", root, smollm2_checkpoint)
-    return {"ckpt": ckpt, "onnx": root / "llama-onnx" / "llm", "engine": engine}
+    ckpt = make_tiny_checkpoint("llama", root / "ckpt", smollm2_checkpoint)
+    onnx_dir, engine = export_and_build(ckpt, root, max_batch_size=4, max_input_len=64, max_kv_cache_capacity=128)
+    return {"ckpt": ckpt, "onnx": onnx_dir, "engine": engine}
 
 
 @dataclass
@@ -84,13 +84,10 @@ def ws(tmp_path, base) -> Workspace:
     return Workspace(tmp_path, base)
 
 
-def run(command: str, argv: list[str], capsys) -> tuple[int, str]:
-    """A CLI in process: (exit code, stderr)."""
-    try:
-        code = COMMANDS[command](argv) or 0
-    except SystemExit as e:
-        code = e.code or 0
-    return code, capsys.readouterr().err
+def run(command: str, argv: list[str]) -> tuple[int, str]:
+    """A command in process: (exit code, stderr)."""
+    result = run_cli(COMMANDS[command], *argv)
+    return result.exit_code, result.stderr
 
 
 def assert_one_error_line(err: str, *fragments: str) -> str:
@@ -687,10 +684,10 @@ FUZZ = [
 
 
 @pytest.mark.parametrize("prepare, fragment", FUZZ, ids=[f"{i:02d}-{p.__name__}" for i, (p, _) in enumerate(FUZZ)])
-def test_bad_input_is_one_error_line_and_changes_nothing(ws, capsys, prepare, fragment):
+def test_bad_input_is_one_error_line_and_changes_nothing(ws, prepare, fragment):
     command, argv = prepare(ws)
     before = ws.snapshot()
-    code, err = run(command, argv, capsys)
+    code, err = run(command, argv)
     assert code == 2, err
     assert_one_error_line(err, fragment)
     assert ws.snapshot() == before  # nothing written, nothing deleted, no temp sibling left
@@ -698,22 +695,22 @@ def test_bad_input_is_one_error_line_and_changes_nothing(ws, capsys, prepare, fr
 
 # --- the same promises where the input is fine ---------------------------------------------------------------------
 
-def test_earlier_outputs_are_replaced_and_stale_temp_siblings_cleaned(ws, capsys):
+def test_earlier_outputs_are_replaced_and_stale_temp_siblings_cleaned(ws):
     """Each writer replaces its own earlier output (recognised by its marker) and sweeps what a killed run left."""
     for command, argv, target in (("export", export_args(ws)[1], ws.path / "out" / "llm"),
                                   ("build", build_args(ws)[1], ws.path / "eng")):
-        assert run(command, argv, capsys)[0] == 0
+        assert run(command, argv)[0] == 0
         stale = target.with_name(f".{target.name}.abcd1234.partial")
         stale.mkdir()
         (stale / "half.onnx").write_text("half")
-        assert run(command, argv, capsys)[0] == 0
+        assert run(command, argv)[0] == 0
         assert not stale.exists() and stale_siblings(target) == []
         marker = json.loads((target / MARKER).read_text())
         assert sorted(marker["files"]) == sorted(str(p.relative_to(target)) for p in target.rglob("*")
                                                  if p.name != MARKER)
 
 
-def test_hugging_face_cache_layout_is_accepted(ws, capsys):
+def test_hugging_face_cache_layout_is_accepted(ws):
     """Snapshot files that are symlinks into the repository's blobs/ are inside the checkpoint."""
     repo = ws.path / "models--tiny--llama"
     snapshot = repo / "snapshots" / "0123abc"
@@ -722,7 +719,7 @@ def test_hugging_face_cache_layout_is_accepted(ws, capsys):
     for i, file in enumerate(sorted(ws.base["ckpt"].iterdir())):
         shutil.copy(file, repo / "blobs" / f"blob{i}")
         (snapshot / file.name).symlink_to(Path("../../blobs") / f"blob{i}")
-    code, err = run("export", [str(snapshot), str(ws.path / "out")], capsys)
+    code, err = run("export", [str(snapshot), str(ws.path / "out")])
     assert code == 0, err
     copied = ws.path / "out" / "llm" / "tokenizer.json"
     assert copied.read_bytes() == (ws.base["ckpt"] / "tokenizer.json").read_bytes()
@@ -808,7 +805,7 @@ def stop_mid_write(proc: subprocess.Popen, target: Path) -> None:
 
 
 @pytest.mark.parametrize("writer", ["export", "build", "quantize"])
-def test_killed_and_interrupted_writers_leave_nothing_and_rerun_cleanly(ws, capsys, writer):
+def test_killed_and_interrupted_writers_leave_nothing_and_rerun_cleanly(ws, writer):
     argv, target = writer_command(ws, writer)
     before = {p.name for p in target.parent.iterdir()} if target.parent.is_dir() else set()
 
@@ -827,20 +824,20 @@ def test_killed_and_interrupted_writers_leave_nothing_and_rerun_cleanly(ws, caps
     assert not target.exists() and {p.name for p in target.parent.iterdir()} == before
 
     command, args = {"export": export_args, "build": build_args, "quantize": quantize_args}[writer](ws)
-    code, err = run(command, args, capsys)  # a clean rerun writes the whole output
+    code, err = run(command, args)  # a clean rerun writes the whole output
     assert code == 0, err
     assert (target / MARKER).is_file() and stale_siblings(target) == []
     assert {p.name for p in target.parent.iterdir()} == before | {target.name}
 
 
-def test_two_writers_of_one_output(ws, capsys):
+def test_two_writers_of_one_output(ws):
     """While one export writes OUT, a second one to the same OUT is refused and touches nothing; the first one then
     completes, and the output is the first one's, whole."""
     argv, target = writer_command(ws, "export")
     first = start(argv)
     stop_mid_write(first, target)
     try:
-        code, err = run(*export_args(ws), capsys)
+        code, err = run(*export_args(ws))
         assert code == 2
         assert_one_error_line(err, "another run is writing it now")
         assert len(partials(target)) == 1  # the first run's work in progress is untouched
@@ -849,7 +846,7 @@ def test_two_writers_of_one_output(ws, capsys):
     assert first.wait() == 0, first.stderr.read()
     assert (target / "model.onnx").is_file() and (target / MARKER).is_file()
     assert sorted(p.name for p in target.parent.iterdir()) == ["llm"]  # no lock file, no temp sibling
-    assert run(*export_args(ws), capsys)[0] == 0  # and a later export replaces it
+    assert run(*export_args(ws))[0] == 0  # and a later export replaces it
 
 
 @pytest.fixture
@@ -874,7 +871,7 @@ def tmpfs(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["export", "build", "quantize", "infer"])
-def test_full_disk_is_one_error_line_and_leaves_nothing(ws, capsys, tmpfs, command):
+def test_full_disk_is_one_error_line_and_leaves_nothing(ws, tmpfs, command):
     disk = tmpfs("2m")
     out = disk / "out"
     if command == "infer":  # the responses are small: fill the disk first
@@ -883,20 +880,19 @@ def test_full_disk_is_one_error_line_and_leaves_nothing(ws, capsys, tmpfs, comma
                 f.write(b"\0" * 65536)
         out = disk / "out.json"
     if command == "build":
-        code, err = run(*build_args(ws, engine=out), capsys)
+        code, err = run(*build_args(ws, engine=out))
     else:
-        code, err = run(*{"export": export_args, "quantize": quantize_args, "infer": infer_args}[command](ws, out=out),
-                        capsys)
+        code, err = run(*{"export": export_args, "quantize": quantize_args, "infer": infer_args}[command](ws, out=out))
     assert code == 2, err
     assert_one_error_line(err, "No space left on device", "free some space")
     assert sorted(p.name for p in disk.iterdir()) == (["filler"] if command == "infer" else [])
 
 
-def test_read_only_location_is_one_error_line(ws, capsys, tmpfs):
+def test_read_only_location_is_one_error_line(ws, tmpfs):
     disk = tmpfs("1m", readonly=True)
-    code, err = run(*export_args(ws, out=disk / "out"), capsys)
+    code, err = run(*export_args(ws, out=disk / "out"))
     assert code == 2
     assert_one_error_line(err, "Read-only file system", "choose a writable location")
-    code, err = run(*build_args(ws, engine=disk / "eng"), capsys)
+    code, err = run(*build_args(ws, engine=disk / "eng"))
     assert code == 2
     assert_one_error_line(err, "Read-only file system")
