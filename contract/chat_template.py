@@ -71,9 +71,15 @@ def _count(value) -> None:
         raise TemplateLimit(f"it asked for a count of {value}, more than the limit {_max_chars()}")
 
 
+_PRINTF_SPEC = re.compile(r"%[-+ #0]*(\d*)(?:\.(\d*))?[a-zA-Z%]")  # '%999999999s': width, precision
+_FORMAT_SPEC = re.compile(r"\{[^{}]*:([^{}]*)\}")  # '{:>999999999}': the spec after the colon
+
+
 def _widths(fmt: str) -> None:
-    """`'%999999999s' % x` and `'{:>999999999}'.format(x)` pad to their width: check every number in the format."""
-    for digits in re.findall(r"\d+", fmt):
+    """`'%999999999s' % x` and `'{:>999999999}'.format(x)` pad to their width: check each width and precision."""
+    numbers = [n for m in _PRINTF_SPEC.finditer(fmt) for n in m.groups() if n]
+    numbers += [n for spec in _FORMAT_SPEC.findall(fmt) for n in re.findall(r"\d+", spec)]
+    for digits in numbers:
         if len(digits) > len(str(_max_chars())) or int(digits) > _max_chars():
             raise TemplateLimit(f"it formats with a width of {digits}, more than the limit {_max_chars()}")
 

@@ -191,7 +191,8 @@ def write_checkpoint(
     inside `source_dir`, JSON and templates parsed).
 
     Everything goes to a temporary sibling that is renamed into place only when complete; an existing `out_dir` is
-    replaced only when it is an earlier quantized checkpoint (contract.atomic). `inputs` are the directories read.
+    replaced only when it is an earlier quantized checkpoint (contract.atomic). `inputs`: other directories the run
+    read (never written into or over).
     """
     from safetensors.torch import save_file
 

@@ -194,16 +194,15 @@ def quantize_llm(o: LlmOptions) -> dict:
     all_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     report = build_report(calib, o.quantization, kv_fp8, o.kv_cache_fp16_layers, qt.excluded, len(texts))
     write_quantized(qt, config, all_linears, report, o.quantization, kv_fp8, o.kv_cache_fp16_layers,
-                    source_dir=o.model_dir, output_dir=o.output_dir, max_shard_bytes=o.max_shard_bytes,
-                    inputs=[o.model_dir])
+                    source_dir=o.model_dir, output_dir=o.output_dir, max_shard_bytes=o.max_shard_bytes)
     return report
 
 
 def write_quantized(qt, config: dict, linears: list[str], report: dict, quantization: str, kv_fp8: bool,
                     kv_fp16_layers: list[int], *, source_dir: Path, output_dir: Path, max_shard_bytes: int,
-                    inputs: list[Path]) -> None:
+                    inputs: tuple[Path, ...] = ()) -> None:
     """The tail both subcommands share: hf_quant_config (and HF's fine-grained config for fp8_block), then the
-    checkpoint with its calibration report."""
+    checkpoint with its calibration report; `inputs` are the directories read besides `source_dir`."""
     quant_config = writer.hf_quant_config(qt, linears, kv_fp8, kv_fp16_layers)
     if quantization == "fp8_block":
         config["quantization_config"] = writer.fine_grained_fp8_config(quant_config["quantization"]["exclude_modules"])
@@ -271,7 +270,7 @@ def quantize_draft(o: DraftOptions) -> dict:
     report["target_layer_ids"] = layer_ids
     write_quantized(qt, config, linears, report, o.quantization, False, [],
                     source_dir=o.draft_model_dir, output_dir=o.output_dir, max_shard_bytes=o.max_shard_bytes,
-                    inputs=[o.base_model_dir, o.draft_model_dir])
+                    inputs=(o.base_model_dir,))
     return report
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -761,6 +762,28 @@ def test_templates_render_as_apply_chat_template(tmp_path, smollm2_checkpoint, t
             assert format_prompt(ours, messages, True, gen_prompt, thinking).text == expected
             rendered += 1
     assert rendered >= 5
+
+
+@pytest.mark.parametrize("template, fragment", [
+    ("{{ 'x'.center(10**10) }}", "a count of 10000000000"),
+    ("{{ 'x' | indent(100000000) }}", "a count of 100000000"),
+    ("{{ '%999999999s' % 'a' }}", "a width of 999999999"),
+    ("{{ '{:>999999999}'.format('a') }}", "a width of 999999999"),
+    ("{% set s = 'x' * 5000 %}{{ s.replace('x', s) }}", "a replace would build more than"),
+    ("{% set s = 'x' * 5000 %}{{ s | replace('x', s) }}", "a replace would build more than"),
+    ("{% set s = 'x' * 5000 %}{{ s.join(s | list) }}", "a join would build more than"),
+    ("{% set s = 'x' * 5000 %}{{ s | list | join(s) }}", "a join would build more than"),
+    ("{{ 7 ** 100000 }}", "to the power 100000"),
+    ("{{ [0] * 10**8 }}", "repeats a value 100000000 times"),
+    ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "RecursionError"),
+    ("{{ namespace(_x=1) }}", "the sandbox forbids"),
+])
+def test_render_stops_what_would_grow_past_the_bound(template, fragment):
+    """Each way a template can build a huge value in one step is stopped before it allocates it."""
+    with pytest.raises(InputError, match=re.escape(fragment)):
+        chat_template.render(chat_template.compile_template(template, "t"), "r", max_chars=10000)
+    assert chat_template.render(chat_template.compile_template("{{ '%5d|{:>4}'.format(1) % 3 }}", "t"), "r",
+                                max_chars=10000) == "    3|   1"  # ordinary widths are fine
 
 
 def test_render_bounds_are_the_callers():
