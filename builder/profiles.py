@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from contract.errors import InputError
+from contract.stage import LIMIT_BOUNDS
 
 Shape = tuple[int, ...]
 
@@ -66,10 +67,11 @@ def embedding_profiles(limits: Limits) -> list[Profile]:
 
 def validate_limits(limits: Limits) -> None:
     """Raise InputError for limits no engine can satisfy."""
-    for flag, value in (("--maxBatchSize", limits.max_batch_size), ("--maxInputLen", limits.max_input_len),
-                        ("--maxKVCacheCapacity", limits.max_kv_cache_capacity)):
-        if value < 1:
-            raise InputError(f"{flag}: expected a positive integer, found {value}")
+    for flag, key in (("--maxBatchSize", "max_batch_size"), ("--maxInputLen", "max_input_len"),
+                      ("--maxKVCacheCapacity", "max_kv_cache_capacity")):
+        value, bound = getattr(limits, key), LIMIT_BOUNDS[key]
+        if not 1 <= value <= bound:
+            raise InputError(f"{flag}: expected an integer in [1, {bound}], found {value}")
     if limits.max_kv_cache_capacity < limits.max_input_len:
         raise InputError(f"--maxKVCacheCapacity: expected at least --maxInputLen ({limits.max_input_len}), "
                          f"found {limits.max_kv_cache_capacity}")

@@ -37,6 +37,8 @@ def parse_json_text(text: str, where: str, what: str):
                          f"{e.colno}: {e.msg}") from None
     except RecursionError:  # the C parser itself gives up near 1000 levels
         too_deep = True
+    except ValueError as e:  # an integer literal longer than Python converts (4300 digits)
+        raise InputError(f"{where}: expected {what} (JSON), found a number it cannot hold ({e})") from None
     if too_deep:
         raise InputError(f"{where}: expected {what} (JSON nested at most {MAX_DEPTH} levels), found deeper nesting")
     return value

@@ -61,6 +61,13 @@ def rotary_dim(config: dict) -> int:
 
 # --- the runtime config.json of an ONNX dir and an engine dir (contracts.md 1.1) ------------------------------------
 
+# Upper bounds of the build limits (llm-build flags, builder_config): far past any real engine, low enough that a
+# typo or a hand-edited config cannot make the runtime size a RoPE table or a cache of terabytes.
+MAX_BATCH_SIZE = 4096
+MAX_KV_CACHE_CAPACITY = 1 << 24
+LIMIT_BOUNDS = {"max_batch_size": MAX_BATCH_SIZE, "max_input_len": MAX_KV_CACHE_CAPACITY,
+                "max_kv_cache_capacity": MAX_KV_CACHE_CAPACITY}
+
 MODEL_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "max_position_embeddings")
 
@@ -78,9 +85,13 @@ def positive_int(config: dict, key: str, where: str, *, required: bool = True) -
 def positive_number(config: dict, key: str, where: str, *, default: float | None = None) -> float:
     """`config[key]` as a finite positive number."""
     value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    try:  # a JSON integer of hundreds of digits is a valid int that no float holds
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:
+        number = math.inf
+    if not (math.isfinite(number) and number > 0):
         raise InputError(f"{where}: {key}: expected a finite positive number, found {value!r:.60}")
-    return float(value)
+    return number
 
 
 def check_runtime_config(config: dict, where: str) -> None:

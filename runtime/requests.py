@@ -66,7 +66,8 @@ class TestCases:
 def _show(value) -> str:
     """A short rendering of a JSON value for an error message."""
     if value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 40):
-        return json.dumps(value)
+        shown = json.dumps(value)
+        return shown if len(shown) <= 40 else f"a number of {len(shown)} digits"
     if isinstance(value, str):
         return "a long string"
     return f"a list of {len(value)}" if isinstance(value, list) else "an object"
@@ -92,7 +93,8 @@ class _Reader:
     def number(self, key, default, lo, hi, integer=False):
         value = self.obj.get(key, default)
         ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok_type or not math.isfinite(value) or not lo <= value <= hi:
+        # the range first: a JSON integer of hundreds of digits is an int that math.isfinite cannot take
+        if isinstance(value, bool) or not ok_type or not lo <= value <= hi or not math.isfinite(value):
             what = "an integer" if integer else "a number"
             raise self.fail(key, f"{what} in [{lo}, {hi}]", value)
         return value if integer else float(value)

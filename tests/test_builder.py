@@ -64,6 +64,7 @@ def test_generation_profile_grows_with_speculative_tokens():
     (Limits(0, 16, 64), "--maxBatchSize"),
     (Limits(1, 0, 64), "--maxInputLen"),
     (Limits(1, 128, 64), "--maxKVCacheCapacity"),
+    (Limits(1, 16, 10**12), "--maxKVCacheCapacity"),
 ])
 def test_impossible_limits_are_input_errors(limits, flag):
     with pytest.raises(InputError, match=flag):

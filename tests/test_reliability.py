@@ -367,6 +367,16 @@ def onnx_config_nested_deeply(ws):
     return build_args(ws, onnx_dir)
 
 
+def request_number_too_long(ws):  # Python refuses to convert an integer literal of more than 4300 digits
+    cases = ws.path / "cases.json"
+    cases.write_text('{"top_k": ' + "9" * 5000 + ', "requests": [{"messages": [{"role": "user", "content": "a"}]}]}')
+    return infer_args(ws, cases=cases)
+
+
+def request_number_beyond_float(ws):
+    return infer_args(ws, cases=ws.cases(temperature=10**400))
+
+
 def prompt_with_lone_surrogate(ws):
     cases = ws.path / "cases.json"
     cases.write_text('{"requests": [{"messages": [{"role": "user", "content": "abc\\ud800"}]}]}')
@@ -470,6 +480,14 @@ def engine_config_capacity(ws):
     return infer_args(ws, engine=eng)
 
 
+def engine_config_capacity_huge(ws):
+    eng = ws.copy("engine")
+    config = json.loads((eng / "config.json").read_text())
+    config["builder_config"]["max_kv_cache_capacity"] = 10**12
+    (eng / "config.json").write_text(json.dumps(config))
+    return infer_args(ws, engine=eng)
+
+
 def engine_llm_onnx_truncated(ws):
     eng = ws.copy("engine")
     with open(eng / "llm.onnx.data", "r+b") as f:
@@ -507,6 +525,10 @@ def config_rotary_disagrees(ws):
 
 def config_layers_disagree(ws):
     return onnx_config(ws, num_hidden_layers=3)
+
+
+def config_layers_huge(ws):
+    return onnx_config(ws, num_hidden_layers=10**12)
 
 
 def one_layer_kv_fp8(binding: str):
@@ -637,6 +659,8 @@ FUZZ = [
     (request_nested_under_the_parser_limit, "nested at most 64 levels"),
     (checkpoint_config_nested_deeply, "config.json: expected the model config (JSON nested at most"),
     (onnx_config_nested_deeply, "config.json: expected the ONNX dir's runtime config (JSON nested"),
+    (request_number_too_long, "cases.json: expected an input JSON file (JSON), found a number it cannot hold"),
+    (request_number_beyond_float, "temperature: expected a number in [0.0, 100.0], found a number of 401 digits"),
     (prompt_with_lone_surrogate, "requests[0].messages[0].content: expected valid Unicode text, found a lone"),
     (prompt_longer_than_the_engine_takes, "expected a prompt of at most 64 tokens (the engine's max_input_len), "
                                           "found 10000000 characters"),
@@ -654,6 +678,7 @@ FUZZ = [
     (engine_config_eos_outside_vocab, "eos_token_id: expected a list of token ids in [0, 49152)"),
     (engine_config_hidden_size, "hidden_size 128 disagrees with"),
     (engine_config_capacity, "max_kv_cache_capacity: expected a positive integer, found -1"),
+    (engine_config_capacity_huge, "max_kv_cache_capacity: expected at most 16777216, found 1000000000000"),
     (engine_llm_onnx_truncated, "llm.onnx.data, found a file of 100 bytes (truncated?)"),
     # 5. the build checks every layer and dim
     (config_kv_heads_disagree, "num_key_value_heads disagrees at layer 0: config.json num_key_value_heads says 1, "
@@ -663,6 +688,7 @@ FUZZ = [
     (config_hidden_disagrees, "hidden_size disagrees: config.json hidden_size says 128, model.onnx inputs_embeds"),
     (config_rotary_disagrees, "head_dim x partial_rotary_factor disagrees"),
     (config_layers_disagree, "expected past_key_values_0..2 inputs (config.json num_hidden_layers 3), found 2"),
+    (config_layers_huge, "(config.json num_hidden_layers 1000000000000), found 2"),
     (one_layer_kv_fp8("past_key_values_1"), "KV cache dtype disagrees at layer 1: model.onnx past_key_values_1 says "
                                             "fp8, model.onnx present_key_values_1 says fp16"),
     (one_layer_kv_fp8("present_key_values_0"), "KV cache dtype disagrees at layer 0"),
@@ -672,6 +698,8 @@ FUZZ = [
       for v in (0, True, 2.5, "2")],
     *[(config_field("rope_parameters", {"rope_type": "default", "rope_theta": v}),
        "rope_theta: expected a finite positive number") for v in (float("inf"), float("nan"), 0, -10000.0, "10000")],
+    (config_field("rope_parameters", {"rope_type": "default", "rope_theta": 10**400}),
+     "rope_theta: expected a finite positive number"),
     (config_field("hidden_size", 64.0), "hidden_size: expected a positive integer, found 64.0"),
     (config_field("head_dim", "16"), "head_dim: expected a positive integer"),
     (config_field("tie_word_embeddings", "false"), "tie_word_embeddings: expected true or false"),
