@@ -256,7 +256,7 @@ def compile_template(source: str, where: str) -> jinja2.Template:
     except jinja2.TemplateSyntaxError as e:
         raise InputError(f"{where}: expected a Jinja chat template, found a syntax error at line {e.lineno}: "
                          f"{e.message}") from None
-    except (jinja2.TemplateError, RecursionError, MemoryError) as e:  # e.g. nesting too deep for the compiler
+    except (jinja2.TemplateError, SyntaxError, RecursionError, MemoryError) as e:  # nesting too deep to compile
         raise InputError(f"{where}: expected a Jinja chat template, found one that does not compile "
                          f"({type(e).__name__}: {e})") from None
 

@@ -130,8 +130,9 @@ def _logit_bias(r: _Reader, key: str, default: dict[int, float]) -> dict[int, fl
         raise r.fail(key, f"an object of at most {MAX_LOGIT_BIAS_ENTRIES} token id -> bias entries", raw)
     bias = {}
     for token, value in raw.items():
-        if not (token.isascii() and token.isdigit()):
-            raise r.fail(f"{key}.{token}", "a non-negative integer token id as key", token)
+        if not (token.isascii() and token.isdigit() and len(token) <= 12):  # (a vocabulary is far below 10^12)
+            raise r.fail(f"{key}.{token}" if len(token) <= 40 else key, "a non-negative integer token id as key",
+                         token)
         bias[int(token)] = r.child(key, raw).number(token, None, -MAX_ABS_LOGIT_BIAS, MAX_ABS_LOGIT_BIAS)
     return bias
 

@@ -377,6 +377,10 @@ def request_number_beyond_float(ws):
     return infer_args(ws, cases=ws.cases(temperature=10**400))
 
 
+def request_logit_bias_key_too_long(ws):
+    return infer_args(ws, cases=ws.cases(logit_bias={"9" * 5000: 1.0}))
+
+
 def prompt_with_lone_surrogate(ws):
     cases = ws.path / "cases.json"
     cases.write_text('{"requests": [{"messages": [{"role": "user", "content": "abc\\ud800"}]}]}')
@@ -485,6 +489,12 @@ def engine_config_capacity_huge(ws):
     config = json.loads((eng / "config.json").read_text())
     config["builder_config"]["max_kv_cache_capacity"] = 10**12
     (eng / "config.json").write_text(json.dumps(config))
+    return infer_args(ws, engine=eng)
+
+
+def engine_llm_onnx_garbage(ws):
+    eng = ws.copy("engine")
+    (eng / "llm.onnx").write_bytes(b"\x0a\xff\xff\xff" * 1000)
     return infer_args(ws, engine=eng)
 
 
@@ -661,6 +671,7 @@ FUZZ = [
     (onnx_config_nested_deeply, "config.json: expected the ONNX dir's runtime config (JSON nested"),
     (request_number_too_long, "cases.json: expected an input JSON file (JSON), found a number it cannot hold"),
     (request_number_beyond_float, "temperature: expected a number in [0.0, 100.0], found a number of 401 digits"),
+    (request_logit_bias_key_too_long, "logit_bias: expected a non-negative integer token id as key, found a long"),
     (prompt_with_lone_surrogate, "requests[0].messages[0].content: expected valid Unicode text, found a lone"),
     (prompt_longer_than_the_engine_takes, "expected a prompt of at most 64 tokens (the engine's max_input_len), "
                                           "found 10000000 characters"),
@@ -679,6 +690,7 @@ FUZZ = [
     (engine_config_hidden_size, "hidden_size 128 disagrees with"),
     (engine_config_capacity, "max_kv_cache_capacity: expected a positive integer, found -1"),
     (engine_config_capacity_huge, "max_kv_cache_capacity: expected at most 16777216, found 1000000000000"),
+    (engine_llm_onnx_garbage, "llm.onnx: expected the LLM engine (an ONNX model), found a file onnx cannot parse"),
     (engine_llm_onnx_truncated, "llm.onnx.data, found a file of 100 bytes (truncated?)"),
     # 5. the build checks every layer and dim
     (config_kv_heads_disagree, "num_key_value_heads disagrees at layer 0: config.json num_key_value_heads says 1, "
@@ -805,9 +817,12 @@ def test_templates_render_as_apply_chat_template(tmp_path, smollm2_checkpoint, t
     ("{{ [0] * 10**8 }}", "repeats a value 100000000 times"),
     ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "RecursionError"),
     ("{{ namespace(_x=1) }}", "the sandbox forbids"),
+    ("{% for a in [1] %}" * 25 + "{% endfor %}" * 25, "found one that does not compile"),
+    ("{{ " + "(" * 5000 + "1" + ")" * 5000 + " }}", "found one that does not compile"),
 ])
 def test_render_stops_what_would_grow_past_the_bound(template, fragment):
-    """Each way a template can build a huge value in one step is stopped before it allocates it."""
+    """Each way a template can build a huge value in one step is stopped before it allocates it; a template nested
+    too deep to compile is refused."""
     with pytest.raises(InputError, match=re.escape(fragment)):
         chat_template.render(chat_template.compile_template(template, "t"), "r", max_chars=10000)
     assert chat_template.render(chat_template.compile_template("{{ '%5d|{:>4}'.format(1) % 3 }}", "t"), "r",
