@@ -134,14 +134,17 @@ def package_version(name: str) -> str | None:
 
 def nvidia_smi() -> dict:
     """GPU name, driver and clocks as nvidia-smi reports them (without creating a CUDA context)."""
-    fields = ["name", "driver_version", "memory.total", "clocks.sm", "clocks.max.sm", "clocks.mem"]
-    try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=True).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        return {"nvidia_smi": f"unavailable: {e}"}
-    first = out.strip().splitlines()[0] if out.strip() else ""
-    return dict(zip([f.replace(".", "_") for f in fields], (v.strip() for v in first.split(","))))
+    info = {}
+    for fields in (["name", "driver_version", "memory.total"], ["clocks.sm", "clocks.max.sm", "clocks.mem"]):
+        try:  # two queries: a field this nvidia-smi does not know cannot cost the name and the driver
+            out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20, check=True).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            info.setdefault("nvidia_smi", f"unavailable: {e}")
+            continue
+        first = out.strip().splitlines()[0] if out.strip() else ""
+        info.update(zip([f.replace(".", "_") for f in fields], (v.strip() for v in first.split(","))))
+    return info
 
 
 def versions() -> dict:

@@ -328,20 +328,30 @@ GPU = "cuda"  # the gpu tests' device (benchmarks/gpu_check runs them; their log
 @pytest.mark.parametrize("hq,hkv,d", [(16, 8, 128), (32, 8, 128), (9, 3, 64)])
 @pytest.mark.parametrize("s,starts,lengths", [(300, (0, 0), (300, 177)), (1, (4000, 1234), (1, 1)), (64, (100, 0), (64, 30))])
 def test_gpu_attention_forward(fp8, hq, hkv, d, s, starts, lengths):
-    from plugins.attention.triton_kernels import attention_forward
+    from plugins.attention.triton_kernels import attention_forward, rope_kv_write
 
     case, attrs = make_case(b=2, s=s, hq=hq, hkv=hkv, d=d, capacity=4096 + 128, fp8=fp8, qk_norm=True,
                             starts=starts, lengths=lengths, device=GPU)
     cpu = {k: None if v is None else v.cpu() for k, v in case.items()}
     want_attn, want_present = attention_reference(**cpu, attrs=attrs)
-    attn, present = attention_forward(**case, attrs=attrs)
-    if fp8:  # compiled, the quantizing step rounds like torch: V bit-exact, K up to the RMSNorm's last fp16 ulp
-        got, want = present.cpu().view(torch.uint8), want_present.view(torch.uint8)
-        assert torch.equal(got[:, 1], want[:, 1])
-        assert_codes_match(got[:, 0].reshape(-1), want[:, 0].reshape(-1), exact=False)
-    else:
+    attn, present = attention_forward(**{**case, "past_key_value": case["past_key_value"].clone()}, attrs=attrs)
+    if not fp8:
         torch.testing.assert_close(present.cpu(), want_present, atol=2e-3, rtol=1e-3)
-    torch.testing.assert_close(attn.cpu(), want_attn, atol=4e-3, rtol=4e-3)
+        torch.testing.assert_close(attn.cpu(), want_attn, atol=4e-3, rtol=4e-3)
+        return
+    # Compiled, the quantizing step rounds like torch: V codes bit-exact; K and Q codes may sit one FP8 step away
+    # where the RMSNorm's fp16 result differs by an ulp (< 1 %). One such step moves the output of a row that sees
+    # few keys by about 1 %, so the attention is checked against fp32 torch over the kernel's own codes.
+    got, want = present.cpu().view(torch.uint8), want_present.view(torch.uint8)
+    assert torch.equal(got[:, 1], want[:, 1])
+    assert_codes_match(got[:, 0].reshape(-1), want[:, 0].reshape(-1), exact=False)
+    q8 = rope_kv_write(**{**case, "past_key_value": case["past_key_value"].clone()}, attrs=attrs).cpu()
+    valid = valid_rows(cpu)
+    want_q8 = to_fp8(torch_q(cpu, attrs), attrs.qkv_scales[0])
+    assert_codes_match(q8.view(torch.uint8)[valid].reshape(-1), want_q8.view(torch.uint8)[valid].reshape(-1),
+                       exact=False)
+    torch.testing.assert_close(attn.cpu().float(), reference_attention_from(q8, present.cpu(), cpu, attrs),
+                               atol=4e-3, rtol=4e-3)
 
 
 @pytest.mark.gpu
