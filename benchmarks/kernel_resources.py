@@ -2,7 +2,7 @@
 shared memory per program, and the tensor-core instructions, for each kernel at the tiles and warp counts it
 launches with. Triton's own compiler and cuobjdump (shipped in the triton wheel) do the work.
 
-    python -m benchmarks.kernel_resources
+    python -m benchmarks.kernel_resources [--rows FILE.jsonl]
 
 A kernel that spills, or an FP8 prefill that does not reach the e4m3 wgmma instructions, cannot be fast whatever the
 GPU; `tests/test_triton_kernels.py` checks both on every run.
@@ -15,7 +15,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import click
+
+from benchmarks.measure import emit, markdown
+
 F8 = "fp8e4nv"
+COLUMNS = ["kernel", "warps", "registers", "spill_bytes", "shared_kib", "tensor_cores"]
 
 
 def hopper_kernels() -> list[tuple[str, object, dict, dict, int]]:
@@ -90,8 +95,12 @@ def tensor_core_instructions(ptx: str) -> list[str]:
     return sorted({" ".join(parts) for parts in found})
 
 
-def main() -> None:
-    from benchmarks.fmha import markdown
+@click.command()
+@click.option("--rows", "rows_path", type=click.Path(path_type=Path), default=None,
+              help="also append every kernel's row as a JSON line here")
+def main(rows_path: Path | None) -> None:
+    """Compile every kernel for sm_90 (no GPU needed) and print its registers, spills, shared memory and MMA ops."""
+    import triton
 
     rows = []
     for label, fn, signature, constexprs, num_warps in hopper_kernels():
@@ -99,8 +108,10 @@ def main() -> None:
         registers, stack = registers_and_stack(kernel.asm["cubin"])
         rows.append(dict(kernel=label, warps=num_warps, registers=registers, spill_bytes=stack,
                          shared_kib=kernel.metadata.shared / 1024,
-                         tensor_cores=", ".join(tensor_core_instructions(kernel.asm["ptx"])) or "-"))
-    print(markdown(rows, ["kernel", "warps", "registers", "spill_bytes", "shared_kib", "tensor_cores"]))
+                         tensor_cores=", ".join(tensor_core_instructions(kernel.asm["ptx"])) or "-",
+                         triton=triton.__version__))
+        emit(rows_path, "compile", rows[-1])
+    click.echo("\n" + markdown(rows, COLUMNS))
 
 
 if __name__ == "__main__":

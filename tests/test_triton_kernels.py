@@ -36,6 +36,13 @@ ATTN = "plugins.attention.triton_kernels"
 GATHER = "plugins.fp8_gather.triton_kernels"
 
 
+INTERPRETER_NUMPY = (
+    "this Triton's CPU interpreter cannot run loops with run-time bounds under NumPy >= 2.4 (it calls int() on a "
+    "1-element array; triton-lang/triton#9171, seen with Triton 3.6): install numpy<2.4 or a Triton with the fix "
+    "(3.9 has it). Compiled GPU kernels are not affected."
+)
+
+
 def _interpret_mode() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -52,7 +59,12 @@ def interp():
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_interpret_mode) as pool:
 
         def call(module, fn, returned=(), **kwargs):
-            return pool.submit(_call, module, fn, kwargs, tuple(returned)).result()
+            try:
+                return pool.submit(_call, module, fn, kwargs, tuple(returned)).result()
+            except Exception as e:
+                if "only 0-dimensional arrays can be converted" not in str(e):
+                    raise
+            pytest.fail(INTERPRETER_NUMPY, pytrace=False)  # not a kernel bug: say what it is
 
         yield call
 
@@ -307,6 +319,7 @@ def test_kernels_compile_for_hopper_without_spills():
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GPU = "cuda"  # the gpu tests' device; their logic (less the FP8 code checks) was run once on the interpreter with "cpu"
 
 
 @pytest.mark.gpu
@@ -315,29 +328,62 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 @pytest.mark.parametrize("hq,hkv,d", [(16, 8, 128), (32, 8, 128), (9, 3, 64)])
 @pytest.mark.parametrize("s,starts,lengths", [(300, (0, 0), (300, 177)), (1, (4000, 1234), (1, 1)), (64, (100, 0), (64, 30))])
 def test_gpu_attention_forward(fp8, hq, hkv, d, s, starts, lengths):
-    from plugins.attention.triton_kernels import attention_forward
+    from plugins.attention.triton_kernels import attention_forward, rope_kv_write
 
     case, attrs = make_case(b=2, s=s, hq=hq, hkv=hkv, d=d, capacity=4096 + 128, fp8=fp8, qk_norm=True,
-                            starts=starts, lengths=lengths, device="cuda")
+                            starts=starts, lengths=lengths, device=GPU)
     cpu = {k: None if v is None else v.cpu() for k, v in case.items()}
     want_attn, want_present = attention_reference(**cpu, attrs=attrs)
-    attn, present = attention_forward(**case, attrs=attrs)
-    torch.cuda.synchronize()
-    if fp8:  # compiled, the quantizing step rounds like torch: V bit-exact, K up to the RMSNorm's last fp16 ulp
-        got, want = present.cpu().view(torch.uint8), want_present.view(torch.uint8)
-        assert torch.equal(got[:, 1], want[:, 1])
-        assert_codes_match(got[:, 0].reshape(-1), want[:, 0].reshape(-1), exact=False)
-    else:
+    attn, present = attention_forward(**{**case, "past_key_value": case["past_key_value"].clone()}, attrs=attrs)
+    if not fp8:
         torch.testing.assert_close(present.cpu(), want_present, atol=2e-3, rtol=1e-3)
-    torch.testing.assert_close(attn.cpu(), want_attn, atol=4e-3, rtol=4e-3)
+        torch.testing.assert_close(attn.cpu(), want_attn, atol=4e-3, rtol=4e-3)
+        return
+    # Compiled, the quantizing step rounds like torch: V codes bit-exact; K and Q codes may sit one FP8 step away
+    # where the RMSNorm's fp16 result differs by an ulp (< 1 %). One such step moves the output of a row that sees
+    # few keys by about 1 %, so the attention is checked against fp32 torch over the kernel's own codes.
+    got, want = present.cpu().view(torch.uint8), want_present.view(torch.uint8)
+    assert torch.equal(got[:, 1], want[:, 1])
+    assert_codes_match(got[:, 0].reshape(-1), want[:, 0].reshape(-1), exact=False)
+    q8 = rope_kv_write(**{**case, "past_key_value": case["past_key_value"].clone()}, attrs=attrs).cpu()
+    valid = valid_rows(cpu)
+    want_q8 = to_fp8(torch_q(cpu, attrs), attrs.qkv_scales[0])
+    assert_codes_match(q8.view(torch.uint8)[valid].reshape(-1), want_q8.view(torch.uint8)[valid].reshape(-1),
+                       exact=False)
+    torch.testing.assert_close(attn.cpu().float(), reference_attention_from(q8, present.cpu(), cpu, attrs),
+                               atol=4e-3, rtol=4e-3)
 
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_fp8_gather():
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_decode_long_context(fp8):
+    """Flash-decoding at the benchmark's longest cache (32768): many splits, and a row whose keys end mid-chunk."""
+    from plugins.attention.triton_kernels import decode_attention
+
+    case, attrs = make_case(b=2, s=1, hq=32, hkv=8, d=128, capacity=32768, fp8=fp8, starts=(32767, 20001),
+                            lengths=(1, 1))
+    q = torch_q(case, attrs)
+    q = to_fp8(q, attrs.qkv_scales[0]) if fp8 else q
+    on = {k: case[k].to(GPU) for k in ("past_key_value", "context_lengths", "kvcache_start_index")}
+    got = decode_attention(q.to(GPU), on["past_key_value"], on["context_lengths"], on["kvcache_start_index"], attrs)
+    want = reference_attention_from(q, case["past_key_value"], case, attrs)
+    torch.testing.assert_close(got.cpu().float(), want, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("hidden", [576, 4096])  # SmolLM2 (a short last block) and Qwen3-8B
+def test_gpu_fp8_gather(hidden):
     from plugins.fp8_gather.triton_kernels import fp8_gather
 
-    table, scale = quantize_fp8_row_block(torch.randn(1000, 576) * 0.05)
-    ids = torch.randint(0, 1000, (4, 300), dtype=torch.int32)
-    got = fp8_gather(table.cuda(), scale.cuda(), ids.cuda())
+    table, scale = quantize_fp8_row_block(torch.randn(32768, hidden) * 0.05)
+    ids = torch.randint(0, 32768, (4, 2048), dtype=torch.int32)
+    got = fp8_gather(table.to(GPU), scale.to(GPU), ids.to(GPU))
     assert torch.equal(got.cpu(), fp8_gather_reference(table, scale, ids))
+    bad = torch.tensor([[5, 32768, -1]], dtype=torch.int32, device=GPU)
+    with pytest.raises(InputError, match="found 32768"):
+        fp8_gather(table.to(GPU), scale.to(GPU), bad)
+    unchecked = fp8_gather(table.to(GPU), scale.to(GPU), bad, check=False).cpu()
+    assert torch.count_nonzero(unchecked[0, 1:]) == 0
+    assert torch.equal(unchecked[0, 0], fp8_gather_reference(table, scale, bad[:, :1].cpu())[0, 0])
