@@ -172,9 +172,11 @@ def _make_parents(final: Path) -> list[Path]:
     """Create the missing parents of `final`; returns those it created, deepest first."""
     created = []
     for parent in [*reversed(final.parents)]:
-        if not parent.exists():
+        try:
             parent.mkdir()
             created.append(parent)
+        except FileExistsError:  # there already, or made this moment by a concurrent run
+            pass
     return created[::-1]
 
 
