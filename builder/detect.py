@@ -27,7 +27,8 @@ class Detection:
     model: str  # HF model_type
     embedding_format: str  # "fp16" | "fp8_e4m3_row_block"
     kv_cache_dtype: str  # "fp16" | "fp8"
-    weight_format: str
+    weight_format: str  # "fp16", one quantized format, or "mixed"
+    weight_formats: dict[str, int]  # quantized linears per format
     num_layers: int
     vocab_size: int
     hidden_size: int
@@ -40,10 +41,18 @@ class Detection:
             f"ONNX dir        {self.onnx_dir}",
             f"model           {self.model}: {self.num_layers} layers, hidden {self.hidden_size}, "
             f"vocab {self.vocab_size}, {self.num_kv_heads} kv heads x {self.head_dim}",
-            f"weights         {self.weight_format} (model.onnx initializers/DQ nodes and config.json agree)",
+            f"weights         {describe_weights(self.weight_format, self.weight_formats)} (model.onnx "
+            "initializers/DQ nodes and config.json agree)",
             f"embedding       {self.embedding_format}",
             f"KV cache        {self.kv_cache_dtype} (graph bindings, AttentionPlugin and config.json agree)",
         ])
+
+
+def describe_weights(weight_format: str, counts: dict[str, int]) -> str:
+    """"fp8", or "mixed: nvfp4 90 linears, fp8 120 linears"."""
+    if weight_format != stage.MIXED_WEIGHTS:
+        return weight_format
+    return f"{weight_format}: " + ", ".join(f"{fmt} {n} linears" for fmt, n in counts.items())
 
 
 def read_config(onnx_dir: Path) -> dict:
@@ -86,25 +95,51 @@ def graph_kv_facts(model_path: Path) -> tuple[set[str], set[str], int]:
     return binding, plugin, len(pasts)
 
 
-def graph_weight_format(model_path: Path) -> str:
-    """The weight format model.onnx holds (contracts.md 2.1), from initializer dtypes and the weight DQ nodes:
-    FLOAT4E2M1 -> nvfp4; FP8 with a blocked DQ -> fp8_block (fp8_pb_wo when no activation is quantized), with a
-    per-channel scale -> fp8_pc, else fp8."""
+def graph_linear_formats(model_path: Path) -> dict[str, str]:
+    """The format of every quantized linear in model.onnx (contracts.md 2.1), keyed by module, from its weight
+    initializer `<module>.weight` and the DequantizeLinear that reads it: FLOAT4E2M1 -> nvfp4; FP8 with a blocked
+    DQ -> fp8_block when the MatMul's input is quantized, else fp8_pb_wo; with a per-channel scale -> fp8_pc;
+    else fp8."""
     graph = onnx.load(str(model_path), load_external_data=False).graph
     inits = {t.name: t for t in graph.initializer}
-    types = {t.data_type for t in inits.values()}
-    if onnx.TensorProto.FLOAT4E2M1 in types:
-        return "nvfp4"
-    fp8_dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
-              and inits[n.input[0]].data_type == onnx.TensorProto.FLOAT8E4M3FN]
-    if not fp8_dq:
-        return "fp16"
-    if any(a.name == "block_size" and a.i > 0 for n in fp8_dq for a in n.attribute):
-        # 128x128 weights with dynamic activation quantization (HF fine-grained), or weight-only (ModelOpt FP8_PB_WO)
-        return "fp8_block" if any(n.op_type == "QuantizeLinear" for n in graph.node) else "fp8_pb_wo"
-    if any(n.input[1] in inits and len(inits[n.input[1]].dims) > 0 for n in fp8_dq):
-        return "fp8_pc"
-    return "fp8"
+    producer = {out: n for n in graph.node for out in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def quantized_input(weight_dq) -> bool:
+        """Does the MatMul that consumes this weight read a DequantizeLinear'd (or Cast of one) activation?"""
+        for mm in consumers.get(weight_dq.output[0], []):
+            act = producer.get(mm.input[0])
+            if act is not None and act.op_type == "Cast":
+                act = producer.get(act.input[0])
+            if act is not None and act.op_type == "DequantizeLinear":
+                return True
+        return False
+
+    found = {}
+    for n in graph.node:
+        init = inits.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        if init is None or not init.name.endswith(".weight"):
+            continue
+        module = init.name.removesuffix(".weight")
+        if init.data_type == onnx.TensorProto.FLOAT4E2M1:
+            found[module] = "nvfp4"
+        elif init.data_type == onnx.TensorProto.FLOAT8E4M3FN:
+            if any(a.name == "block_size" and a.i > 0 for a in n.attribute):
+                # 128x128 weights with dynamic activation quantization (HF fine-grained), or weight-only (FP8_PB_WO)
+                found[module] = "fp8_block" if quantized_input(n) else "fp8_pb_wo"
+            elif n.input[1] in inits and len(inits[n.input[1]].dims) > 0:
+                found[module] = "fp8_pc"
+            else:
+                found[module] = "fp8"
+    return found
+
+
+def graph_weight_format(model_path: Path) -> tuple[str, dict[str, int]]:
+    """model.onnx's `weight_format` ("fp16", the one quantized format, or "mixed") and its linears per format."""
+    return stage.summarize_weight_formats(graph_linear_formats(model_path).values())
 
 
 def detect(onnx_dir: str | Path) -> Detection:
@@ -122,10 +157,13 @@ def detect(onnx_dir: str | Path) -> Detection:
     if num_layers != config["num_hidden_layers"]:
         raise InputError(f"{onnx_dir}/model.onnx: expected {config['num_hidden_layers']} past_key_values inputs "
                          f"(config.json num_hidden_layers), found {num_layers}")
-    weights = graph_weight_format(onnx_dir / "model.onnx")
-    if weights != config.get("weight_format", "fp16"):
+    weights, counts = graph_weight_format(onnx_dir / "model.onnx")
+    said = (config.get("weight_format", "fp16"), config.get(stage.WEIGHT_FORMAT_COUNTS) if weights == stage.MIXED_WEIGHTS
+            else None)
+    if (weights, counts if weights == stage.MIXED_WEIGHTS else None) != said:
         raise InputError(f"{onnx_dir}: weight format disagrees: model.onnx initializers and DequantizeLinear nodes "
-                         f"say {weights}, config.json weight_format says {config.get('weight_format', 'fp16')}")
+                         f"say {describe_weights(weights, counts)}, config.json weight_format says "
+                         f"{describe_weights(said[0], said[1] or {})}")
     sidecar = read_embedding_sidecar(onnx_dir / "embedding.safetensors")
     expected = [config["vocab_size"], config["hidden_size"]]
     if [sidecar.vocab_size, sidecar.hidden_size] != expected:
@@ -134,7 +172,7 @@ def detect(onnx_dir: str | Path) -> Detection:
     head_dim = stage.head_dim(config)
     return Detection(
         onnx_dir=onnx_dir, config=config, model=config["model"], embedding_format=sidecar.format,
-        kv_cache_dtype=config["kv_cache_dtype"], weight_format=weights,
+        kv_cache_dtype=config["kv_cache_dtype"], weight_format=weights, weight_formats=counts,
         num_layers=num_layers, vocab_size=int(config["vocab_size"]), hidden_size=int(config["hidden_size"]),
         num_kv_heads=int(config["num_key_value_heads"]), head_dim=head_dim,
         rotary_dim=int(head_dim * (config.get("partial_rotary_factor") or 1.0)),

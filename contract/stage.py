@@ -156,6 +156,47 @@ QUANTIZED_WEIGHT_FORMATS = tuple(name for name in WEIGHT_FORMATS if name != "fp1
 QUANT_ALGO_FORMATS = {f.quant_algo: f.name for f in WEIGHT_FORMATS.values() if f.quant_algo}
 
 
+# config.json `weight_format` of an export whose quantized linears use more than one format; `weight_formats` then
+# holds the number of quantized linears of each format (what detection counts in model.onnx)
+MIXED_WEIGHTS = "mixed"
+WEIGHT_FORMAT_COUNTS = "weight_formats"
+
+# ModelOpt quant_algo names we do not read, with what they are, so a refusal can say it by name
+UNSUPPORTED_QUANT_ALGOS = {
+    "W8A8_SQ_PER_CHANNEL": "INT8 SmoothQuant",
+    "W8A16": "INT8 weight-only",
+    "W4A16_AWQ": "INT4 AWQ",
+    "W4A8_AWQ": "INT4 AWQ with FP8 activations",
+    "NVFP4_AWQ": "NVFP4 AWQ (unfolded pre_quant_scale)",
+    "W4A8_NVFP4_FP8": "NVFP4 weights with FP8 activations",
+    "W4A16_NVFP4": "NVFP4 weight-only",
+    "MXFP4": "MXFP4",
+    "W4A8_MXFP4_FP8": "MXFP4 weights with FP8 activations",
+    "MXFP8": "MXFP8",
+    "FP8_PB_REAL": "FP8 128x128 blocks with FP8 activations",
+}
+
+
+def unsupported_quant_algo(algo, where: str) -> InputError:
+    """The refusal of a quant_algo we cannot read, naming what it is."""
+    what = UNSUPPORTED_QUANT_ALGOS.get(str(algo).upper(), f"quant_algo {algo!r}")
+    return InputError(f"{where}: {what} layers are not supported (quant_algo {algo!r}); expected one of "
+                      f"{', '.join(QUANT_ALGO_FORMATS)}")
+
+
+def summarize_weight_formats(per_linear) -> tuple[str, dict[str, int]]:
+    """(`weight_format`, count per quantized format) of linears' formats: "fp16" when none is quantized, the one
+    format, or `MIXED_WEIGHTS`."""
+    counts: dict[str, int] = {}
+    for fmt in per_linear:
+        if fmt != "fp16":
+            counts[fmt] = counts.get(fmt, 0) + 1
+    counts = dict(sorted(counts.items()))
+    if not counts:
+        return "fp16", counts
+    return (next(iter(counts)) if len(counts) == 1 else MIXED_WEIGHTS), counts
+
+
 def weight_format(name, where: str) -> WeightFormat:
     """The registered format called `name`; InputError naming `where` otherwise."""
     if name not in WEIGHT_FORMATS:

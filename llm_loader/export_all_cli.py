@@ -22,10 +22,11 @@ import click
 from tqdm import tqdm
 
 from contract.errors import InputError, run_cli
+from contract.stage import MIXED_WEIGHTS
 from llm_loader.checkpoint import open_checkpoint
 from llm_loader.embedding import write_embedding_sidecar
 from llm_loader.model_config import model_config_from_dict
-from llm_loader.onnx_graph import kv_cache_dtype, weight_format, write_model
+from llm_loader.onnx_graph import kv_cache_dtype, weight_formats, write_model
 from llm_loader.quantized_checkpoint import read_quantized_checkpoint
 from llm_loader.runtime_config import runtime_config
 from llm_loader.tokenizer_files import copy_tokenizer_files
@@ -54,7 +55,9 @@ def export(checkpoint_dir: Path, out_dir: Path, fp8_embedding: bool = False, dty
     if (ckpt.path / "hf_quant_config.json").exists() or "quantization_config" in ckpt.config:
         quant = read_quantized_checkpoint(ckpt.path)
     cfg = model_config_from_dict(ckpt.config, ckpt.path / "config.json")
-    formats = {"kv_cache_dtype": kv_cache_dtype(quant).value, "weight_format": weight_format(quant)}
+    weight_format, counts = weight_formats(quant)
+    formats = {"kv_cache_dtype": kv_cache_dtype(quant).value, "weight_format": weight_format,
+               "weight_format_counts": counts if weight_format == MIXED_WEIGHTS else None}
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

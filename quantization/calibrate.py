@@ -30,6 +30,7 @@ class Calibration:
     """amax per linear input (module name -> float) and per layer post-RoPE q/k/v (layer -> (q, k, v))."""
 
     input_amax: dict[str, float] = field(default_factory=dict)
+    input_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # mean x^2 per input channel (NVFP4 scale search)
     qkv_amax: dict[int, tuple[float, float, float]] = field(default_factory=dict)
     num_tokens: int = 0
 
@@ -40,6 +41,7 @@ class _Observer:
     def __init__(self) -> None:
         self.mask: torch.Tensor | None = None  # bool [B, S]
         self.input_amax: dict[str, torch.Tensor] = {}
+        self.input_sq: dict[str, torch.Tensor] = {}  # sum of x^2 per channel over real tokens
         self.qkv_amax: dict[int, torch.Tensor] = {}
 
     def tokens_amax(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +66,7 @@ AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
 
 
 @contextmanager
-def _observing(model, linear_names: Iterable[str], observer: _Observer, kv: bool):
+def _observing(model, linear_names: Iterable[str], observer: _Observer, kv: bool, square_names: set[str]):
     """Install the hooks (and the recording attention) for the duration of the block, then restore the model."""
     modules = dict(model.named_modules())
     handles = []
@@ -72,6 +74,9 @@ def _observing(model, linear_names: Iterable[str], observer: _Observer, kv: bool
 
         def hook(_module, args, name=name):
             observer.update(observer.input_amax, name, observer.tokens_amax(args[0]))
+            if name in square_names:
+                sq = args[0][observer.mask].detach().float().pow(2).sum(0)
+                observer.input_sq[name] = observer.input_sq.get(name, 0) + sq
 
         handles.append(modules[name].register_forward_pre_hook(hook))
     attention = [m for m in modules.values() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")] if kv else []
@@ -92,18 +97,21 @@ def _observing(model, linear_names: Iterable[str], observer: _Observer, kv: bool
 
 
 @torch.no_grad()
-def calibrate(model, batches: list[Batch], linear_names: Iterable[str], kv: bool) -> Calibration:
-    """Run `batches` through `model` (no KV cache) and return the amax of the named linears' inputs and of q/k/v."""
+def calibrate(model, batches: list[Batch], linear_names: Iterable[str], kv: bool,
+              square_names: Iterable[str] = ()) -> Calibration:
+    """Run `batches` through `model` (no KV cache) and return the amax of the named linears' inputs and of q/k/v,
+    and the mean x^2 per input channel of `square_names` (a subset of `linear_names`)."""
     observer = _Observer()
     device = next(model.parameters()).device
     num_tokens = 0
-    with _observing(model, list(linear_names), observer, kv):
+    with _observing(model, list(linear_names), observer, kv, set(square_names)):
         for batch in tqdm(batches, desc="calibrating", unit="batch"):
             observer.mask = batch.attention_mask.to(device).bool()
             num_tokens += int(observer.mask.sum())
             model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
     return Calibration(
         input_amax={k: float(v) for k, v in observer.input_amax.items()},
+        input_sq={k: (v / max(num_tokens, 1)).cpu() for k, v in observer.input_sq.items()},
         qkv_amax={k: tuple(float(x) for x in v) for k, v in sorted(observer.qkv_amax.items())},
         num_tokens=num_tokens,
     )
