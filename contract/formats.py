@@ -129,6 +129,18 @@ def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     return torch.where(codes & 8 > 0, -value, value)
 
 
+def e2m1_round(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``e2m1_decode(e2m1_encode(x))`` without the codes, for searches that only need the values: the levels are
+    steps of 0.5 below 2, of 1 below 4 and of 2 up to 6, so round-half-to-even within each range (ties land on the
+    even code, as in `e2m1_encode`)."""
+    a = x.float().abs().clamp(max=E2M1_MAX)
+    half = torch.round(a * 2) / 2
+    one = torch.round(a)
+    two = torch.round(a / 2) * 2
+    value = torch.where(a < 2, half, torch.where(a < 4, one, two))
+    return torch.where(torch.signbit(x.float()), -value, value)
+
+
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     """``[..., n]`` 4-bit codes -> uint8 ``[..., n/2]``; the even index goes in the low nibble."""
     codes = codes.to(torch.uint8)

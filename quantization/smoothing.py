@@ -128,10 +128,11 @@ def output_error(x: torch.Tensor, weights: list[torch.Tensor], fmts: list[str], 
     """Sum over the linears of the relative squared output error with inputs divided by `s` (None: unscaled)."""
     xs = x if s is None else x / s
     amax = float(xs.abs().amax())
+    inputs = {fmt: input_qdq(fmt, xs, amax) for fmt in set(fmts)}  # q/k/v share their input and usually a format
     total = 0.0
     for w, fmt, ref in zip(weights, fmts, refs):
         ws = w if s is None else w * s
-        out = input_qdq(fmt, xs, amax) @ weight_qdq(fmt, ws).T
+        out = inputs[fmt] @ weight_qdq(fmt, ws).T
         total += float((out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
     return total
 
