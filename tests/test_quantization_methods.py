@@ -230,3 +230,25 @@ def test_search_fake_quant_matches_the_writer_and_the_reference():
     amax = 13.0
     ref = nvfp4_activation_qdq(x.half(), amax / (6 * 448)).float()
     torch.testing.assert_close(input_qdq("nvfp4", x.half().float(), amax), ref, rtol=2e-3, atol=1e-3)
+
+
+def test_gptq_lowers_the_output_error_and_stays_plain_nvfp4():
+    from quantization.gptq import gptq_nvfp4
+
+    g = torch.Generator().manual_seed(0)
+    n, out, tokens = 64, 32, 2048
+    mix = torch.randn(n, n, generator=g) / n ** 0.5 + torch.eye(n)  # correlated input channels
+    x = torch.randn(tokens, n, generator=g) @ mix * (torch.rand(n, generator=g) * 3)
+    w = torch.randn(out, n, generator=g)
+    h = x.T @ x / tokens
+    gs = formats.nvfp4_global_scale(w.abs().amax())
+    q, block_scales = gptq_nvfp4(w, h, gs, search=False)
+    nearest = formats.dequantize_nvfp4(*formats.quantize_nvfp4(w, global_scale=gs))
+
+    def error(wq):
+        return float(((x @ w.T - x @ wq.T) ** 2).sum())
+
+    assert error(q) < 0.8 * error(nearest)  # measured 0.72 here (0.42 with 256 channels)
+    # what the checkpoint writer stores from it (codes from these scales) dequantizes to the same weights
+    stored = formats.quantize_nvfp4(q, block_scale=block_scales, global_scale=gs)
+    assert torch.equal(formats.dequantize_nvfp4(*stored), q)
