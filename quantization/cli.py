@@ -24,7 +24,12 @@ from contract.stage import WEIGHT_FORMATS
 from quantization import auto, gptq, scale_search
 from quantization import checkpoint_writer as writer
 from quantization import smoothing as smoothing_mod
-from quantization.datasets import CHARS_PER_TOKEN, DEFAULT_DATASET, load_texts, make_batches
+from quantization.datasets import (
+    CHARS_PER_TOKEN,
+    DEFAULT_DATASET,
+    load_texts,
+    make_batches,
+)
 from quantization.report import build_report, format_table
 
 REPORT_FILE = "quantization_report.json"
