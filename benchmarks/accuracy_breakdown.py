@@ -5,7 +5,7 @@ model (fp32 compute, so only the quantization under test adds error), fake-quant
 linear inputs (activations) of one kind of linear (q/k/v/o/gate/up/down) with the FP8 formats of
 `contract.formats`, and reports the perplexity increase on the same WikiText-2 windows.
 
-    python -m benchmarks.accuracy_breakdown [--windows 8]
+    python -m benchmarks.accuracy_breakdown [--windows 4] [--per_kind]
 
 Writes docs/accuracy-breakdown.md: KL against the fp32 model, top-1 and perplexity, each with a bootstrap interval.
 """
@@ -81,8 +81,9 @@ def fp8_qkv_attention(which: str):
 
 
 @click.command()
-@click.option("--windows", "n_windows", default=8, show_default=True, help="WikiText-2 windows of 512 tokens.")
-def main(n_windows: int) -> None:
+@click.option("--windows", "n_windows", default=4, show_default=True, help="WikiText-2 windows of 512 tokens.")
+@click.option("--per_kind", is_flag=True, help="Also one row per kind of linear (q/k/v/o/gate/up/down), FP8 only.")
+def main(n_windows: int, per_kind: bool) -> None:
     """KL, top-1 and perplexity from fake-quantizing one kind of tensor at a time (FP8, NVFP4), with intervals."""
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
@@ -133,15 +134,15 @@ def main(n_windows: int) -> None:
         model.set_attn_implementation(f"fp8_{which}")
         score(label)
     model.set_attn_implementation("sdpa")
-    for kind in KINDS:
+    for kind in KINDS if per_kind else ():
         run(f"{kind} activations FP8 per-token", (kind,), act_fn=fp8_act_per_token)
-    for kind in KINDS:
+    for kind in KINDS if per_kind else ():
         run(f"{kind} weights FP8 per-channel", (kind,), weight_fn=fp8_weight_per_channel)
 
     idx = stats.draws(n_windows)
     base = rows[0][1]
     lines = ["# Where FP8 and NVFP4 lose accuracy on SmolLM2-135M (torch fake-quant attribution)", "",
-             f"`python -m benchmarks.accuracy_breakdown --windows {n_windows}`: HF model in fp32, {n_windows} x 512 "
+             f"`python -m benchmarks.accuracy_breakdown --windows {n_windows}{' --per_kind' if per_kind else ''}`: HF model in fp32, {n_windows} x 512 "
              f"tokens of WikiText-2 raw test, one kind of tensor fake-quantized at a time (amax scales, no methods), "
              f"against the unquantized fp32 model on the same windows. KL in nats per token; 95% bootstrap intervals "
              f"over the windows (`benchmarks/stats.py`); a perplexity change whose interval contains 0 is no "

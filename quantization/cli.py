@@ -202,12 +202,14 @@ def quantize_llm(o: LlmOptions) -> dict:
         method_report["auto"] = {"effective_bits": round(auto.effective_bits(chosen, sizes), 4),
                                  "budget": o.effective_bits,
                                  "formats": {f: sum(v == f for v in chosen.values()) for f in auto.CANDIDATES}}
-    results = smoothing_mod.smooth(model, search_batches, plan, smoothing, seed=o.seed)
+    # the linears whose format fits them (the writer keeps the others fp16 and reports why)
+    fits = {n: f for n, f in plan.items() if not writer.unfit_reason(f, tuple(model.get_submodule(n).weight.shape))}
+    results = smoothing_mod.smooth(model, search_batches, fits, smoothing, seed=o.seed)
     method_report["smoothing"] = smoothing_mod.summarize(smoothing, results)
 
     calib = Calibration()
     if needs_calibration:
-        nvfp4 = [n for n, f in plan.items() if f == "nvfp4"]
+        nvfp4 = [n for n, f in fits.items() if f == "nvfp4"]
         squares = nvfp4 if o.scale_search == "mse" else []
         hessians = nvfp4 if o.gptq else []
         calib = calibrate(model, batches, sorted({*static_inputs(plan), *squares}), kv=kv_fp8, square_names=squares,
@@ -224,7 +226,7 @@ def quantize_llm(o: LlmOptions) -> dict:
     scales, method_report["weight_scales"] = scale_search.weight_scales(
         state_dict, plan, calib.input_sq, o.scale_search == "mse", o.fuse_scales)
     if o.gptq:
-        method_report["gptq"] = gptq.apply(state_dict, plan, scales, calib.hessian, o.scale_search == "mse")
+        method_report["gptq"] = gptq.apply(state_dict, fits, scales, calib.hessian, o.scale_search == "mse")
     kv_scales = {i: a for i, a in calib.qkv_amax.items() if i not in o.kv_cache_fp16_layers} if kv_fp8 else {}
     qt = writer.quantize_state_dict(state_dict, plan, calib.input_amax, kv_scales, weight_scales=scales)
 

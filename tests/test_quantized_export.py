@@ -120,8 +120,14 @@ def reference_logits(src: Path, qckpt: Path, ids: torch.Tensor, embedding: torch
         attn = "fp8_kv_reference"
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16, attn_implementation=attn).eval()
     modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    for name, t in q.tensors.items():  # norms and embeddings as the checkpoint holds them (smoothing folds into norms)
+        if name in params and params[name].shape == t.shape:
+            params[name].data = t.half()
     for name, linear in q.linears.items():
         modules[name].weight.data = graph_weight(linear)
+        if linear.bias is not None:
+            modules[name].bias.data = linear.bias.half()
         qdq = activation_qdq(linear)
         if qdq is not None:
             modules[name].register_forward_pre_hook(lambda m, args, f=qdq: (f(args[0].float()).half(),))
