@@ -52,7 +52,7 @@ def main(model_dir: Path, output_dir: Path, recipe: str, kv_cache_fp8: bool, tex
     config = copy.deepcopy(mtq.FP8_DEFAULT_CFG)
     if kv_cache_fp8:
         config = mtq.update_quant_cfg_with_kv_cache_quant(config, mtq.FP8_KV_CFG["quant_cfg"])
-        config["quant_cfg"]["*q_bmm_quantizer"] = {"num_bits": (4, 3), "axis": None}
+        config["quant_cfg"].append({"quantizer_name": "*q_bmm_quantizer", "cfg": {"num_bits": (4, 3), "axis": None}})
 
     def forward_loop(m) -> None:
         with torch.no_grad():
