@@ -96,7 +96,8 @@ def check_options(o: LlmOptions) -> None:
     _check_choice("--kv_cache_quantization", o.kv_cache_quantization, ("fp8",))
     _check_choice("--lm_head_quantization", o.lm_head_quantization, writer.LM_HEAD_METHODS)
     if o.lm_head_quantization and o.quantization in ("fp8_block", writer.AUTO):
-        raise InputError("--lm_head_quantization: expected none with --quantization fp8_block (one layout per file)")
+        raise InputError(f"--lm_head_quantization: expected none with --quantization {o.quantization} (one layout per "
+                         "file for fp8_block; auto chooses the decoder linears only)")
     if o.kv_cache_fp16_layers and o.kv_cache_quantization != "fp8":
         raise InputError("--kv_cache_fp16_layers: expected --kv_cache_quantization fp8 with it, found none")
     counts = {"--num_samples": o.num_samples, "--max_seq_len": o.max_seq_len, "--batch_size": o.batch_size}
@@ -212,8 +213,8 @@ def quantize_llm(o: LlmOptions) -> dict:
         nvfp4 = [n for n, f in fits.items() if f == "nvfp4"]
         squares = nvfp4 if o.scale_search == "mse" else []
         hessians = nvfp4 if o.gptq else []
-        calib = calibrate(model, batches, sorted({*static_inputs(plan), *squares}), kv=kv_fp8, square_names=squares,
-                          hessian_names=hessians)
+        calib = calibrate(model, batches, sorted({*static_inputs(plan), *squares, *hessians}), kv=kv_fp8,
+                          square_names=squares, hessian_names=hessians)
 
     state_dict = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     config = read_json(o.model_dir / "config.json", "the model config")
