@@ -270,6 +270,29 @@ def main(n_windows: int, window_len: int, work: str, recipes: str, no_greedy: bo
     write_report(rows, chosen, n_windows, window_len)
 
 
+def describe_methods(m: dict) -> str:
+    """The quantization report's `methods` in a few words: what each method did and the error ratio it reached on
+    its own objective (calibration data)."""
+    parts = []
+    if "auto" in m:
+        a = m["auto"]
+        parts.append(f"auto: {a['effective_bits']:.2f} bits, linears " +
+                     ", ".join(f"{f} {n}" for f, n in a["formats"].items()))
+    sm = m.get("smoothing") or {}
+    if sm.get("groups"):
+        parts.append(f"{sm['method']}: {sm['groups_scaled']}/{sm['groups']} groups scaled, group output error x"
+                     f"{sm['output_error_ratio_median']:.2f} (median)")
+    ws = m.get("weight_scales") or {}
+    if "nvfp4_weight_error_ratio" in ws:
+        parts.append(f"nvfp4 scale search: weight error x{ws['nvfp4_weight_error_ratio']:.2f}")
+    if ws.get("shared_scales") and ws.get("linears", 1):
+        parts.append("shared q/k/v, gate/up scales")
+    g = m.get("gptq") or {}
+    if g.get("linears"):
+        parts.append(f"gptq: output error x{g['output_error_ratio']:.2f}")
+    return "; ".join(parts)
+
+
 def target_verdict(r: Recipe, f: dict[str, stats.Interval]) -> str:
     """"met" when the whole interval is on the good side of every target, "missed" when all of it is on the bad side
     of one, else "undecided" (the windows cannot tell)."""
@@ -342,9 +365,7 @@ def write_report(rows: list[dict], chosen: list[Recipe], n_windows: int, window_
             flags = "(the fp16 checkpoint)" if r.quantize is None else " ".join(map(str, r.quantize))
         if r.fp8_embedding:
             flags += "; export `--fp8-embedding`"
-        methods = "; ".join(f"{k}: {v}" for k, v in (row.get("methods") or {}).items())
-        if row.get("effective_bits"):
-            methods += f"; effective bits {row['effective_bits']:.2f}"
+        methods = describe_methods(row.get("methods") or {})
         lines.append(f"| {row['recipe']} | `{flags}` | {row.get('quantize_seconds', '')} | {methods} |")
     if any(row["answers"] for row in rows):
         lines += ["", f"## Greedy answers to `{GREEDY_CASES.relative_to(ROOT)}`", "",

@@ -116,7 +116,7 @@ def weight_scales(state_dict: dict[str, torch.Tensor], plan: dict[str, str], inp
                     amax_gs = formats.nvfp4_global_scale(w.float().abs().amax())
                     amax_err += _error(w, formats.nvfp4_block_scales(w, amax_gs), amax_gs, h)
                     searched_err += _error(w, found[n]["weight_scale"], found[n]["weight_scale_2"], h)
-    summary = {"nvfp4_scales": "mse" if search else "amax", "shared_scales": fuse}
+    summary = {"linears": len(scales), "nvfp4_scales": "mse" if search else "amax", "shared_scales": fuse}
     if amax_err > 0:
         summary["nvfp4_weight_error_ratio"] = round(searched_err / amax_err, 4)  # searched / amax, h-weighted
     return scales, summary
