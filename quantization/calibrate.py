@@ -44,6 +44,7 @@ class _Observer:
         self.input_amax: dict[str, torch.Tensor] = {}
         self.input_sq: dict[str, torch.Tensor] = {}  # sum of x^2 per channel over real tokens
         self.hessian: dict[str, torch.Tensor] = {}  # sum of x x^T over real tokens
+        self.last: tuple = (None,) * 4  # (input tensor, its real tokens, their sum x^2, x^T x) of the latest hook
         self.qkv_amax: dict[int, torch.Tensor] = {}
 
     def tokens_amax(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,10 +79,16 @@ def _observing(model, linear_names: Iterable[str], observer: _Observer, kv: bool
         def hook(_module, args, name=name):
             observer.update(observer.input_amax, name, observer.tokens_amax(args[0]))
             if name in square_names or name in hessian_names:
-                x = args[0][observer.mask].detach().float()
-                observer.input_sq[name] = observer.input_sq.get(name, 0) + x.pow(2).sum(0)
+                if observer.last[0] is not args[0]:  # q/k/v (gate/up) read one tensor: its statistics once
+                    x = args[0][observer.mask].detach().float()
+                    observer.last = (args[0], x, x.pow(2).sum(0), None)
+                tensor, x, sq, xtx = observer.last
+                observer.input_sq[name] = observer.input_sq.get(name, 0) + sq
                 if name in hessian_names:
-                    observer.hessian[name] = observer.hessian.get(name, 0) + x.T @ x
+                    if xtx is None:
+                        xtx = x.T @ x
+                        observer.last = (tensor, x, sq, xtx)
+                    observer.hessian[name] = observer.hessian.get(name, 0) + xtx
 
         handles.append(modules[name].register_forward_pre_hook(hook))
     attention = [m for m in modules.values() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")] if kv else []

@@ -252,3 +252,24 @@ def test_gptq_lowers_the_output_error_and_stays_plain_nvfp4():
     # what the checkpoint writer stores from it (codes from these scales) dequantizes to the same weights
     stored = formats.quantize_nvfp4(q, block_scale=block_scales, global_scale=gs)
     assert torch.equal(formats.dequantize_nvfp4(*stored), q)
+
+
+def test_calibration_second_moment_matrix_matches_hooks(tiny_checkpoint):
+    model = load(tiny_checkpoint("llama"))
+    names = [f"model.layers.0.self_attn.{n}_proj" for n in "qkv"] + ["model.layers.1.mlp.down_proj"]
+    b = batches(2)
+    calib = calibrate(model, b, names, kv=False, square_names=names, hessian_names=names[1:])
+    seen: dict[str, list] = {n: [] for n in names}
+    handles = [model.get_submodule(n).register_forward_pre_hook(lambda m, args, n=n: seen[n].append(args[0]))
+               for n in names]
+    with torch.no_grad():
+        for batch in b:
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    for h in handles:
+        h.remove()
+    for n in names:
+        x = torch.cat([s[batch.attention_mask.bool()] for s, batch in zip(seen[n], b)])
+        torch.testing.assert_close(calib.input_sq[n], x.pow(2).mean(0), rtol=1e-5, atol=0)
+        if n != names[0]:
+            torch.testing.assert_close(calib.hessian[n], x.T @ x / len(x), rtol=1e-5, atol=1e-6)
+    assert names[0] not in calib.hessian
