@@ -5,7 +5,7 @@ model (fp32 compute, so only the quantization under test adds error), fake-quant
 linear inputs (activations) of one kind of linear (q/k/v/o/gate/up/down) with the FP8 formats of
 `contract.formats`, and reports the perplexity increase on the same WikiText-2 windows.
 
-    python -m benchmarks.accuracy_breakdown [--windows 4] [--per_kind]
+    python -m benchmarks.accuracy_breakdown [--windows 8] [--window_len 256] [--per_kind]
 
 Writes docs/accuracy-breakdown.md: KL against the fp32 model, top-1 and perplexity, each with a bootstrap interval.
 """
@@ -81,9 +81,10 @@ def fp8_qkv_attention(which: str):
 
 
 @click.command()
-@click.option("--windows", "n_windows", default=4, show_default=True, help="WikiText-2 windows of 512 tokens.")
+@click.option("--windows", "n_windows", default=8, show_default=True, help="WikiText-2 windows.")
+@click.option("--window_len", default=256, show_default=True, help="Tokens per window.")
 @click.option("--per_kind", is_flag=True, help="Also one row per kind of linear (q/k/v/o/gate/up/down), FP8 only.")
-def main(n_windows: int, per_kind: bool) -> None:
+def main(n_windows: int, window_len: int, per_kind: bool) -> None:
     """KL, top-1 and perplexity from fake-quantizing one kind of tensor at a time (FP8, NVFP4), with intervals."""
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
@@ -92,8 +93,8 @@ def main(n_windows: int, per_kind: bool) -> None:
     torch.set_num_threads(2)
     ckpt = smollm2_checkpoint()
     tok = AutoTokenizer.from_pretrained(ckpt)
-    ids = torch.tensor(tok(WIKITEXT.read_text(encoding="utf-8"))["input_ids"][: n_windows * 512])
-    windows = list(ids.view(n_windows, 512))
+    ids = torch.tensor(tok(WIKITEXT.read_text(encoding="utf-8"))["input_ids"][: n_windows * window_len])
+    windows = list(ids.view(n_windows, window_len))
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="sdpa").eval()
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in KINDS}
     originals = {n: m.weight.data.clone() for n, m in linears.items()}
@@ -128,8 +129,7 @@ def main(n_windows: int, per_kind: bool) -> None:
     run("all activations FP8 per-token", KINDS, act_fn=fp8_act_per_token)
     run("all weights NVFP4", KINDS, weight_fn=nvfp4_weight)
     run("all activations NVFP4", KINDS, act_fn=nvfp4_act)
-    for which, label in (("kv", "K and V FP8 per-tensor (post-RoPE)"), ("q", "Q FP8 per-tensor (post-RoPE)"),
-                         ("qkv", "Q, K and V FP8 per-tensor (the FP8 KV cache)")):
+    for which, label in (("kv", "K and V FP8 per-tensor (post-RoPE)"), ("q", "Q FP8 per-tensor (post-RoPE)")):
         AttentionInterface.register(f"fp8_{which}", fp8_qkv_attention(which))
         model.set_attn_implementation(f"fp8_{which}")
         score(label)
@@ -142,9 +142,9 @@ def main(n_windows: int, per_kind: bool) -> None:
     idx = stats.draws(n_windows)
     base = rows[0][1]
     lines = ["# Where FP8 and NVFP4 lose accuracy on SmolLM2-135M (torch fake-quant attribution)", "",
-             f"`python -m benchmarks.accuracy_breakdown --windows {n_windows}{' --per_kind' if per_kind else ''}`: HF model in fp32, {n_windows} x 512 "
-             f"tokens of WikiText-2 raw test, one kind of tensor fake-quantized at a time (amax scales, no methods), "
-             f"against the unquantized fp32 model on the same windows. KL in nats per token; 95% bootstrap intervals "
+             f"`python -m benchmarks.accuracy_breakdown --windows {n_windows} --window_len {window_len}"
+             f"{' --per_kind' if per_kind else ''}`: HF model in fp32, {n_windows} x {window_len} tokens of WikiText-2 "
+             f"raw test, one kind of tensor fake-quantized at a time (amax scales, no methods), against the unquantized fp32 model on the same windows. KL in nats per token; 95% bootstrap intervals "
              f"over the windows (`benchmarks/stats.py`); a perplexity change whose interval contains 0 is no "
              f"difference. Machine: {platform.machine()}, {platform.system()}.", "",
              "| fake-quantized | KL mean | top-1 | perplexity | ppl change |", "|---|---|---|---|---|"]
