@@ -227,10 +227,11 @@ def plot(rows: list[dict], path: Path) -> None:
 @click.option("--work", default=str(ROOT / "work_out" / "accuracy"), show_default=True, help="Scratch directory.")
 @click.option("--recipes", default=",".join(r.name for r in RECIPES), show_default=True,
               help="Comma-separated recipe names (fp16 is always included).")
-@click.option("--no-greedy", "no_greedy", is_flag=True, help="Skip the greedy answers to the example cases.")
+@click.option("--greedy", default="fp16,nvfp4 (amax),nvfp4", show_default=True,
+              help="Recipes whose greedy answers to the example cases are generated and checked for loops.")
 @click.option("--modelopt_python", default=None,
               help="A Python with nvidia-modelopt installed (and this repo importable): adds the ModelOpt rows.")
-def main(n_windows: int, window_len: int, work: str, recipes: str, no_greedy: bool, modelopt_python: str | None) -> None:
+def main(n_windows: int, window_len: int, work: str, recipes: str, greedy: str, modelopt_python: str | None) -> None:
     """KL, top-1 agreement and perplexity of each recipe against the FP16 engine, through our engines."""
     from llm_loader.gguf_convert import smollm2_checkpoint
 
@@ -249,7 +250,7 @@ def main(n_windows: int, window_len: int, work: str, recipes: str, no_greedy: bo
         engine = build_recipe(r, ckpt, work_dir, modelopt_python)
         folder = work_dir / slug(r.name)
         scores[r.name] = score_recipe(engine, ref, wins, folder / f"scores_{n_windows}x{window_len}.npz")
-        answers = [] if no_greedy else greedy_answers(engine, folder)
+        answers = greedy_answers(engine, folder) if r.name in greedy.split(",") else []
         rows.append({"recipe": r.name, "answers": answers, **memory_bytes(engine), **quant_facts(folder)})
 
     idx = stats.draws(n_windows)
