@@ -55,6 +55,7 @@ RECIPES = [
     Recipe("fp8-embedding", fp8_embedding=True),
     Recipe("fp8 (amax)", ["--quantization", "fp8", *PLAIN]),
     Recipe("fp8", ["--quantization", "fp8"], target_kl=0.02, baselines=("fp8 (amax)", "ModelOpt fp8")),
+    Recipe("fp8 smoothquant", ["--quantization", "fp8", "--smoothing", "smoothquant"], baselines=("fp8 (amax)",)),
     Recipe("fp8_pc", ["--quantization", "fp8_pc"]),
     Recipe("fp8_block", ["--quantization", "fp8_block"]),
     Recipe("nvfp4 (amax)", ["--quantization", "nvfp4", *PLAIN]),
