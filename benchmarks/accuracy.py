@@ -202,8 +202,14 @@ def quant_facts(folder: Path) -> dict:
     return facts
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+def plot(rows: list[dict], path: Path) -> bool:
+    """KL with intervals and memory per recipe; False (and no stale picture left) without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        path.unlink(missing_ok=True)
+        print("matplotlib is not installed (pip install .[examples]): no plot", flush=True)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -220,6 +226,7 @@ def plot(rows: list[dict], path: Path) -> None:
         a.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return True
 
 
 @click.command()
@@ -287,12 +294,17 @@ def describe_methods(m: dict) -> str:
     ws = m.get("weight_scales") or {}
     if "nvfp4_weight_error_ratio" in ws:
         parts.append(f"nvfp4 scale search: weight error x{ws['nvfp4_weight_error_ratio']:.2f}")
-    if ws.get("shared_scales") and ws.get("linears", 1):
+    if ws.get("shared_scales") and ws.get("linears"):
         parts.append("shared q/k/v, gate/up scales")
     g = m.get("gptq") or {}
     if g.get("linears"):
         parts.append(f"gptq: output error x{g['output_error_ratio']:.2f}")
     return "; ".join(parts)
+
+
+def target_text(r: Recipe) -> str:
+    parts = [] if r.target_kl is None else [f"KL <= {r.target_kl:g}"]
+    return ", ".join(parts + ([] if r.target_top1 is None else [f"top-1 >= {100 * r.target_top1:g}%"]))
 
 
 def target_verdict(r: Recipe, f: dict[str, stats.Interval]) -> str:
@@ -317,7 +329,7 @@ def target_verdict(r: Recipe, f: dict[str, stats.Interval]) -> str:
 def write_report(rows: list[dict], chosen: list[Recipe], n_windows: int, window_len: int) -> None:
     docs = ROOT / "docs"
     (docs / "accuracy.json").write_text(json.dumps(rows, indent=2))
-    plot(rows, docs / "accuracy.png")
+    has_plot = plot(rows, docs / "accuracy.png")
     mib = 2**20
     by_name = {r.name: r for r in chosen}
     lines = [
@@ -355,8 +367,13 @@ def write_report(rows: list[dict], chosen: list[Recipe], n_windows: int, window_
             f"| {row['recipe']} | {iv(row, 'kl', '.4f')} | {iv(row, 'kl_p99', '.3f')} | "
             f"{iv(row, 'top1', '.1f', 100, '%')} | {iv(row, 'ppl', '.2f')} | {change} | {row['target']} | "
             f"{row['weights'] / mib:.1f} | {row['embedding'] / mib:.1f} | {row['kv_cache_4096'] / mib:.1f} |")
-    lines += ["", "![accuracy](accuracy.png)", "", "## Against each recipe's baseline (paired differences)", ""]
+    lines += ["", "![accuracy](accuracy.png)"] if has_plot else []
+    lines += ["", "## Against each recipe's baseline (paired differences)", ""]
     lines += [f"- **{row['recipe']}** {vs}" for row in rows for vs in row["vs"]]
+    missing = [r for r in RECIPES if r not in chosen and (r.target_kl is not None or r.target_top1 is not None)]
+    if missing:
+        lines += ["", "Recipes with a target that this run did not score (`--recipes`): " + ", ".join(
+            f"{r.name} ({target_text(r)})" for r in missing) + "."]
     lines += ["", "## Recipes", "", "| recipe | `python -m quantization llm` flags | quantize time (s) | methods |",
               "|---|---|---|---|"]
     for row in rows:
@@ -372,7 +389,7 @@ def write_report(rows: list[dict], chosen: list[Recipe], n_windows: int, window_
     if any(row["answers"] for row in rows):
         lines += ["", f"## Greedy answers to `{GREEDY_CASES.relative_to(ROOT)}`", "",
                   "A row is marked LOOPS when some run of 4 words appears three times in one answer.", ""]
-        for row in rows:
+        for row in (r for r in rows if r["answers"]):
             flag = " LOOPS" if any(loops(a) for a in row["answers"]) else ""
             lines.append(f"- **{row['recipe']}**{flag}: " + " / ".join(
                 json.dumps(a[:160] + ("..." if len(a) > 160 else "")) for a in row["answers"]))
