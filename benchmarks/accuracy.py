@@ -346,7 +346,9 @@ def write_report(rows: list[dict], chosen: list[Recipe], n_windows: int, window_
         "",
         "Perplexity differences of a few percent on this model are single rounding draws: rescaling per-tensor FP8 "
         "weights by equally valid factors moves the fp8 perplexity delta by several points, while KL and top-1 stay "
-        "put. Read KL and top-1 first.",
+        "put. Read KL and top-1 first. For each target, what was tried and what it gave: "
+        "[quantization.md](quantization.md#accuracy-through-the-engines-targets-what-was-tried-what-it-gave); the "
+        "paired comparisons below are the measured part of it.",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {platform.system()}. Produced by "
         f"`python -m benchmarks.accuracy --windows {n_windows} --window_len {window_len}`; the quantization flags of "
