@@ -9,7 +9,9 @@ tokens, and each engine's greedy answers to `examples/greedy_batch.json` are che
 
     python -m benchmarks.accuracy [--windows 8] [--window_len 512] [--work work_out/accuracy]
 
-Everything is cached under --work: engines, the FP16 engine's log-probabilities (once), each recipe's per-token scores.
+The data are the project's shared/data (WikiText-2 for evaluation only, tinyshakespeare for calibration), found next
+to the checkout or at EDGELLM_DATA_DIR. `--modelopt_python` adds NVIDIA ModelOpt's checkpoints of the same recipes
+(`benchmarks/modelopt_quantize.py`, run by that interpreter). Everything is cached under --work: engines, the FP16 engine's log-probabilities (once), each recipe's per-token scores.
 Writes docs/accuracy.md, docs/accuracy.json and docs/accuracy.png.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -350,9 +353,9 @@ def write_report(rows: list[dict], chosen: list[Recipe], n_windows: int, window_
         "[quantization.md](quantization.md#accuracy-through-the-engines-targets-what-was-tried-what-it-gave); the "
         "paired comparisons below are the measured part of it.",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {platform.system()}. Produced by "
-        f"`python -m benchmarks.accuracy --windows {n_windows} --window_len {window_len}`; the quantization flags of "
-        f"each recipe are listed below the table.",
+        f"Machine: {platform.processor() or platform.machine()}, {platform.system()} (2 cores shared with other jobs). "
+        f"Produced by `python -m benchmarks.accuracy {' '.join(shlex.quote(a) for a in sys.argv[1:])}`; the "
+        f"quantization flags of each recipe are listed below the table.",
         "",
         "| recipe | KL mean | KL p99 | top-1 | perplexity | ppl change | target | weights MiB | emb MiB | KV@4k MiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
