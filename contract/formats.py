@@ -157,13 +157,11 @@ def nvfp4_global_scale(amax: torch.Tensor) -> torch.Tensor:
     return amax_to_scale(amax, E2M1_MAX * FP8_MAX)
 
 
-def nvfp4_block_scales(w: torch.Tensor, global_scale: torch.Tensor, group: int = NVFP4_GROUP,
-                       clip: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """FP8 block scales ``[out, in/group]`` in units of the global scale: ``fp8(clip * block_amax / 6 / ws2)``,
-    at most 448 (`clip` < 1 clips the block's largest values; it broadcasts against the blocks)."""
+def nvfp4_block_scales(w: torch.Tensor, global_scale: torch.Tensor, group: int = NVFP4_GROUP) -> torch.Tensor:
+    """FP8 block scales ``[out, in/group]`` in units of the global scale: ``fp8(block_amax / 6 / ws2)``, at most 448."""
     out, inp = w.shape
     amax = w.float().view(out, inp // group, group).abs().amax(dim=-1)
-    return (clip * amax / (E2M1_MAX * global_scale)).clamp(max=FP8_MAX).to(FP8_DTYPE)
+    return (amax / (E2M1_MAX * global_scale)).clamp(max=FP8_MAX).to(FP8_DTYPE)
 
 
 def quantize_nvfp4(w: torch.Tensor, group: int = NVFP4_GROUP, block_scale: torch.Tensor | None = None,
