@@ -219,7 +219,8 @@ def read_quantized_checkpoint(path: Path | str) -> QuantizedCheckpoint:
                     f"tensor {module}.{missing}: expected by quant_algo {meta.get('quant_algo')} "
                     f"(format {expected}), found a {actual} module"
                 )
-            layer = (meta.get("quantized_layers") or {}).get(module) if meta.get("quant_algo") == "MIXED_PRECISION" else None
+            mixed = meta.get("quant_algo") == "MIXED_PRECISION"  # a layer's own entry (group_size) applies to it
+            layer = (meta.get("quantized_layers") or {}).get(module) if mixed else None
             linears[module] = _read_linear(module, actual, tensors, {**meta, **(layer or {})})
         kv_scales, fp16_layers = _read_kv(tensors, meta, config)
     except InputError as e:

@@ -25,7 +25,7 @@ from contract.atomic import staged_dir
 from contract.stage import WEIGHT_FORMATS
 
 METHODS = ("fp8", "fp8_pc", "fp8_block", "nvfp4", "none")  # weight formats (contract.stage) this writer produces
-AUTO = "auto"  # --quantization auto: a mix of AUTO_FORMATS chosen per linear group (quantization.auto)
+AUTO = "auto"  # --quantization auto: a format per linear group among quantization.auto.CANDIDATES
 LM_HEAD_METHODS = ("fp8", "nvfp4")
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
 SIDE_FILES = (
