@@ -11,7 +11,8 @@ tokens, and each engine's greedy answers to `examples/greedy_batch.json` are che
 
 The data are the project's shared/data (WikiText-2 for evaluation only, tinyshakespeare for calibration), found next
 to the checkout or at EDGELLM_DATA_DIR. `--modelopt_python` adds NVIDIA ModelOpt's checkpoints of the same recipes
-(`benchmarks/modelopt_quantize.py`, run by that interpreter). Everything is cached under --work: engines, the FP16 engine's log-probabilities (once), each recipe's per-token scores.
+(`benchmarks/modelopt_quantize.py`, run by that interpreter). Everything is cached under --work: engines, the FP16
+engine's log-probabilities (once), each recipe's per-token scores.
 Writes docs/accuracy.md, docs/accuracy.json and docs/accuracy.png.
 """
 
@@ -278,7 +279,8 @@ def main(n_windows: int, window_len: int, work: str, recipes: str, greedy: str, 
                 b = scores[name]
                 d_kl = stats.interval(stats.difference(stats.kl_mean(s), stats.kl_mean(b)), idx)
                 d_top1 = stats.interval(stats.difference(stats.top1(s), stats.top1(b)), idx)
-                row["vs"].append(f"vs {name}: KL {stats.compare(d_kl)}, top-1 {stats.compare(d_top1, '+.2f', 100, '%')}")
+                row["vs"].append(f"vs {name}: KL {stats.compare(d_kl)}, "
+                                 f"top-1 {stats.compare(d_top1, '+.2f', 100, '%')}")
     write_report(rows, chosen, n_windows, window_len)
 
 

@@ -144,7 +144,8 @@ def main(n_windows: int, window_len: int, per_kind: bool) -> None:
     lines = ["# Where FP8 and NVFP4 lose accuracy on SmolLM2-135M (torch fake-quant attribution)", "",
              f"`python -m benchmarks.accuracy_breakdown --windows {n_windows} --window_len {window_len}"
              f"{' --per_kind' if per_kind else ''}`: HF model in fp32, {n_windows} x {window_len} tokens of WikiText-2 "
-             f"raw test, one kind of tensor fake-quantized at a time (amax scales, no methods), against the unquantized fp32 model on the same windows. KL in nats per token; 95% bootstrap intervals "
+             f"raw test, one kind of tensor fake-quantized at a time (amax scales, no methods), against the "
+             f"unquantized fp32 model on the same windows. KL in nats per token; 95% bootstrap intervals "
              f"over the windows (`benchmarks/stats.py`); a perplexity change whose interval contains 0 is no "
              f"difference. Machine: {platform.machine()}, {platform.system()}.", "",
              "| fake-quantized | KL mean | top-1 | perplexity | ppl change |", "|---|---|---|---|---|"]

@@ -73,7 +73,8 @@ def interval(stat, idx: np.ndarray) -> Interval:
     everything = np.arange(idx.shape[1])
     values = np.array([stat(i) for i in idx])
     tail = 100 * (1 - LEVEL) / 2
-    return Interval(float(stat(everything)), float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail)))
+    lo, hi = np.percentile(values, [tail, 100 - tail])
+    return Interval(float(stat(everything)), float(lo), float(hi))
 
 
 def kl_mean(s: TokenScores):

@@ -158,9 +158,9 @@ def detect(onnx_dir: str | Path) -> Detection:
         raise InputError(f"{onnx_dir}/model.onnx: expected {config['num_hidden_layers']} past_key_values inputs "
                          f"(config.json num_hidden_layers), found {num_layers}")
     weights, counts = graph_weight_format(onnx_dir / "model.onnx")
-    said = (config.get("weight_format", "fp16"), config.get(stage.WEIGHT_FORMAT_COUNTS) if weights == stage.MIXED_WEIGHTS
-            else None)
-    if (weights, counts if weights == stage.MIXED_WEIGHTS else None) != said:
+    mixed = weights == stage.MIXED_WEIGHTS
+    said = (config.get("weight_format", "fp16"), config.get(stage.WEIGHT_FORMAT_COUNTS) if mixed else None)
+    if (weights, counts if mixed else None) != said:
         raise InputError(f"{onnx_dir}: weight format disagrees: model.onnx initializers and DequantizeLinear nodes "
                          f"say {describe_weights(weights, counts)}, config.json weight_format says "
                          f"{describe_weights(said[0], said[1] or {})}")

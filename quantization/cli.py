@@ -89,7 +89,8 @@ def check_options(o: LlmOptions) -> None:
         raise InputError(f"--effective_bits: expected --quantization auto with it, found {o.quantization}")
     lowest, highest = (WEIGHT_FORMATS[f].bits for f in (auto.CANDIDATES[0], auto.CANDIDATES[-1]))
     if o.effective_bits is not None and not lowest <= o.effective_bits <= highest:
-        raise InputError(f"--effective_bits: expected a number in [{lowest:g}, {highest:g}], found {o.effective_bits:g}")
+        raise InputError(f"--effective_bits: expected a number in [{lowest:g}, {highest:g}], "
+                         f"found {o.effective_bits:g}")
     if o.smoothing not in (None, "none") and o.quantization == "none":
         raise InputError(f"--smoothing {o.smoothing}: expected a --quantization that quantizes linears, found none")
     if o.search_samples < 1:

@@ -20,7 +20,7 @@ from contract import formats
 
 SEARCHES = ("mse", "amax")
 BLOCK_STEPS = (0, -1, -2, -3, 1)  # FP8 codes tried around the amax block scale (one code is 6-12%)
-GLOBAL_FACTORS = (1.0, 2 ** -0.25, 2 ** -0.5, 2 ** -0.75)  # global scale x these: the FP8 grid shifts by a quarter octave
+GLOBAL_FACTORS = (1.0, 2 ** -0.25, 2 ** -0.5, 2 ** -0.75)  # x the amax global scale: shifts the FP8 grid by 1/4 octave
 FP8_MAX_CODE = 0x7E  # 448; 0x7F is NaN in E4M3FN
 
 
@@ -29,7 +29,8 @@ def fusion_groups(linears: list[str]) -> list[list[str]]:
     groups: dict[str, list[str]] = {}
     for name in linears:
         prefix, _, leaf = name.rpartition(".")
-        key = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}.get(leaf)
+        key = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up",
+               "up_proj": "gate_up"}.get(leaf)
         groups.setdefault(f"{prefix}.{key}" if key else name, []).append(name)
     return list(groups.values())
 
