@@ -32,6 +32,7 @@ import click
 import numpy as np
 
 from benchmarks import stats
+from quantization.report import describe_methods
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("EDGELLM_DATA_DIR") or ROOT.parent / "shared" / "data")  # the project's shared/data
@@ -282,29 +283,6 @@ def main(n_windows: int, window_len: int, work: str, recipes: str, greedy: str, 
                 row["vs"].append(f"vs {name}: KL {stats.compare(d_kl)}, "
                                  f"top-1 {stats.compare(d_top1, '+.2f', 100, '%')}")
     write_report(rows, chosen, n_windows, window_len)
-
-
-def describe_methods(m: dict) -> str:
-    """The quantization report's `methods` in a few words: what each method did and the error ratio it reached on
-    its own objective (calibration data)."""
-    parts = []
-    if "auto" in m:
-        a = m["auto"]
-        parts.append(f"auto: {a['effective_bits']:.2f} bits, linears " +
-                     ", ".join(f"{f} {n}" for f, n in a["formats"].items()))
-    sm = m.get("smoothing") or {}
-    if sm.get("groups"):
-        parts.append(f"{sm['method']}: {sm['groups_scaled']}/{sm['groups']} groups scaled, group output error x"
-                     f"{sm['output_error_ratio_median']:.2f} (median)")
-    ws = m.get("weight_scales") or {}
-    if "nvfp4_weight_error_ratio" in ws:
-        parts.append(f"nvfp4 scale search: weight error x{ws['nvfp4_weight_error_ratio']:.2f}")
-    if ws.get("shared_scales") and ws.get("linears"):
-        parts.append("shared q/k/v, gate/up scales")
-    g = m.get("gptq") or {}
-    if g.get("linears"):
-        parts.append(f"gptq: output error x{g['output_error_ratio']:.2f}")
-    return "; ".join(parts)
 
 
 def target_text(r: Recipe) -> str:

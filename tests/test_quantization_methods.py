@@ -273,3 +273,18 @@ def test_calibration_second_moment_matrix_matches_hooks(tiny_checkpoint):
         if n != names[0]:
             torch.testing.assert_close(calib.hessian[n], x.T @ x / len(x), rtol=1e-5, atol=1e-6)
     assert names[0] not in calib.hessian
+
+
+def test_report_prints_what_the_methods_did():
+    from quantization.report import describe_methods
+
+    methods = {"auto": {"effective_bits": 5.9, "formats": {"nvfp4": 3, "fp8": 2, "fp16": 0}},
+               "smoothing": {"method": "awq", "groups": 8, "groups_scaled": 6, "output_error_ratio_median": 0.8},
+               "weight_scales": {"linears": 5, "nvfp4_scales": "mse", "shared_scales": True,
+                                 "nvfp4_weight_error_ratio": 0.9},
+               "gptq": {"linears": 3, "output_error_ratio": 0.7}}
+    text = describe_methods(methods)
+    for words in ("auto: 5.90 bits", "nvfp4 3", "awq: 6/8 groups", "x0.80", "weight error x0.90", "shared q/k/v",
+                  "gptq: output error x0.70"):
+        assert words in text, text
+    assert describe_methods({"smoothing": {"method": "none"}, "weight_scales": {"linears": 0, "shared_scales": True}}) == ""
