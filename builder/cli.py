@@ -70,7 +70,8 @@ def build(onnx_dir: str | Path, engine_dir: str | Path, *, max_batch_size: int =
     builder_config = engine_dir_mod.make_builder_config(
         backend=backend, max_batch_size=max_batch_size, max_input_len=max_input_len,
         max_kv_cache_capacity=max_kv_cache_capacity, kv_cache_dtype=found.kv_cache_dtype,
-        embedding_format=found.embedding_format, weight_format=found.weight_format, kv_io=kv_io)
+        embedding_format=found.embedding_format, weight_format=found.weight_format, kv_io=kv_io,
+        weight_formats=found.weight_formats)
     with staged_dir(engine_dir, kind="engine dir", flag="--engineDir", inputs=[onnx_dir]) as out:
         sidecar = read_embedding_sidecar(onnx_dir / "embedding.safetensors")
         if backend == "onnxruntime":

@@ -31,7 +31,8 @@ class Detection:
     model: str  # HF model_type
     embedding_format: str  # "fp16" | "fp8_e4m3_row_block"
     kv_cache_dtype: str  # "fp16" | "fp8"
-    weight_format: str
+    weight_format: str  # "fp16", one quantized format, or "mixed"
+    weight_formats: dict[str, int]  # quantized linears per format
     num_layers: int
     vocab_size: int
     hidden_size: int
@@ -44,7 +45,8 @@ class Detection:
             f"ONNX dir        {self.onnx_dir}",
             f"model           {self.model}: {self.num_layers} layers, hidden {self.hidden_size}, "
             f"vocab {self.vocab_size}, {self.num_kv_heads} kv heads x {self.head_dim}",
-            f"weights         {self.weight_format} (model.onnx initializers/DQ nodes and config.json agree)",
+            f"weights         {describe_weights(self.weight_format, self.weight_formats)} (model.onnx "
+            "initializers/DQ nodes and config.json agree)",
             f"embedding       {self.embedding_format}",
             f"KV cache        {self.kv_cache_dtype} (graph bindings, AttentionPlugin and config.json agree)",
         ])
@@ -77,6 +79,13 @@ def _foreign_export(onnx_dir: Path, config: dict) -> str | None:
             "builds only exports of python -m llm_loader.export_all_cli (batch-major inputs_embeds [batch, seq, "
             "hidden], one contiguous KV cache per layer, no kv_page_table): export the Hugging Face checkpoint "
             "with it")
+
+
+def describe_weights(weight_format: str, counts: dict[str, int]) -> str:
+    """"fp8", or "mixed: nvfp4 90 linears, fp8 120 linears"."""
+    if weight_format != stage.MIXED_WEIGHTS:
+        return weight_format
+    return f"{weight_format}: " + ", ".join(f"{fmt} {n} linears" for fmt, n in counts.items())
 
 
 def read_config(onnx_dir: Path) -> dict:
@@ -168,24 +177,50 @@ def check_graph(onnx_dir: Path, graph: onnx.GraphProto, config: dict) -> None:
                                f"model.onnx {name} dim {axis}": dims[axis] if len(dims) == 3 else dims})
 
 
-def graph_weight_format(graph: onnx.GraphProto) -> str:
-    """The weight format model.onnx holds (contracts.md 2.1), from initializer dtypes and the weight DQ nodes:
-    FLOAT4E2M1 -> nvfp4; FP8 with a blocked DQ -> fp8_block (fp8_pb_wo when no activation is quantized), with a
-    per-channel scale -> fp8_pc, else fp8."""
+def graph_linear_formats(graph: onnx.GraphProto) -> dict[str, str]:
+    """The format of every quantized linear in model.onnx (contracts.md 2.1), keyed by module, from its weight
+    initializer `<module>.weight` and the DequantizeLinear that reads it: FLOAT4E2M1 -> nvfp4; FP8 with a blocked
+    DQ -> fp8_block when the MatMul's input is quantized, else fp8_pb_wo; with a per-channel scale -> fp8_pc;
+    else fp8."""
     inits = {t.name: t for t in graph.initializer}
-    types = {t.data_type for t in inits.values()}
-    if onnx.TensorProto.FLOAT4E2M1 in types:
-        return "nvfp4"
-    fp8_dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
-              and inits[n.input[0]].data_type == onnx.TensorProto.FLOAT8E4M3FN]
-    if not fp8_dq:
-        return "fp16"
-    if any(a.name == "block_size" and a.i > 0 for n in fp8_dq for a in n.attribute):
-        # 128x128 weights with dynamic activation quantization (HF fine-grained), or weight-only (ModelOpt FP8_PB_WO)
-        return "fp8_block" if any(n.op_type == "QuantizeLinear" for n in graph.node) else "fp8_pb_wo"
-    if any(n.input[1] in inits and len(inits[n.input[1]].dims) > 0 for n in fp8_dq):
-        return "fp8_pc"
-    return "fp8"
+    producer = {out: n for n in graph.node for out in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def quantized_input(weight_dq) -> bool:
+        """Does the MatMul that consumes this weight read a DequantizeLinear'd (or Cast of one) activation?"""
+        for mm in consumers.get(weight_dq.output[0], []):
+            act = producer.get(mm.input[0])
+            if act is not None and act.op_type == "Cast":
+                act = producer.get(act.input[0])
+            if act is not None and act.op_type == "DequantizeLinear":
+                return True
+        return False
+
+    found = {}
+    for n in graph.node:
+        init = inits.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        if init is None or not init.name.endswith(".weight"):
+            continue
+        module = init.name.removesuffix(".weight")
+        if init.data_type == onnx.TensorProto.FLOAT4E2M1:
+            found[module] = "nvfp4"
+        elif init.data_type == onnx.TensorProto.FLOAT8E4M3FN:
+            if any(a.name == "block_size" and a.i > 0 for a in n.attribute):
+                # 128x128 weights with dynamic activation quantization (HF fine-grained), or weight-only (FP8_PB_WO)
+                found[module] = "fp8_block" if quantized_input(n) else "fp8_pb_wo"
+            elif n.input[1] in inits and len(inits[n.input[1]].dims) > 0:
+                found[module] = "fp8_pc"
+            else:
+                found[module] = "fp8"
+    return found
+
+
+def graph_weight_format(graph: onnx.GraphProto) -> tuple[str, dict[str, int]]:
+    """model.onnx's `weight_format` ("fp16", the one quantized format, or "mixed") and its linears per format."""
+    return stage.summarize_weight_formats(graph_linear_formats(graph).values())
 
 
 def detect(onnx_dir: str | Path) -> Detection:
@@ -196,10 +231,13 @@ def detect(onnx_dir: str | Path) -> Detection:
     config = read_config(onnx_dir)
     graph = load_model(onnx_dir / "model.onnx", "the exported graph model.onnx").graph
     check_graph(onnx_dir, graph, config)
-    weights = graph_weight_format(graph)
-    if weights != config.get("weight_format", "fp16"):
+    weights, counts = graph_weight_format(graph)
+    mixed = weights == stage.MIXED_WEIGHTS
+    said = (config.get("weight_format", "fp16"), config.get(stage.WEIGHT_FORMAT_COUNTS) if mixed else None)
+    if (weights, counts if mixed else None) != said:
         raise InputError(f"{onnx_dir}: weight format disagrees: model.onnx initializers and DequantizeLinear nodes "
-                         f"say {weights}, config.json weight_format says {config.get('weight_format', 'fp16')}")
+                         f"say {describe_weights(weights, counts)}, config.json weight_format says "
+                         f"{describe_weights(said[0], said[1] or {})}")
     sidecar = read_embedding_sidecar(checked_file(onnx_dir, "embedding.safetensors", "the embedding sidecar"))
     expected = [config["vocab_size"], config["hidden_size"]]
     if [sidecar.vocab_size, sidecar.hidden_size] != expected:
@@ -207,7 +245,7 @@ def detect(onnx_dir: str | Path) -> Detection:
                          f"vocab_size, hidden_size), found {[sidecar.vocab_size, sidecar.hidden_size]}")
     return Detection(
         onnx_dir=onnx_dir, config=config, model=config["model"], embedding_format=sidecar.format,
-        kv_cache_dtype=config["kv_cache_dtype"], weight_format=weights,
+        kv_cache_dtype=config["kv_cache_dtype"], weight_format=weights, weight_formats=counts,
         num_layers=config["num_hidden_layers"], vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
         num_kv_heads=config["num_key_value_heads"], head_dim=stage.head_dim(config),
         rotary_dim=stage.rotary_dim(config),

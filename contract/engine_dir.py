@@ -18,7 +18,12 @@ from contract.errors import InputError
 from contract.jsonfile import read_json
 from contract.onnxfile import load_model
 from contract.paths import checked_file
-from contract.stage import CONTRACT_VERSION, KvDtype
+from contract.stage import (
+    CONTRACT_VERSION,
+    MIXED_WEIGHTS,
+    WEIGHT_FORMAT_COUNTS,
+    KvDtype,
+)
 from contract.tokenizer_files import copy_checked
 
 ENGINE_FILES = {"onnxruntime": ("llm.onnx", "embedding.onnx"), "tensorrt": ("llm.engine", "embedding.engine")}
@@ -27,10 +32,13 @@ COPIED_FILES = ("embedding.safetensors", "tokenizer.json", "tokenizer_config.jso
 
 
 def make_builder_config(*, backend: str, max_batch_size: int, max_input_len: int, max_kv_cache_capacity: int,
-                        kv_cache_dtype: str, embedding_format: str, weight_format: str, kv_io: str) -> dict:
+                        kv_cache_dtype: str, embedding_format: str, weight_format: str, kv_io: str,
+                        weight_formats: dict[str, int] | None = None) -> dict:
     """The `builder_config` block of contracts.md 5.1; `kv_io` is how the LLM engine takes its cache
-    (`stage.KV_IO_FORMS`; a TensorRT engine is always in place)."""
-    return {"backend": backend, "max_batch_size": max_batch_size, "max_input_len": max_input_len,
+    (`stage.KV_IO_FORMS`; a TensorRT engine is always in place); `weight_formats` (linears per format) only with
+    weight_format "mixed"."""
+    extra = {WEIGHT_FORMAT_COUNTS: weight_formats} if weight_format == MIXED_WEIGHTS else {}
+    return {**extra, "backend": backend, "max_batch_size": max_batch_size, "max_input_len": max_input_len,
             "max_kv_cache_capacity": max_kv_cache_capacity, "spec_base": False, "spec_draft": False,
             "max_lora_rank": 0, "kv_cache_dtype": kv_cache_dtype, "embedding_format": embedding_format,
             "weight_format": weight_format, "kv_io": kv_io, "contract_version": CONTRACT_VERSION}

@@ -119,7 +119,7 @@ def check_runtime_config(config: dict, where: str) -> None:
     if not isinstance(eos, list) or not all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < vocab
                                             for e in eos):
         raise InputError(f"{where}: eos_token_id: expected a list of token ids in [0, {vocab}), found {eos!r:.60}")
-    weight_format(config.get("weight_format", "fp16"), where)
+    check_weight_formats(config, where)
 
 
 # --- the KV cache dtype and its forms -----------------------------------------------------------------------------
@@ -228,8 +228,64 @@ QUANTIZED_WEIGHT_FORMATS = tuple(name for name in WEIGHT_FORMATS if name != "fp1
 QUANT_ALGO_FORMATS = {f.quant_algo: f.name for f in WEIGHT_FORMATS.values() if f.quant_algo}
 
 
+# config.json `weight_format` of an export whose quantized linears use more than one format; `weight_formats` then
+# holds the number of quantized linears of each format (what detection counts in model.onnx)
+MIXED_WEIGHTS = "mixed"
+WEIGHT_FORMAT_COUNTS = "weight_formats"
+
+# ModelOpt quant_algo names we do not read, with what they are, so a refusal can say it by name
+UNSUPPORTED_QUANT_ALGOS = {
+    "W8A8_SQ_PER_CHANNEL": "INT8 SmoothQuant",
+    "W8A16": "INT8 weight-only",
+    "W4A16_AWQ": "INT4 AWQ",
+    "W4A8_AWQ": "INT4 AWQ with FP8 activations",
+    "NVFP4_AWQ": "NVFP4 AWQ (unfolded pre_quant_scale)",
+    "W4A8_NVFP4_FP8": "NVFP4 weights with FP8 activations",
+    "W4A16_NVFP4": "NVFP4 weight-only",
+    "MXFP4": "MXFP4",
+    "W4A8_MXFP4_FP8": "MXFP4 weights with FP8 activations",
+    "MXFP8": "MXFP8",
+    "FP8_PB_REAL": "FP8 128x128 blocks with FP8 activations",
+}
+
+
+def unsupported_quant_algo(algo, where: str) -> InputError:
+    """The refusal of a quant_algo we cannot read, naming what it is."""
+    what = UNSUPPORTED_QUANT_ALGOS.get(str(algo).upper(), f"quant_algo {algo!r}")
+    return InputError(f"{where}: {what} layers are not supported (quant_algo {algo!r}); expected one of "
+                      f"{', '.join(QUANT_ALGO_FORMATS)}")
+
+
+def summarize_weight_formats(per_linear) -> tuple[str, dict[str, int]]:
+    """(`weight_format`, count per quantized format) of linears' formats: "fp16" when none is quantized, the one
+    format, or `MIXED_WEIGHTS`."""
+    counts: dict[str, int] = {}
+    for fmt in per_linear:
+        if fmt != "fp16":
+            counts[fmt] = counts.get(fmt, 0) + 1
+    counts = dict(sorted(counts.items()))
+    if not counts:
+        return "fp16", counts
+    return (next(iter(counts)) if len(counts) == 1 else MIXED_WEIGHTS), counts
+
+
 def weight_format(name, where: str) -> WeightFormat:
     """The registered format called `name`; InputError naming `where` otherwise."""
     if name not in WEIGHT_FORMATS:
         raise InputError(f"{where}: expected weight_format one of {list(WEIGHT_FORMATS)}, found {name!r}")
     return WEIGHT_FORMATS[name]
+
+
+def check_weight_formats(config: dict, where: str) -> None:
+    """A config's `weight_format`: a registered format, or `MIXED_WEIGHTS` with a count per quantized format."""
+    name = config.get("weight_format", "fp16")
+    if name != MIXED_WEIGHTS:
+        weight_format(name, where)
+        return
+    counts = config.get(WEIGHT_FORMAT_COUNTS)
+    if not (isinstance(counts, dict) and counts and all(
+            f in QUANTIZED_WEIGHT_FORMATS and isinstance(n, int) and not isinstance(n, bool) and n > 0
+            for f, n in counts.items())):
+        raise InputError(f"{where}: {WEIGHT_FORMAT_COUNTS}: expected, with weight_format {MIXED_WEIGHTS!r}, a "
+                         f"positive count of linears per format of {list(QUANTIZED_WEIGHT_FORMATS)}, "
+                         f"found {counts!r:.80}")

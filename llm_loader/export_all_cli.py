@@ -28,6 +28,7 @@ from contract.atomic import staged_dir
 from contract.cli import CONTEXT_SETTINGS, example, run_cli
 from contract.errors import InputError
 from contract.paths import checked_file
+from contract.stage import MIXED_WEIGHTS
 from llm_loader.model_config import ModelConfig, model_config_from_dict
 from llm_loader.runtime_config import runtime_config
 from llm_loader.tokenizer_files import copy_tokenizer_files
@@ -75,7 +76,7 @@ def export(checkpoint_dir: Path, out_dir: Path, fp8_embedding: bool = False, dty
     # torch and onnx are imported here, under contract.cli's Ctrl-C guard, not when --help is asked for
     from llm_loader.checkpoint import open_checkpoint
     from llm_loader.embedding import write_embedding_sidecar
-    from llm_loader.onnx_graph import kv_cache_dtype, weight_format, write_model
+    from llm_loader.onnx_graph import kv_cache_dtype, weight_formats, write_model
     from llm_loader.quantized_checkpoint import read_quantized_checkpoint
 
     if dtype not in DTYPES:
@@ -86,7 +87,9 @@ def export(checkpoint_dir: Path, out_dir: Path, fp8_embedding: bool = False, dty
     if hf_quant or "quantization_config" in ckpt.config:
         quant = read_quantized_checkpoint(ckpt.path)
     cfg = model_config_from_dict(ckpt.config, ckpt.path / "config.json")
-    formats = {"kv_cache_dtype": kv_cache_dtype(quant).value, "weight_format": weight_format(quant)}
+    weight_format, counts = weight_formats(quant)
+    formats = {"kv_cache_dtype": kv_cache_dtype(quant).value, "weight_format": weight_format,
+               "weight_format_counts": counts if weight_format == MIXED_WEIGHTS else None}
     final = Path(out_dir) / "llm"
     with staged_dir(final, kind="ONNX dir", flag="OUT", inputs=[ckpt.path]) as llm:
         copy_tokenizer_files(ckpt.path, llm)

@@ -220,16 +220,14 @@ def kv_cache_attrs(g: Graph, i: int) -> dict:
     return {"enable_fp8_kv_cache": True, "qkv_scales": (1.0 if s.q_scale is None else s.q_scale, s.k_scale, s.v_scale)}
 
 
-def weight_format(quant: QuantizedCheckpoint | None) -> str:
-    """config.json weight_format: the one format of the quantized linears, "fp16" when none is quantized."""
-    found = sorted({q.format for q in (quant.linears.values() if quant else ()) if q.format != "fp16"})
-    if not found:
-        return "fp16"
-    if len(found) > 1 or found[0] not in QUANTIZED_WEIGHT_FORMATS:
-        raise InputError(f"{quant.path}: expected one weight format of {QUANTIZED_WEIGHT_FORMATS} for all quantized "
-                         "linears, "
-                         f"found {found}")
-    return found[0]
+def weight_formats(quant: QuantizedCheckpoint | None) -> tuple[str, dict[str, int]]:
+    """config.json `weight_format` ("fp16", the one format of the quantized linears, or "mixed") and the number of
+    quantized linears of each format (`weight_formats`, written when mixed)."""
+    found = [q.format for q in (quant.linears.values() if quant else ())]
+    unknown = sorted({f for f in found if f != "fp16" and f not in QUANTIZED_WEIGHT_FORMATS})
+    if unknown:
+        raise InputError(f"{quant.path}: expected weight formats of {QUANTIZED_WEIGHT_FORMATS}, found {unknown}")
+    return stage.summarize_weight_formats(found)
 
 
 def rmsnorm(g: Graph, x: str, weight: str, name: str) -> str:

@@ -24,7 +24,7 @@ from contract import formats
 from contract.errors import InputError
 from contract.jsonfile import read_json
 from contract.paths import checked_file
-from contract.stage import QUANT_ALGO_FORMATS
+from contract.stage import QUANT_ALGO_FORMATS, unsupported_quant_algo
 from llm_loader.checkpoint import open_checkpoint
 
 FP8 = torch.float8_e4m3fn
@@ -115,11 +115,16 @@ def _expected_format(module: str, meta: dict) -> str | None:
         return None
     if algo == "MIXED_PRECISION":
         entry = (meta.get("quantized_layers") or {}).get(module)
-        return QUANT_ALGO_FORMATS.get(entry["quant_algo"]) if entry else None
+        if not entry:
+            return None
+        if not isinstance(entry, dict) or entry.get("quant_algo") not in QUANT_ALGO_FORMATS:
+            found = entry.get("quant_algo") if isinstance(entry, dict) else entry
+            raise unsupported_quant_algo(found, f"quantized_layers[{module}]")
+        return QUANT_ALGO_FORMATS[entry["quant_algo"]]
     if algo == "FP8_BLOCK_FINE_GRAINED":
         return "fp8_block"
     if algo not in QUANT_ALGO_FORMATS:
-        raise InputError(f"quant_algo: expected one of {', '.join(QUANT_ALGO_FORMATS)} or MIXED_PRECISION, found {algo!r}")
+        raise unsupported_quant_algo(algo, "quant_algo")
     return QUANT_ALGO_FORMATS[algo]
 
 
@@ -212,7 +217,9 @@ def read_quantized_checkpoint(path: Path | str) -> QuantizedCheckpoint:
                     f"tensor {module}.{missing}: expected by quant_algo {meta.get('quant_algo')} "
                     f"(format {expected}), found a {actual} module"
                 )
-            linears[module] = _read_linear(module, actual, tensors, meta)
+            mixed = meta.get("quant_algo") == "MIXED_PRECISION"  # a layer's own entry (group_size) applies to it
+            layer = (meta.get("quantized_layers") or {}).get(module) if mixed else None
+            linears[module] = _read_linear(module, actual, tensors, {**meta, **(layer or {})})
         kv_scales, fp16_layers = _read_kv(tensors, meta, config)
     except InputError as e:
         raise InputError(f"{path}: {e}") from None

@@ -23,7 +23,7 @@ def _eos_list(value, where: str) -> list[int]:
 
 
 def runtime_config(cfg: ModelConfig, hf_config: dict, checkpoint_dir: Path, kv_cache_dtype: str = "fp16",
-                   weight_format: str = "fp16") -> dict:
+                   weight_format: str = "fp16", weight_format_counts: dict[str, int] | None = None) -> dict:
     """The runtime config dict; `eos_token_id` comes from config.json, else from generation_config.json."""
     gen_path = checked_file(checkpoint_dir, "generation_config.json", "the generation config", required=False)
     generation_config = read_json(gen_path, "the generation config") if gen_path else {}
@@ -33,7 +33,7 @@ def runtime_config(cfg: ModelConfig, hf_config: dict, checkpoint_dir: Path, kv_c
         eos = _eos_list(generation_config["eos_token_id"], str(gen_path))
     else:
         eos = []
-    return {
+    config = {
         "model": cfg.model_type,
         "spec_decode_type": "none",
         "engine_role": "llm",
@@ -58,3 +58,6 @@ def runtime_config(cfg: ModelConfig, hf_config: dict, checkpoint_dir: Path, kv_c
         "weight_format": weight_format,
         "generation_config": generation_config,
     }
+    if weight_format_counts is not None:  # weight_format "mixed": quantized linears per format
+        config[stage.WEIGHT_FORMAT_COUNTS] = weight_format_counts
+    return config

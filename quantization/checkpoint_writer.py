@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # imported by the CLI for its constants before torch (contrac
 
 OUTPUT_KIND = "quantized checkpoint"  # what contract.atomic calls this writer's output
 METHODS = ("fp8", "fp8_pc", "fp8_block", "nvfp4", "none")  # weight formats (contract.stage) this writer produces
+AUTO = "auto"  # --quantization auto: a format per linear group among quantization.auto.CANDIDATES
 LM_HEAD_METHODS = ("fp8", "nvfp4")
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
 SIDE_FILES = (
@@ -67,14 +68,17 @@ def unfit_reason(method: str, shape: tuple[int, int]) -> str | None:
     return None
 
 
-def quantize_linear(method: str, weight: torch.Tensor, input_amax: float | None) -> dict[str, torch.Tensor]:
-    """The tensors of one quantized linear, keyed by suffix (`weight`, `weight_scale`, ...)."""
+def quantize_linear(method: str, weight: torch.Tensor, input_amax: float | None,
+                    scales: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of one quantized linear, keyed by suffix (`weight`, `weight_scale`, ...); `scales` gives chosen
+    (shared or searched) `weight_scale` / `weight_scale_2` for fp8 and nvfp4 instead of the amax ones."""
     import torch
 
     from contract import formats
 
+    scales = scales or {}
     if method == "fp8":
-        q, scale = formats.quantize_fp8_per_tensor(weight)
+        q, scale = formats.quantize_fp8_per_tensor(weight, scales.get("weight_scale"))
         return {"weight": q, "weight_scale": scale, "input_scale": formats.amax_to_scale(torch.tensor(input_amax))}
     if method == "fp8_pc":
         q, scale = formats.quantize_fp8_per_channel(weight)
@@ -83,7 +87,8 @@ def quantize_linear(method: str, weight: torch.Tensor, input_amax: float | None)
         q, scale = formats.quantize_fp8_block(weight)
         return {"weight": q, "weight_scale_inv": scale}
     if method == "nvfp4":
-        packed, block_scale, global_scale = formats.quantize_nvfp4(weight)
+        packed, block_scale, global_scale = formats.quantize_nvfp4(
+            weight, block_scale=scales.get("weight_scale"), global_scale=scales.get("weight_scale_2"))
         return {
             "weight": packed,
             "weight_scale": block_scale,
@@ -99,12 +104,15 @@ def quantize_state_dict(
     input_amax: dict[str, float],
     kv_scales: dict[int, tuple[float, float, float]],
     attention_prefix: str = "model.layers.{}.self_attn",
+    weight_scales: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> QuantizedTensors:
-    """Quantize the linears in `plan` (module -> method); every other floating tensor becomes fp16."""
+    """Quantize the linears in `plan` (module -> method); every other floating tensor becomes fp16.
+    `weight_scales`: module -> chosen scales (`quantization.scale_search.weight_scales`)."""
     import torch
 
     from contract import formats
 
+    weight_scales = weight_scales or {}
     tensors, methods, excluded = {}, {}, {}
     for name, value in state_dict.items():
         module, _, suffix = name.rpartition(".")
@@ -117,8 +125,8 @@ def quantize_state_dict(
             excluded[module] = reason
             tensors[name] = value.to(torch.float16)
             continue
-        for key, t in quantize_linear(method, value, input_amax.get(module)).items():
-            tensors[f"{module}.{key}"] = t.contiguous()
+        for key, t in quantize_linear(method, value, input_amax.get(module), weight_scales.get(module)).items():
+            tensors[f"{module}.{key}"] = t.clone().contiguous()  # shared (fused) scales are separate tensors on disk
         methods[module] = method
     for layer, (q, k, v) in kv_scales.items():
         prefix = attention_prefix.format(layer)

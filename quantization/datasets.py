@@ -28,6 +28,7 @@ REGISTERED = {
     "wikitext": ("Salesforce/wikitext", "wikitext-2-raw-v1", "test", "text"),
 }
 TEXT_FIELDS = ("text", "article", "content")
+CHARS_PER_TOKEN = 4  # how much text a sample needs to fill --max_seq_len tokens
 
 
 @dataclass
