@@ -56,7 +56,7 @@ def test_plugin_attrs_agree_with_the_onnx_node(fp8, qk_norm):
     "change,message",
     [
         (dict(sliding_window_size=512), "sliding_window_size"),
-        (dict(enable_tree_attention=1), "enable_tree_attention"),
+        (dict(enable_tree_attention=2), "enable_tree_attention"),
         (dict(num_q_heads=10, num_kv_heads=4), "multiple of num_kv_heads"),
         (dict(head_size=96), "head_size 64 or 128"),
         (dict(qkv_scales=np.array([1.0, 0.0, 1.0], np.float32)), "qkv_scales"),
