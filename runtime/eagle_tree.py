@@ -62,12 +62,18 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def top_k(logp: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, values) of the k largest entries of each row, largest first; ties go to the smaller id."""
-    part = np.argpartition(-logp, k - 1, axis=-1)[..., :k] if k < logp.shape[-1] else np.argsort(-logp, axis=-1)
-    values = np.take_along_axis(logp, part, axis=-1)
-    order = np.lexsort((part, -values), axis=-1)
-    ids = np.take_along_axis(part, order, axis=-1)
-    return ids, np.take_along_axis(values, order, axis=-1)
+    """(ids, values) of the k largest entries of each row of a 2-D array, largest first; ties go to the smaller id
+    (so a draft with flat log-probs proposes its first ids, deterministically)."""
+    logp = np.asarray(logp)
+    if k >= logp.shape[-1]:
+        ids = np.argsort(-logp, axis=-1, kind="stable")
+    else:
+        kth = -np.partition(-logp, k - 1, axis=-1)[:, k - 1]  # the k-th largest value of each row
+        ids = np.empty((logp.shape[0], k), np.int64)
+        for r in range(logp.shape[0]):
+            candidates = np.nonzero(logp[r] >= kth[r])[0]  # ascending ids; usually exactly k of them
+            ids[r] = candidates[np.argsort(-logp[r, candidates], kind="stable")][:k]
+    return ids, np.take_along_axis(logp, ids, axis=-1)
 
 
 @dataclass

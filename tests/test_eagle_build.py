@@ -151,3 +151,42 @@ def test_spec_build_into_a_vanilla_engine_dir_is_refused(exports, tmp_path):
     assert run_build(exports["vanilla"], eng).exit_code == 0
     assert_one_line_error(run_build(exports["base"], eng, "--specBase"), "found a vanilla engine")
     assert (eng / "config.json").exists() and not (eng / "base_config.json").exists()
+
+
+@pytest.mark.parametrize("which", ["base", "draft"])
+@pytest.mark.parametrize("batch, seq, selected", [(2, 8, 8), (2, 1, 1), (1, 12, 1), (2, 3, 1)])
+def test_tensorrt_tree_bindings_fit_the_graph_and_profile(exports, which, batch, seq, selected):
+    """The inputs `Engine.forward_tree` gives the TensorRT backend (fp16 hidden states), bound as TensorRTBackend
+    binds them: the graph's names and dtypes, within the profile it picks (generation up to the tree size 8)."""
+    import numpy as np
+    import torch
+
+    from contract import stage
+    from contract.stage import KvDtype
+    from plugins.attention.tree_mask import causal_mask
+    from runtime.engine import tree_inputs
+    from runtime.kv_cache import KvLayout
+    from runtime.tensorrt_backend import llm_bindings, new_cache_layers, profile_for
+
+    found, limits = detect(exports[which]), Limits(2, 16, 64)
+    dims = dims_of(exports[which])
+    extra = {}
+    if which == "draft":
+        extra = {stage.HIDDEN_STATES_INPUT: np.zeros((batch, seq, dims.draft_hidden_input)),
+                 stage.HIDDEN_STATES_FROM_DRAFT: np.zeros((batch, seq, dims.hidden_size))}
+    starts = np.zeros(batch, np.int32)
+    inputs = tree_inputs(np.zeros((batch, seq, dims.hidden_size), np.float16), np.full(batch, seq, np.int32), starts,
+                         np.zeros((batch, selected), np.int64), causal_mask(batch, seq),
+                         np.zeros((batch, seq), np.int32), extra, np.float16)
+    layers = new_cache_layers(batch, KvLayout(dims.num_layers, dims.num_kv_heads, 64, dims.head_dim,
+                                              KvDtype(found.kv_cache_dtype)), "cpu")
+    bound, _ = llm_bindings({stage.ROPE_COS_SIN: np.zeros((1, 64, dims.rotary_dim), np.float32)}, inputs, layers)
+    graph = onnx.load(str(exports[which] / "model.onnx"), load_external_data=False).graph
+    assert set(bound) == {i.name for i in graph.input}
+    profile = llm_profiles(limits, dims, gen_tokens=8)[profile_for(seq, 8)]
+    for value in graph.input:
+        array = bound[value.name]
+        dtype = array.dtype if isinstance(array, np.ndarray) else {torch.float16: np.float16}[array.dtype]
+        assert onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)) == value.type.tensor_type.elem_type, value.name
+        lo, _, hi = profile.shapes[value.name]
+        assert all(a <= n <= b for a, n, b in zip(lo, array.shape, hi, strict=True)), (value.name, array.shape)

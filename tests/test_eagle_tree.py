@@ -41,6 +41,13 @@ def test_top_k_orders_and_breaks_ties_by_id():
     logp = np.array([[0.0, -1.0, 0.0, -0.5, -3.0]])
     ids, values = top_k(logp, 3)
     assert ids.tolist() == [[0, 2, 3]] and values.tolist() == [[0.0, 0.0, -0.5]]
+    flat = np.zeros((2, 1000))
+    flat[1, 700] = 1.0
+    assert top_k(flat, 4)[0].tolist() == [[0, 1, 2, 3], [700, 0, 1, 2]]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 300))
+    ids, values = top_k(x, 7)
+    np.testing.assert_array_equal(ids, np.argsort(-x, axis=-1)[:, :7])
 
 
 @pytest.mark.parametrize("shape", [TreeShape(3, 4, 12), TreeShape(4, 1, 4), TreeShape(2, 6, 60), TreeShape(10, 6, 60)])
