@@ -47,8 +47,10 @@ def session_options(allow_spinning: bool = True) -> ort.SessionOptions:
     load; lower levels cast them on every run, 3x slower). Threads: ORT's default of one per physical core, or
     EDGELLM_ORT_THREADS. `allow_spinning=False` lets a session's threads sleep as soon as a run ends: the sessions of
     an EAGLE3 engine dir (base, draft, embedding) take turns many times per token, and each one's threads spinning
-    after its run would take the cores from the next (measured: 1.5-2x slower rounds on 2 cores)."""
+    after its run would take the cores from the next (measured: 1.5-2x slower rounds on 2 cores).
+    EDGELLM_ORT_SPINNING=0 / 1 overrides that choice for every session."""
     opts = ort.SessionOptions()
+    allow_spinning = os.environ.get("EDGELLM_ORT_SPINNING", "1" if allow_spinning else "0") != "0"
     if not allow_spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.intra_op_num_threads = int(os.environ.get("EDGELLM_ORT_THREADS") or 0)
