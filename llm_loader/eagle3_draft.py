@@ -142,8 +142,8 @@ def write_draft_model(ckpt: Checkpoint, cfg: ModelConfig, facts: DraftFacts, out
 
 def read_d2t_targets(path: Path, vocab_size: int, draft_vocab_size: int) -> torch.Tensor:
     """The base id of every draft id (int64 `[draft_vocab_size]`) from `d2t.safetensors` (contracts.md 4.1): the
-    metadata's form, else "offset" (what the reference writes) unless only the direct reading stays in the base
-    vocabulary."""
+    metadata's form; without metadata the reading that stays in the base vocabulary, and when both do, the one with
+    more distinct targets (a real map is one to one), the offset form on a tie."""
     try:
         with safe_open(str(path), framework="pt") as f:
             if stage.D2T_TENSOR not in f.keys():
@@ -161,7 +161,8 @@ def read_d2t_targets(path: Path, vocab_size: int, draft_vocab_size: int) -> torc
     readings = {D2T_OFFSET: torch.arange(draft_vocab_size) + d2t.long(), D2T_DIRECT: d2t.long()}
     inside = {k: bool(((v >= 0) & (v < vocab_size)).all()) for k, v in readings.items()}
     if form is None:
-        form = D2T_DIRECT if inside[D2T_DIRECT] and not inside[D2T_OFFSET] else D2T_OFFSET
+        distinct = {k: len(torch.unique(v)) if inside[k] else -1 for k, v in readings.items()}
+        form = D2T_DIRECT if distinct[D2T_DIRECT] > distinct[D2T_OFFSET] else D2T_OFFSET
     if not inside[form]:
         raise InputError(f"{path}: tensor d2t ({form} form): expected base ids in [0, {vocab_size}), found "
                          f"{int(readings[form].min())}..{int(readings[form].max())}")

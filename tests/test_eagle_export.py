@@ -308,6 +308,9 @@ def test_d2t_forms(tmp_path):
     direct_only = torch.tensor([97, 98, 99, 3], dtype=torch.int32)  # as offsets, id 1 -> 99, id 2 -> 101: outside
     save_file({"d2t": direct_only}, tmp_path / "d.safetensors")
     assert read_d2t_targets(tmp_path / "d.safetensors", 100, 4).tolist() == [97, 98, 99, 3]
+    direct = torch.tensor([5, 4, 3, 9], dtype=torch.int32)  # both readings fit; as offsets 5, 5, 5, 12 collide
+    save_file({"d2t": direct}, tmp_path / "both.safetensors")
+    assert read_d2t_targets(tmp_path / "both.safetensors", 100, 4).tolist() == [5, 4, 3, 9]
     save_file({"d2t": offsets}, tmp_path / "small.safetensors", metadata={"form": "offset"})
     with pytest.raises(InputError, match=r"base ids in \[0, 50\)"):
         read_d2t_targets(tmp_path / "small.safetensors", 50, 4)
