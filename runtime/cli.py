@@ -126,16 +126,17 @@ def run_test_cases(engine, tokenizer, cases: TestCases, batch_size: int | None =
 @click.option("--specDecode", "--eagle", "spec_decode", is_flag=True,
               help="EAGLE3 speculative decoding with the base and draft engines of ENGINEDIR (greedy batches; others "
                    "decode plainly on the base).")
-@click.option("--specDraftTopK", "spec_top_k", type=int, default=TreeShape.top_k, show_default=True,
-              help="Draft candidates kept per expanded node.")
-@click.option("--specDraftStep", "spec_steps", type=int, default=TreeShape.steps, show_default=True,
-              help="Tree depth: draft proposal steps per verification.")
-@click.option("--specVerifySize", "--specVerifyTreeSize", "spec_verify_size", type=int, default=TreeShape.verify_size,
-              show_default=True, help="Tree nodes (the root included) verified per base call; at most the base's "
-                                      "--maxVerifyTreeSize.")
+@click.option("--specDraftTopK", "spec_top_k", type=int, default=None,
+              help="Draft candidates kept per expanded node [default: 10 on TensorRT, as the reference; 2 on the "
+                   "CPU engine, see docs/eagle.md].")
+@click.option("--specDraftStep", "spec_steps", type=int, default=None,
+              help="Tree depth: draft proposal steps per verification [default: 6 on TensorRT; 3 on the CPU engine].")
+@click.option("--specVerifySize", "--specVerifyTreeSize", "spec_verify_size", type=int, default=None,
+              help="Tree nodes (the root included) verified per base call, at most the base's --maxVerifyTreeSize "
+                   "[default: 60 on TensorRT; 6 on the CPU engine].")
 def cli(engine_dir: Path, input_file: Path, output_file: Path, batch_size: int | None,
-        max_generate_length: int | None, warmup: int, dump_profile: bool, spec_decode: bool, spec_top_k: int,
-        spec_steps: int, spec_verify_size: int) -> None:
+        max_generate_length: int | None, warmup: int, dump_profile: bool, spec_decode: bool, spec_top_k: int | None,
+        spec_steps: int | None, spec_verify_size: int | None) -> None:
     """Generate answers for the requests of INPUTFILE with the engine in ENGINEDIR.
 
     Sampling (temperature, top_k, top_p, logit_bias, sampling_seed), chat-template options and stop strings are read
@@ -147,11 +148,13 @@ def cli(engine_dir: Path, input_file: Path, output_file: Path, batch_size: int |
     if not output_file.resolve().parent.is_dir():
         raise InputError(f"--outputFile: expected a path in an existing directory, found {output_file}")
     cases = load_test_cases(input_file)
-    spec, shape = None, TreeShape(spec_top_k, spec_steps, spec_verify_size)
+    spec, shape = None, None
     if spec_decode:
         from runtime.spec_decode import SpecEngines
 
         spec = SpecEngines.load(engine_dir)
+        backend = spec.base.config["builder_config"]["backend"]
+        shape = TreeShape.default(backend).with_flags(spec_top_k, spec_steps, spec_verify_size)
         spec.check_shape(shape)
         engine = spec.base
     else:

@@ -22,11 +22,23 @@ from plugins.attention.tree_mask import ancestors_mask, pack_tree_mask
 
 @dataclass(frozen=True)
 class TreeShape:
-    """`--specDraftTopK`, `--specDraftStep`, `--specVerifySize`."""
+    """`--specDraftTopK`, `--specDraftStep`, `--specVerifySize`; the defaults are the reference's (5.4)."""
 
     top_k: int = 10
     steps: int = 6
     verify_size: int = 60
+
+    @staticmethod
+    def default(backend: str) -> "TreeShape":
+        """The tree an engine dir's backend decodes with unless flags say otherwise: the reference's on TensorRT;
+        on the CPU engine a small one, because a verification call of T tokens there costs about 1 + T/10 plain
+        steps and each draft call a tenth of one, while bigger trees win few extra tokens (docs/eagle.md)."""
+        return CPU_TREE if backend == "onnxruntime" else TreeShape()
+
+    def with_flags(self, top_k: int | None, steps: int | None, verify_size: int | None) -> "TreeShape":
+        """This shape with the given flags (None: keep this shape's value)."""
+        return TreeShape(self.top_k if top_k is None else top_k, self.steps if steps is None else steps,
+                         self.verify_size if verify_size is None else verify_size)
 
     @property
     def candidates(self) -> int:
@@ -53,6 +65,9 @@ class TreeShape:
             raise InputError(f"--specDraftStep / --specDraftTopK: a draft call takes (steps - 1) x top_k = "
                              f"{self.draft_tokens} tokens, expected at most {max_draft} (the draft engine's "
                              "max_draft_tree_size)")
+
+
+CPU_TREE = TreeShape(2, 3, 6)  # the CPU engine's default tree: benchmarks/eagle_cpu.py, docs/eagle.md
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

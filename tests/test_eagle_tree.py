@@ -142,6 +142,10 @@ def test_shapes_larger_than_the_build_are_refused(shape, limits, flag):
         shape.check(*limits, draft_vocab=DRAFT_VOCAB)
 
 
-def test_default_shape_fits_the_default_build():
-    TreeShape().check(60, 60, draft_vocab=32000)
-    assert TreeShape().candidates == 1 + 10 + 5 * 100
+def test_default_shapes():
+    """The reference's tree on TensorRT (it fits the default build); a small one on the CPU engine; flags win."""
+    assert TreeShape.default("tensorrt") == TreeShape(10, 6, 60) and TreeShape().candidates == 1 + 10 + 5 * 100
+    TreeShape.default("tensorrt").check(60, 60, draft_vocab=32000)
+    cpu = TreeShape.default("onnxruntime")
+    assert cpu.verify_size <= 8 and cpu.draft_tokens <= 8
+    assert cpu.with_flags(None, 5, None) == TreeShape(cpu.top_k, 5, cpu.verify_size)

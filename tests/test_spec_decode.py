@@ -141,6 +141,10 @@ def test_cli_spec_decode_matches_vanilla_and_reports_acceptance(setup, tmp_path)
     assert "mean_accepted_tokens_per_step" in spec.stderr
     for response in got["responses"]:  # logprobs from the verified nodes' logits, one entry per emitted token
         assert all(len(step) == 2 for step in response["logprobs"]) and response["logprobs"]
+    default_tree = run_inference(built["fp16", "constant"], CASES, tmp_path / "default.json", "--specDecode")
+    assert default_tree.exit_code == 0, default_tree.stderr  # the CPU engine's default tree fits this build
+    got = json.loads((tmp_path / "default.json").read_text())["responses"]
+    assert [r["output_text"] for r in got] == [r["output_text"] for r in want]
 
 
 @pytest.mark.parametrize("change", [{"logit_bias": {"13": -5.0}}, {"top_k": 50, "temperature": 0.7},
