@@ -203,3 +203,22 @@ def test_mismatched_or_missing_engines(setup, tmp_path):
     (eng / "base_config.json").unlink()  # a draft engine without a base
     assert_one_line_error(run_inference(eng, CASES, out, "--specDecode"), "expected an EAGLE3 base engine")
     assert not out.exists()
+
+
+def test_nvfp4_base_with_fp8_embedding(tmp_path, smollm2_checkpoint):
+    """An NVFP4 base exported with --eagle-base and --fp8-embedding: speculative decoding gives plain greedy's
+    tokens of the vanilla NVFP4 engine (same checkpoint, same embedding)."""
+    ckpt = make_tiny_checkpoint("llama", tmp_path / "ckpt", smollm2_checkpoint, num_hidden_layers=6)
+    nvfp4 = quantize(ckpt, tmp_path / "nvfp4", "nvfp4")
+    draft = make_draft(tmp_path / "draft")
+    eng = tmp_path / "eng"
+    build(export(nvfp4, tmp_path / "base", eagle_base=True, eagle_draft_dir=draft, fp8_embedding=True), eng,
+          spec_base=True, **LIMITS, **TREE)
+    build(export(draft, tmp_path / "draft-onnx"), eng, spec_draft=True, **LIMITS, **TREE)
+    vanilla = build(export(nvfp4, tmp_path / "vanilla", fp8_embedding=True), tmp_path / "vanilla-eng", **LIMITS)
+    tokenizer = load_tokenizer(vanilla)
+    engines = SpecEngines.load(eng)
+    assert engines.base.config["weight_format"] == "nvfp4"
+    got, _ = generate_spec(engines, tokenizer, jobs(tokenizer, PROMPTS[:2]), 16, TreeShape(2, 3, 6))
+    want, _ = generate(Engine.load(vanilla), tokenizer, jobs(tokenizer, PROMPTS[:2]), 16)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
