@@ -70,6 +70,15 @@ def chat_prompt_ids(tokenizer, n: int) -> list[list[int]]:
             for q in CHAT[:n]]
 
 
+def interval(values: list[float]) -> float:
+    """Half-width of a normal 95% interval of the mean over prompts (1.96 sd / sqrt(n))."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return 1.96 * (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 / n ** 0.5
+
+
 def parse_shapes(text: str):
     from runtime.eagle_tree import TreeShape
 
@@ -175,7 +184,9 @@ def main(draft: Path, work: Path, new_tokens: int, text_prompts: int, chat_promp
             plain_tps = sum(r["plain_tokens"] for r in sel) / min(sum(r["plain_spinning_s"] for r in sel),
                                                                    sum(r["plain_quiet_s"] for r in sel))
             tokens = sum(r["plain_tokens"] for r in sel)
-            line[kind] = {"accepted_per_step": emitted / steps if steps else 0.0, "spec_tokens_per_s": spec_tps,
+            per_prompt = [r["shapes"][key]["emitted"] / r["shapes"][key]["steps"] for r in sel if r["shapes"][key]["steps"]]
+            line[kind] = {"accepted_per_step": emitted / steps if steps else 0.0,
+                          "accepted_per_step_95ci": interval(per_prompt), "spec_tokens_per_s": spec_tps,
                           "plain_tokens_per_s": plain_tps, "speedup": spec_tps / plain_tps,
                           "plain_spinning_tokens_per_s": tokens / sum(r["plain_spinning_s"] for r in sel),
                           "plain_quiet_tokens_per_s": tokens / sum(r["plain_quiet_s"] for r in sel),
@@ -191,7 +202,8 @@ def main(draft: Path, work: Path, new_tokens: int, text_prompts: int, chat_promp
     print("|---|---|---|---|---|---|---|")
     for line in summary:
         a = line["all"]
-        print(f"| {line['shape']} | {line['text']['accepted_per_step']:.2f} | {line['chat']['accepted_per_step']:.2f} "
+        print(f"| {line['shape']} | {line['text']['accepted_per_step']:.2f} ± {line['text']['accepted_per_step_95ci']:.2f} "
+              f"| {line['chat']['accepted_per_step']:.2f} ± {line['chat']['accepted_per_step_95ci']:.2f} "
               f"| {a['spec_tokens_per_s']:.1f} | {a['plain_tokens_per_s']:.1f} | {line['text']['speedup']:.2f}x / "
               f"{line['chat']['speedup']:.2f}x / {a['speedup']:.2f}x | {a['identical']}/{a['prompts']} |")
     print(f"\nwrote {out_json}")
