@@ -30,12 +30,12 @@ def hopper_kernels() -> list[tuple[str, object, dict, dict, int]]:
 
     def rope(t):
         return dict(qkv_ptr="*fp16", cache_ptr=f"*{t}", q_out_ptr=f"*{t}", ctx_ptr="*i32", start_ptr="*i32",
-                    cos_sin_ptr="*fp32", q_gamma_ptr="*fp16", k_gamma_ptr="*fp16", S="i32", T="i32", q_scale="fp32",
-                    k_scale="fp32", v_scale="fp32", eps="fp32")
+                    cos_sin_ptr="*fp32", q_gamma_ptr="*fp16", k_gamma_ptr="*fp16", pos_id_ptr="*i32", S="i32",
+                    T="i32", q_scale="fp32", k_scale="fp32", v_scale="fp32", eps="fp32")
 
     def prefill(t):
-        return dict(q_ptr=f"*{t}", cache_ptr=f"*{t}", out_ptr="*fp16", ctx_ptr="*i32", start_ptr="*i32", S="i32",
-                    T="i32", qk_scale="fp32", out_scale="fp32")
+        return dict(q_ptr=f"*{t}", cache_ptr=f"*{t}", out_ptr="*fp16", ctx_ptr="*i32", start_ptr="*i32",
+                    mask_ptr="*i32", S="i32", T="i32", W="i32", qk_scale="fp32", out_scale="fp32")
 
     def decode(t):
         return dict(q_ptr=f"*{t}", cache_ptr=f"*{t}", part_o_ptr="*fp32", part_m_ptr="*fp32", part_l_ptr="*fp32",
@@ -45,12 +45,15 @@ def hopper_kernels() -> list[tuple[str, object, dict, dict, int]]:
     kernels = []
     for t in (F8, "fp16"):
         kernels.append((f"rope_kv_write {name[t]} d128 qk-norm", A._rope_kv_write_kernel, rope(t),
-                        dict(HQ=32, HKV=8, D=128, BLOCK_D=128, ROT=128, QK_NORM=True, FP8=t == F8), 4))
+                        dict(HQ=32, HKV=8, D=128, BLOCK_D=128, ROT=128, QK_NORM=True, FP8=t == F8, TREE=False), 4))
         for d in (128, 64):  # prefill_attention on a GPU: BLOCK_M 128, BLOCK_N 64, 8 warps
             kernels.append((f"prefill {name[t]} d{d}", A._prefill_kernel, prefill(t),
-                            dict(HQ=32, HKV=8, D=d, BLOCK_M=128, BLOCK_N=64), 8))
+                            dict(HQ=32, HKV=8, D=d, BLOCK_M=128, BLOCK_N=64, TREE=False), 8))
             kernels.append((f"decode {name[t]} d{d}", A._decode_kernel, decode(t),
                             dict(HQ=32, HKV=8, D=d, NUM_SPLITS=16, BLOCK_G=16, BLOCK_N=64), 4))
+        # EAGLE3 tree calls (verification, draft proposals, a prefill through a spec engine): 64 x 32 tiles
+        kernels.append((f"prefill {name[t]} d128 tree", A._prefill_kernel, prefill(t),
+                        dict(HQ=32, HKV=8, D=128, BLOCK_M=64, BLOCK_N=32, TREE=True), 4))
     kernels.append(("decode reduce d128", A._decode_reduce_kernel,
                     dict(part_o_ptr="*fp32", part_m_ptr="*fp32", part_l_ptr="*fp32", out_ptr="*fp16", ctx_ptr="*i32",
                          out_scale="fp32"), dict(HQ=32, D=128, NUM_SPLITS=16, BLOCK_S=16), 4))

@@ -4,7 +4,8 @@ The build takes no precision flags: weight format, FP8 embedding and FP8 KV cach
 than one witness (tensor dtype and metadata; each layer's graph bindings and plugin attributes, and config.json), and
 they must agree, so an export that was edited by hand or half-converted fails before a long build instead of producing
 a wrong engine. Every dim config.json states and the graph fixes (layers, heads, head size, hidden, vocab, rotary
-dim) is checked the same way.
+dim) is checked the same way, and so is the EAGLE3 role: config.json `engine_role` against the graph's tree inputs,
+plugins and hidden-state I/O.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from contract.errors import InputError
 from contract.jsonfile import read_json
 from contract.onnxfile import load_model
 from contract.paths import checked_file
-from contract.stage import CONTRACT_VERSION, KvDtype
+from contract.stage import CONTRACT_VERSION, ROLE_BASE, ROLE_DRAFT, ROLE_LLM, KvDtype
+from llm_loader.eagle3_draft import read_d2t_targets
 from llm_loader.embedding import read_embedding_sidecar
 from plugins.attention import schema as attention_schema
 
@@ -29,7 +31,7 @@ class Detection:
     onnx_dir: Path
     config: dict  # config.json as read
     model: str  # HF model_type
-    embedding_format: str  # "fp16" | "fp8_e4m3_row_block"
+    embedding_format: str | None  # "fp16" | "fp8_e4m3_row_block"; None for a draft (it uses its base's table)
     kv_cache_dtype: str  # "fp16" | "fp8"
     weight_format: str  # "fp16", one quantized format, or "mixed"
     weight_formats: dict[str, int]  # quantized linears per format
@@ -39,12 +41,18 @@ class Detection:
     num_kv_heads: int
     head_dim: int
     rotary_dim: int
+    engine_role: str = ROLE_LLM  # "llm" | "base" | "draft" (config.json, checked against the graph)
 
     def summary(self) -> str:
+        role = {ROLE_LLM: " (vanilla)",
+                ROLE_BASE: f" (EAGLE3 base: hidden_states of layers {self.config.get('eagle_hidden_state_layers')})",
+                ROLE_DRAFT: f" (EAGLE3 draft: draft vocab {self.config.get('draft_vocab_size')}, reads "
+                            f"{self.config.get('base_model_hidden_size')} base hidden values per token)"}
         return "\n".join([
             f"ONNX dir        {self.onnx_dir}",
             f"model           {self.model}: {self.num_layers} layers, hidden {self.hidden_size}, "
             f"vocab {self.vocab_size}, {self.num_kv_heads} kv heads x {self.head_dim}",
+            f"role            {self.engine_role}{role[self.engine_role]}",
             f"weights         {describe_weights(self.weight_format, self.weight_formats)} (model.onnx "
             "initializers/DQ nodes and config.json agree)",
             f"embedding       {self.embedding_format}",
@@ -166,15 +174,38 @@ def check_graph(onnx_dir: Path, graph: onnx.GraphProto, config: dict) -> None:
         _agree(onnx_dir, "num_attention_heads", layer=i, witnesses={
             "config.json num_attention_heads": config["num_attention_heads"],
             f"{plugin} num_q_heads": attrs.num_q_heads})
+    vocab_key = "draft_vocab_size" if config.get("engine_role") == ROLE_DRAFT else "vocab_size"
     for name, io, axis, key, value in (
             (stage.INPUTS_EMBEDS, inputs, 2, "hidden_size", config["hidden_size"]),
             (stage.ROPE_COS_SIN, inputs, 2, "head_dim x partial_rotary_factor", stage.rotary_dim(config)),
-            (stage.LOGITS, outputs, 2, "vocab_size", config["vocab_size"])):
+            (stage.LOGITS, outputs, 2, vocab_key, config.get(vocab_key))):
         if name not in io:
             raise InputError(f"{onnx_dir}/model.onnx: expected {name}, found no such graph input or output")
         dims = _dims(io[name])
         _agree(onnx_dir, key, {f"config.json {key}": value,
                                f"model.onnx {name} dim {axis}": dims[axis] if len(dims) == 3 else dims})
+
+
+def graph_role(model_path: Path, graph: onnx.GraphProto) -> str:
+    """The EAGLE3 role the graph's own I/O says: a draft reads hidden_states_input, a base returns hidden_states,
+    and both run every AttentionPlugin in tree mode with the two tree inputs; a vanilla graph has none of that."""
+    inputs, outputs = {i.name for i in graph.input}, {o.name for o in graph.output}
+    plugins = [n for n in graph.node if n.domain == attention_schema.DOMAIN and n.op_type == attention_schema.OP_TYPE]
+    tree = {attention_schema.read_attrs(n).enable_tree_attention for n in plugins}
+    has_tree_inputs = {stage.ATTENTION_MASK, stage.ATTENTION_POS_ID} <= inputs
+    if tree == {False} and not has_tree_inputs and stage.HIDDEN_STATES not in outputs:
+        return ROLE_LLM
+    if tree != {True} or not has_tree_inputs or stage.HIDDEN_STATES not in outputs:
+        raise InputError(f"{model_path}: expected either a vanilla graph or an EAGLE3 one (tree attention in every "
+                         f"AttentionPlugin, inputs {stage.ATTENTION_MASK} and {stage.ATTENTION_POS_ID}, output "
+                         f"{stage.HIDDEN_STATES}), found a mix")
+    draft_inputs = {stage.HIDDEN_STATES_INPUT, stage.HIDDEN_STATES_FROM_DRAFT}
+    if draft_inputs <= inputs:
+        return ROLE_DRAFT
+    if draft_inputs & inputs:
+        raise InputError(f"{model_path}: expected both draft inputs {sorted(draft_inputs)}, found only "
+                         f"{sorted(draft_inputs & inputs)}")
+    return ROLE_BASE
 
 
 def graph_linear_formats(graph: onnx.GraphProto) -> dict[str, str]:
@@ -229,7 +260,17 @@ def detect(onnx_dir: str | Path) -> Detection:
     if not onnx_dir.is_dir():
         raise InputError(f"--onnxDir {onnx_dir}: expected a directory, found none")
     config = read_config(onnx_dir)
+    role = config.get("engine_role", ROLE_LLM)
+    if role not in (ROLE_LLM, ROLE_BASE, ROLE_DRAFT):
+        raise InputError(f"{onnx_dir}/config.json engine_role: expected one of {[ROLE_LLM, ROLE_BASE, ROLE_DRAFT]}, "
+                         f"found {role!r}")
+    if role == ROLE_DRAFT:
+        stage.positive_int(config, "draft_vocab_size", f"{onnx_dir}/config.json")
     graph = load_model(onnx_dir / "model.onnx", "the exported graph model.onnx").graph
+    found_role = graph_role(onnx_dir / "model.onnx", graph)
+    if found_role != role:
+        raise InputError(f"{onnx_dir}: engine role disagrees: config.json says {role!r}, model.onnx's inputs and "
+                         f"outputs say {found_role!r}")
     check_graph(onnx_dir, graph, config)
     weights, counts = graph_weight_format(graph)
     mixed = weights == stage.MIXED_WEIGHTS
@@ -238,13 +279,19 @@ def detect(onnx_dir: str | Path) -> Detection:
         raise InputError(f"{onnx_dir}: weight format disagrees: model.onnx initializers and DequantizeLinear nodes "
                          f"say {describe_weights(weights, counts)}, config.json weight_format says "
                          f"{describe_weights(said[0], said[1] or {})}")
-    sidecar = read_embedding_sidecar(checked_file(onnx_dir, "embedding.safetensors", "the embedding sidecar"))
-    expected = [config["vocab_size"], config["hidden_size"]]
-    if [sidecar.vocab_size, sidecar.hidden_size] != expected:
-        raise InputError(f"{onnx_dir}/embedding.safetensors: tensor 'embedding' expected {expected} (config.json "
-                         f"vocab_size, hidden_size), found {[sidecar.vocab_size, sidecar.hidden_size]}")
+    if role == ROLE_DRAFT:
+        embedding_format = None
+        read_d2t_targets(checked_file(onnx_dir, stage.D2T_FILE, "the draft vocabulary map"), config["vocab_size"],
+                         config["draft_vocab_size"])
+    else:
+        sidecar = read_embedding_sidecar(checked_file(onnx_dir, "embedding.safetensors", "the embedding sidecar"))
+        expected = [config["vocab_size"], config["hidden_size"]]
+        if [sidecar.vocab_size, sidecar.hidden_size] != expected:
+            raise InputError(f"{onnx_dir}/embedding.safetensors: tensor 'embedding' expected {expected} (config.json "
+                             f"vocab_size, hidden_size), found {[sidecar.vocab_size, sidecar.hidden_size]}")
+        embedding_format = sidecar.format
     return Detection(
-        onnx_dir=onnx_dir, config=config, model=config["model"], embedding_format=sidecar.format,
+        onnx_dir=onnx_dir, config=config, model=config["model"], embedding_format=embedding_format, engine_role=role,
         kv_cache_dtype=config["kv_cache_dtype"], weight_format=weights, weight_formats=counts,
         num_layers=config["num_hidden_layers"], vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
         num_kv_heads=config["num_key_value_heads"], head_dim=stage.head_dim(config),

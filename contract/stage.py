@@ -33,6 +33,20 @@ INPUT_IDS = "input_ids"  # the embedding engine's input; its output is INPUTS_EM
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values_", "present_key_values_"
 
 
+# EAGLE3 (contracts.md sections 2.2 and 2.3): the base's tree inputs and hidden-state output, the draft's inputs
+ATTENTION_MASK = "attention_mask"  # int32 [batch, seq_len, ceil(seq_len / 32)]: the bit-packed tree mask
+ATTENTION_POS_ID = "attention_pos_id"  # int32 [batch, seq_len]: each new token's RoPE position
+HIDDEN_STATES = "hidden_states"  # base: fp16 [batch, seq_len, k * hidden]; draft: fp16 [batch, seq_len, hidden]
+HIDDEN_STATES_INPUT = "hidden_states_input"  # draft input: the base's hidden_states
+HIDDEN_STATES_FROM_DRAFT = "hidden_states_from_draft"  # draft input: the draft's own previous hidden_states
+TREE_MASK_BITS = 32  # tree-mask flags per int32 word: bit j % 32 of word j // 32 of row i = node i sees node j
+
+
+def tree_mask_words(tree_size: int) -> int:
+    """int32 words per row of the packed tree mask of `tree_size` tokens."""
+    return -(-tree_size // TREE_MASK_BITS)
+
+
 def past_key_values(layer: int) -> str:
     return f"{PAST_PREFIX}{layer}"
 
@@ -289,3 +303,31 @@ def check_weight_formats(config: dict, where: str) -> None:
         raise InputError(f"{where}: {WEIGHT_FORMAT_COUNTS}: expected, with weight_format {MIXED_WEIGHTS!r}, a "
                          f"positive count of linears per format of {list(QUANTIZED_WEIGHT_FORMATS)}, "
                          f"found {counts!r:.80}")
+
+
+# --- speculative decoding (contracts.md sections 1.1 and 5) --------------------------------------------------------
+
+SPEC_NONE, SPEC_EAGLE3 = "none", "eagle3"  # config.json `spec_decode_type`
+ROLE_LLM, ROLE_BASE, ROLE_DRAFT = "llm", "base", "draft"  # config.json `engine_role`
+D2T_FILE, D2T_TENSOR = "d2t.safetensors", "d2t"  # the draft's draft-vocab -> base-vocab map (int32 [draft_vocab])
+DEFAULT_TREE_SIZE = 60  # --maxVerifyTreeSize / --maxDraftTreeSize: tree tokens per call in the generation profile
+
+
+def is_eagle3_config(config: dict) -> bool:
+    """An EAGLE3 draft checkpoint, by the reference's rule: an "Eagle3" architecture, `ttt_length` or
+    `draft_vocab_size` in its config.json."""
+    archs = config.get("architectures") or []
+    return any("Eagle3" in str(a) for a in archs) or "ttt_length" in config or "draft_vocab_size" in config
+
+
+def default_eagle_layers(num_layers: int) -> list[int]:
+    """The base hidden states an EAGLE3 draft reads when it names none (reference 0.10): inputs of decoder layers
+    2, N // 2 and N - 4, i.e. HF `output_hidden_states[i]`."""
+    return [2, num_layers // 2, num_layers - 4]
+
+
+def draft_target_layers(config: dict) -> list[int] | None:
+    """The target layers a draft's config.json names (`eagle_config.eagle_aux_hidden_state_layer_ids` or
+    `target_layer_ids`), None when it names none (then it reads its base's defaults)."""
+    ids = (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids") or config.get("target_layer_ids")
+    return list(ids) if ids else None

@@ -20,7 +20,8 @@ import numpy as np
 import onnxruntime as ort
 
 from contract import stage
-from contract.engine_dir import ENGINE_FILES
+from contract.engine_dir import engine_files
+from contract.errors import InputError
 from runtime.kv_cache import KvLayout
 
 
@@ -41,11 +42,17 @@ class OrtKv:
         return [half for layer in self.layers for half in layer]
 
 
-def session_options() -> ort.SessionOptions:
+def session_options(allow_spinning: bool = True) -> ort.SessionOptions:
     """All graph optimizations (ORT has no x86 fp16 MatMul: at this level it folds the fp16 weights to fp32 once at
     load; lower levels cast them on every run, 3x slower). Threads: ORT's default of one per physical core, or
-    EDGELLM_ORT_THREADS."""
+    EDGELLM_ORT_THREADS. `allow_spinning=False` lets a session's threads sleep as soon as a run ends: the sessions of
+    an EAGLE3 engine dir (base, draft, embedding) take turns many times per token, and each one's threads spinning
+    after its run would take the cores from the next (measured: 1.5-2x slower rounds on 2 cores).
+    EDGELLM_ORT_SPINNING=0 / 1 overrides that choice for every session."""
     opts = ort.SessionOptions()
+    allow_spinning = os.environ.get("EDGELLM_ORT_SPINNING", "1" if allow_spinning else "0") != "0"
+    if not allow_spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.intra_op_num_threads = int(os.environ.get("EDGELLM_ORT_THREADS") or 0)
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -70,6 +77,7 @@ class OnnxRuntimeBackend:
     """The sessions of one engine dir; arrays in and out are numpy."""
 
     max_selected_positions = None  # the lowered graph returns logits at any number of positions per row
+    hidden_dtype = np.float32  # the engine computes in fp32: hidden states in and out as fp32 (contracts.md 3.1)
 
     def __init__(self, engine_dir: Path, config: dict, kv: KvLayout, constants: dict[str, np.ndarray]):
         self.kv = kv
@@ -80,10 +88,13 @@ class OnnxRuntimeBackend:
         # (past, present) names per layer and half, in the order of OrtKv.halves
         self.kv_names = [(f"{stage.past_key_values(i)}.{half}", f"{stage.present_key_values(i)}.{half}")
                          for i in range(kv.num_layers) for half in stage.ORT_KV_HALVES]
-        llm_file, embedding_file = ENGINE_FILES["onnxruntime"]
-        opts = session_options()
+        # the engine dir's files of this role (contracts.md 5.2): an EAGLE3 draft has no embedding engine
+        role = config.get("engine_role", stage.ROLE_LLM)
+        llm_file, *embedding_file = engine_files(role, "onnxruntime")
+        opts = session_options(allow_spinning=role == stage.ROLE_LLM)
         providers = ["CPUExecutionProvider"]
-        self.embedding = ort.InferenceSession(str(engine_dir / embedding_file), opts, providers=providers)
+        self.embedding = (ort.InferenceSession(str(engine_dir / embedding_file[0]), opts, providers=providers)
+                          if embedding_file else None)
         if config.get("weight_format", "fp16") != "fp16":
             # ORT's CPU provider has no FP8/FP4 GEMM: every step dequantizes each weight into a transient fp32
             # buffer. The arena would keep all those buffers for good (measured on SmolLM2 fp8: 1002 MiB against
@@ -93,6 +104,8 @@ class OnnxRuntimeBackend:
         self.llm = ort.InferenceSession(str(engine_dir / llm_file), opts, providers=providers)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
+        if self.embedding is None:
+            raise InputError("this engine (an EAGLE3 draft) has no embedding engine; look tokens up with its base's")
         (embeds,) = self.embedding.run([stage.INPUTS_EMBEDS], {stage.INPUT_IDS: ids})
         return embeds
 

@@ -25,7 +25,7 @@ ROLES = ("system", "user", "assistant")
 # Reference keys that change nothing here when left at their "off" value.
 IGNORED_TOP = {"context_cache_lookup_policy", "context_cache_commit_policy", "streaming", "diffusion_config",
                "spec_proposal_sampling", "available_lora_weights"}
-IGNORED_REQUEST = {"reference", "disable_spec_decode", "save_system_prompt_kv_cache", "lora_name"}
+IGNORED_REQUEST = {"reference", "save_system_prompt_kv_cache", "lora_name"}
 
 
 @dataclass
@@ -45,6 +45,7 @@ class Request:
     logit_bias: dict[int, float] = field(default_factory=dict)
     num_logprobs: int = 0
     sampling_seed: int = 0
+    disable_spec_decode: bool = False  # with --specDecode: decode this request's batch without speculation
 
 
 @dataclass
@@ -190,7 +191,8 @@ def parse_test_cases(data, source: str) -> TestCases:
         r = top.child("requests", raw, i)
         if not isinstance(raw, dict):
             raise r.fail(None, "an object with messages", raw)
-        r.check_keys({"messages", "stop", "logit_bias", "num_logprobs", "sampling_seed"} | IGNORED_REQUEST)
+        r.check_keys({"messages", "stop", "logit_bias", "num_logprobs", "sampling_seed", "disable_spec_decode"}
+                     | IGNORED_REQUEST)
         if raw.get("lora_name"):
             raise r.fail("lora_name", "no adapter (LoRA is not supported)", raw["lora_name"])
         messages = raw.get("messages")
@@ -202,6 +204,7 @@ def parse_test_cases(data, source: str) -> TestCases:
             logit_bias=_logit_bias(r, "logit_bias", bias),
             num_logprobs=r.number("num_logprobs", num_logprobs, 0, MAX_NUM_LOGPROBS, integer=True),
             sampling_seed=r.number("sampling_seed", seed, 0, 2**64 - 1, integer=True),
+            disable_spec_decode=r.boolean("disable_spec_decode", False),
         ))
     return TestCases(
         source=source,

@@ -188,9 +188,10 @@ def test_cli_failure_inside_the_build_leaves_no_partial_engine_dir(onnx_dir, tmp
 
 
 def test_cli_rejects_an_engine_dir_as_onnx_dir_and_spec_flags(onnx_dir, tmp_path):
+    assert_one_line_error(run_build(onnx_dir, tmp_path / "eng", "--specBase"), "--specBase", "found 'llm'")
+    assert_one_line_error(run_build(onnx_dir, tmp_path / "eng", "--specDraft"), "--specDraft", "found 'llm'")
     edit_config(onnx_dir, builder_config={"backend": "onnxruntime"})
     assert_one_line_error(run_build(onnx_dir, tmp_path / "eng"), "engine dir")
-    assert_one_line_error(run_build(onnx_dir, tmp_path / "eng", "--specBase"), "--specBase")
     assert not (tmp_path / "eng").exists()
 
 

@@ -16,6 +16,7 @@ kernels get their FP8 inputs quantized by torch. The `gpu` tests run the compile
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import multiprocessing
@@ -260,6 +261,81 @@ def test_attention_forward_fp16_matches_reference(interp, family, s, starts, len
     assert torch.equal(present, cache)  # present is the past binding, updated in place
     torch.testing.assert_close(attn, want_attn, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(present, want_present, atol=2e-3, rtol=1e-3)
+
+
+def tree_case(s, starts, parents_per_row, fp8=False, qk_norm=False, d=64, capacity=64, seed=3):
+    """A tree call: each row's tree (right-padded to s), its packed mask and its positions start + depth."""
+    import numpy as np
+
+    from plugins.attention.tree_mask import ancestors_mask, pack_tree_mask
+
+    lengths = [len(p) for p in parents_per_row]
+    case, attrs = make_case(s=s, d=d, fp8=fp8, qk_norm=qk_norm, starts=starts, lengths=lengths, capacity=capacity,
+                            seed=seed)
+    visible, pos = np.zeros((len(lengths), s, s), bool), np.zeros((len(lengths), s), np.int32)
+    for row, parents in enumerate(parents_per_row):
+        visible[row, : len(parents), : len(parents)] = ancestors_mask(parents)
+        for i, p in enumerate(parents):
+            pos[row, i] = starts[row] if p < 0 else pos[row, p] + 1
+    case.update(attention_mask=torch.from_numpy(pack_tree_mask(visible)), attention_pos_id=torch.from_numpy(pos))
+    return case, dataclasses.replace(attrs, enable_tree_attention=True)
+
+
+def random_tree(size: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [-1] + [int(torch.randint(max(0, i - 6), i, (1,), generator=g)) for i in range(1, size)]
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("shape", ["small", "wide", "single"])
+def test_tree_attention_forward_matches_reference(interp, qk_norm, shape):
+    """Tree calls (EAGLE3 verification / draft proposals) against the torch reference: RoPE at attention_pos_id,
+    K/V at the next slots, keys filtered by the packed mask; "wide" spans two mask words, "single" is one token.
+    (FP8 end to end is not comparable on the interpreter, see the module doc; the next test covers its loads.)"""
+    trees = {"small": ([-1, 0, 0, 1, 1, 2], [-1, 0, 1, 0]), "wide": (random_tree(40, 1), random_tree(35, 2)),
+             "single": ([-1], [-1])}[shape]
+    s = max(len(t) for t in trees)
+    case, attrs = tree_case(s, (9, 3), trees, qk_norm=qk_norm)
+    want_attn, want_present = attention_reference(**case, attrs=attrs)
+    (attn, present), _ = interp(ATTN, "attention_forward", **case, attrs=attrs)
+    valid = valid_rows(case)
+    torch.testing.assert_close(attn, want_attn, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(present, want_present, atol=2e-3, rtol=1e-3)
+    assert torch.count_nonzero(attn[~valid]) == 0
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_tree_prefill_attention(interp, fp8):
+    """The attention kernel alone on a rotated Q and a filled cache (FP8: quantized by torch), against plain torch
+    over the reference's visible slots: the mask logic and the FP8 loads."""
+    from plugins.attention.reference import visible_slots
+
+    trees = (random_tree(40, 3), random_tree(21, 4))
+    case, attrs = tree_case(40, (5, 17), trees, fp8=fp8)
+    _, present = attention_reference(**case, attrs=attrs)  # the tree call's K/V written at their slots
+    q = torch_q(case, attrs)  # torch_q rotates at start + i; the kernel takes Q as given, so any Q will do
+    q = to_fp8(q, attrs.qkv_scales[0]) if fp8 else q
+    q = torch.where(valid_rows(case)[:, :, None, None], q.float(), 0.0).to(q.dtype)
+    got, _ = interp(ATTN, "prefill_attention", q=q, cache=present, context_lengths=case["context_lengths"],
+                    kvcache_start_index=case["kvcache_start_index"], attrs=attrs, attention_mask=case["attention_mask"])
+    visible = visible_slots(case["kvcache_start_index"].long(), 40, present.shape[3], case["attention_mask"])
+    scales = attrs.qkv_scales if fp8 else (1.0, 1.0, 1.0)
+    keys, values = present[:, 0].float() * scales[1], present[:, 1].float() * scales[2]
+    g = attrs.num_q_heads // attrs.num_kv_heads
+    keys, values = keys.repeat_interleave(g, 1), values.repeat_interleave(g, 1)
+    scores = torch.einsum("bshd,bhtd->bhst", q.float() * scales[0], keys) * attrs.attention_scale
+    want = torch.einsum("bhst,bhtd->bshd", scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1), values)
+    valid = valid_rows(case)
+    torch.testing.assert_close(got[valid].float(), want[valid], atol=2e-3, rtol=2e-3)
+    assert torch.count_nonzero(got[~valid]) == 0
+
+
+def test_tree_inputs_are_checked(interp):
+    case, attrs = tree_case(6, (9, 3), ([-1, 0, 0, 1, 1, 2], [-1, 0, 1, 0]))
+    with pytest.raises(InputError, match="attention_mask: expected int32"):
+        interp(ATTN, "attention_forward", **{**case, "attention_mask": case["attention_mask"].long()}, attrs=attrs)
+    with pytest.raises(InputError, match="attention_pos_id"):
+        interp(ATTN, "attention_forward", **{**case, "attention_pos_id": None}, attrs=attrs)
 
 
 def test_attention_forward_rejects_wrong_cache_dtype(interp):
