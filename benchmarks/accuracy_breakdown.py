@@ -5,24 +5,26 @@ model (fp32 compute, so only the quantization under test adds error), fake-quant
 linear inputs (activations) of one kind of linear (q/k/v/o/gate/up/down) with the FP8 formats of
 `contract.formats`, and reports the perplexity increase on the same WikiText-2 windows.
 
-    python -m benchmarks.accuracy_breakdown [--windows 4]
+    python -m benchmarks.accuracy_breakdown [--windows 8] [--window_len 256] [--per_kind]
 
-Writes docs/accuracy-breakdown.md.
+Writes docs/accuracy-breakdown.md: KL against the fp32 model, top-1 and perplexity, each with a bootstrap interval.
 """
 
 from __future__ import annotations
 
-import math
+import os
 import platform
 from pathlib import Path
 
 import click
+import numpy as np
 import torch
 
+from benchmarks import stats
 from contract import formats
 
 ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
+WIKITEXT = Path(os.environ.get("EDGELLM_DATA_DIR") or ROOT.parent / "shared" / "data") / "wikitext-2-raw-test.txt"
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -53,34 +55,58 @@ def nvfp4_act(x: torch.Tensor) -> torch.Tensor:
     return nvfp4_activation_qdq(x.float(), input_scale).to(x.dtype)
 
 
-def perplexity(model, windows: list[torch.Tensor]) -> float:
-    nll, n = 0.0, 0
+def log_probs(model, windows: list[torch.Tensor]) -> list[np.ndarray]:
+    """Teacher-forced fp32 log-probabilities ``[len - 1, V]`` of each window."""
     with torch.no_grad():
-        for ids in windows:
-            logits = model(ids[None]).logits[0, :-1].float()
-            nll += torch.nn.functional.cross_entropy(logits, ids[1:], reduction="sum").item()
-            n += len(ids) - 1
-    return math.exp(nll / n)
+        return [torch.log_softmax(model(ids[None]).logits[0, :-1].float(), -1).numpy() for ids in windows]
+
+
+def fp8_qkv_attention(which: str):
+    """An attention function that fake-quantizes post-RoPE Q and/or K, V to FP8 with one per-tensor scale (this
+    call's amax; the engines use a calibrated one), then runs SDPA: the FP8 KV cache in torch."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def qdq(t: torch.Tensor) -> torch.Tensor:
+        scale = float(t.abs().amax()) / formats.FP8_MAX
+        return (formats.to_fp8(t, scale).float() * scale).to(t.dtype) if scale > 0 else t
+
+    def attention(module, query, key, value, *args, **kwargs):
+        if "q" in which:
+            query = qdq(query)
+        if "kv" in which:
+            key, value = qdq(key), qdq(value)
+        return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
+
+    return attention
 
 
 @click.command()
-@click.option("--windows", "n_windows", default=4, show_default=True, help="WikiText-2 windows of 512 tokens.")
-def main(n_windows: int) -> None:
-    """Perplexity increase from fake-quantizing one kind of tensor at a time (FP8, NVFP4)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@click.option("--windows", "n_windows", default=8, show_default=True, help="WikiText-2 windows.")
+@click.option("--window_len", default=256, show_default=True, help="Tokens per window.")
+@click.option("--per_kind", is_flag=True, help="Also one row per kind of linear (q/k/v/o/gate/up/down), FP8 only.")
+def main(n_windows: int, window_len: int, per_kind: bool) -> None:
+    """KL, top-1 and perplexity from fake-quantizing one kind of tensor at a time (FP8, NVFP4), with intervals."""
+    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
     from llm_loader.gguf_convert import smollm2_checkpoint
 
     torch.set_num_threads(2)
     ckpt = smollm2_checkpoint()
     tok = AutoTokenizer.from_pretrained(ckpt)
-    ids = torch.tensor(tok(WIKITEXT.read_text(encoding="utf-8"))["input_ids"][: n_windows * 512])
-    windows = list(ids.view(n_windows, 512))
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ids = torch.tensor(tok(WIKITEXT.read_text(encoding="utf-8"))["input_ids"][: n_windows * window_len])
+    windows = list(ids.view(n_windows, window_len))
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="sdpa").eval()
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in KINDS}
     originals = {n: m.weight.data.clone() for n, m in linears.items()}
-    base = perplexity(model, windows)
-    rows = [("none (fp32 HF)", base)]
+    reference = log_probs(model, windows)
+    targets = [w[1:].numpy() for w in windows]
+    rows: list[tuple[str, stats.TokenScores]] = []
+
+    def score(label: str) -> None:
+        lps = log_probs(model, windows)
+        rows.append((label, stats.TokenScores.stack([stats.TokenScores.of_window(r, lp, t)
+                                                     for r, lp, t in zip(reference, lps, targets)])))
+        print(f"{label}: KL {rows[-1][1].kl.mean():.4f}", flush=True)
 
     def run(label: str, kinds, weight_fn=None, act_fn=None) -> None:
         hooks = []
@@ -91,29 +117,45 @@ def main(n_windows: int) -> None:
                 m.weight.data = weight_fn(originals[n])
             if act_fn:
                 hooks.append(m.register_forward_pre_hook(lambda mod, args: (act_fn(args[0]),)))
-        rows.append((label, perplexity(model, windows)))
-        print(f"{label}: {rows[-1][1]:.3f} ({100 * (rows[-1][1] / base - 1):+.2f}%)", flush=True)
+        score(label)
         for h in hooks:
             h.remove()
         for n, m in linears.items():
             m.weight.data = originals[n]
 
+    score("none (fp32 HF)")
     run("all weights FP8 per-tensor", KINDS, weight_fn=fp8_weight_per_tensor)
     run("all weights FP8 per-channel", KINDS, weight_fn=fp8_weight_per_channel)
     run("all activations FP8 per-token", KINDS, act_fn=fp8_act_per_token)
     run("all weights NVFP4", KINDS, weight_fn=nvfp4_weight)
     run("all activations NVFP4", KINDS, act_fn=nvfp4_act)
-    for kind in KINDS:
+    for which, label in (("kv", "K and V FP8 per-tensor (post-RoPE)"), ("q", "Q FP8 per-tensor (post-RoPE)")):
+        AttentionInterface.register(f"fp8_{which}", fp8_qkv_attention(which))
+        model.set_attn_implementation(f"fp8_{which}")
+        score(label)
+    model.set_attn_implementation("sdpa")
+    for kind in KINDS if per_kind else ():
         run(f"{kind} activations FP8 per-token", (kind,), act_fn=fp8_act_per_token)
-    for kind in KINDS:
+    for kind in KINDS if per_kind else ():
         run(f"{kind} weights FP8 per-channel", (kind,), weight_fn=fp8_weight_per_channel)
 
+    idx = stats.draws(n_windows)
+    base = rows[0][1]
     lines = ["# Where FP8 and NVFP4 lose accuracy on SmolLM2-135M (torch fake-quant attribution)", "",
-             f"`python -m benchmarks.accuracy_breakdown --windows {n_windows}`: HF model in fp32, {n_windows} x 512 "
-             f"tokens of WikiText-2 raw test, one kind of tensor fake-quantized at a time. Machine: "
-             f"{platform.machine()}, {platform.system()}.", "",
-             "| fake-quantized | perplexity | increase |", "|---|---|---|"]
-    lines += [f"| {label} | {p:.3f} | {100 * (p / base - 1):+.2f}% |" for label, p in rows]
+             f"`python -m benchmarks.accuracy_breakdown --windows {n_windows} --window_len {window_len}"
+             f"{' --per_kind' if per_kind else ''}`: HF model in fp32, {n_windows} x {window_len} tokens of WikiText-2 "
+             f"raw test, one kind of tensor fake-quantized at a time (amax scales, no methods), against the "
+             f"unquantized fp32 model on the same windows. KL in nats per token; 95% bootstrap intervals "
+             f"over the windows (`benchmarks/stats.py`); a perplexity change whose interval contains 0 is no "
+             f"difference. Machine: {platform.machine()}, {platform.system()}.", "",
+             "| fake-quantized | KL mean | top-1 | perplexity | ppl change |", "|---|---|---|---|---|"]
+    for label, sc in rows:
+        f = stats.summary(sc, base, idx)
+        inc = f["ppl_increase"]
+        change = "(reference)" if sc is base else (f"no difference ({inc.fmt('+.1f', 100, '%')})" if inc.contains(0)
+                                                   else inc.fmt("+.1f", 100, "%"))
+        lines.append(f"| {label} | {f['kl'].fmt('.4f')} | {f['top1'].fmt('.1f', 100, '%')} | {f['ppl'].fmt('.2f')} "
+                     f"| {change} |")
     (ROOT / "docs" / "accuracy-breakdown.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

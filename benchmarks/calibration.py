@@ -33,7 +33,7 @@ import click
 import numpy as np
 import torch
 
-from benchmarks.accuracy import CALIB, ROOT, log_softmax, run, window_logits, windows
+from benchmarks.accuracy import CALIB, ROOT, run, window_log_probs, windows
 from benchmarks.e2e_cpu import machine
 
 WINDOW = 256  # the record splits each sample at this many tokens
@@ -143,7 +143,7 @@ def main(samples: int, sizes: str, methods: str, n_windows: int, window_len: int
 
     test = windows(ckpt, n_windows, window_len)
     fp16 = Engine.load(build(ckpt, work_dir / "fp16"))
-    reference = [log_softmax(window_logits(fp16, ids))[:-1] for ids in test]
+    reference = [window_log_probs(fp16, ids) for ids in test]
     del fp16
     rows, rng = [], np.random.default_rng(0)
     for size in sizes.split(","):
@@ -158,7 +158,7 @@ def main(samples: int, sizes: str, methods: str, n_windows: int, window_len: int
             engine = Engine.load(build(out / "ckpt", out))
             kl, top1, nll, base = [], [], [], []
             for ids, ref in zip(test, reference):
-                lp = log_softmax(window_logits(engine, ids))[:-1]
+                lp = window_log_probs(engine, ids)
                 kl.append(float((np.exp(ref) * (ref - lp)).sum(-1).mean()))
                 top1.append(float((lp.argmax(-1) == ref.argmax(-1)).mean()))
                 nll.append(float(-lp[np.arange(len(ids) - 1), ids[1:]].mean()))

@@ -10,8 +10,8 @@ rest, dequantized at every step). SmolLM2-135M-Instruct, KV capacity 4096 tokens
   default threads (one per core) and once with one thread (EDGELLM_ORT_THREADS=1), which on a loaded machine shows
   the engines' own cost without the thread pool's wake-ups. The load average is recorded.
 
-Checkpoints are calibrated briefly (16 samples x 256 tokens: speed and memory do not depend on it); everything is
-cached under --work.
+Checkpoints are calibrated briefly and with plain amax scales (16 samples x 256 tokens, no smoothing, search or
+GPTQ: speed and memory do not depend on them); everything is cached under --work.
 
     python -m benchmarks.engine_memory [--work work_out/engine_memory] [--rounds 8] [--threads 0,1]
 
@@ -25,15 +25,29 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
-from benchmarks.accuracy import CALIB, RECIPES, ROOT, Recipe
+from benchmarks.accuracy import CALIB, PLAIN, ROOT
 from benchmarks.e2e_cpu import machine
 
 KV_TOKENS = 4096
 MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    quantization: str = "none"  # llm-quantize --quantization
+    kv_fp8: bool = False
+    fp8_embedding: bool = False
+
+
+RECIPES = [Recipe("fp16"), Recipe("fp8-embedding", fp8_embedding=True), Recipe("fp8", "fp8"),
+           Recipe("fp8_pc", "fp8_pc"), Recipe("fp8_block", "fp8_block"), Recipe("nvfp4", "nvfp4"),
+           Recipe("fp8-kv", kv_fp8=True), Recipe("nvfp4+fp8-kv+fp8-embedding", "nvfp4", kv_fp8=True, fp8_embedding=True)]
 
 MEMORY_CHILD = r"""
 import json, sys, time, numpy as np, psutil
@@ -79,7 +93,8 @@ def checkpoint(recipe: Recipe, ckpt: Path, work: Path) -> Path:
     out = work / recipe.name / "ckpt"
     if not (out / "config.json").exists():
         run([sys.executable, "-m", "quantization", "llm", "--model_dir", ckpt, "--output_dir", out, "--quantization",
-             recipe.quantization, "--text_dataset", CALIB, "--num_samples", 16, "--max_seq_len", 256]
+             recipe.quantization, "--text_dataset", CALIB, "--num_samples", 16, "--max_seq_len", 256,
+             *(PLAIN if recipe.quantization != "none" else [])]
             + (["--kv_cache_quantization", "fp8"] if recipe.kv_fp8 else []), stdout=subprocess.DEVNULL)
     return out
 

@@ -1,8 +1,11 @@
 """What an ONNX dir holds, read from the files themselves (contracts.md sections 1, 2, 4).
 
-The build takes no precision flags: weight format, FP8 embedding and FP8 KV cache are detected here. Each fact has more than one
-witness (tensor dtype and metadata; graph bindings, plugin attributes and config.json), and they must agree, so an
-export that was edited by hand or half-converted fails before a long build instead of producing a wrong engine.
+The build takes no precision flags: weight format, FP8 embedding and FP8 KV cache are detected here. Each fact has more
+than one witness (tensor dtype and metadata; each layer's graph bindings and plugin attributes, and config.json), and
+they must agree, so an export that was edited by hand or half-converted fails before a long build instead of producing
+a wrong engine. Every dim config.json states and the graph fixes (layers, heads, head size, hidden, vocab, rotary
+dim) is checked the same way, and so is the EAGLE3 role: config.json `engine_role` against the graph's tree inputs,
+plugins and hidden-state I/O.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ from contract import stage
 from contract.dir_kinds import onnx_dir_mistake
 from contract.errors import InputError
 from contract.jsonfile import read_json
-from contract.stage import CONTRACT_VERSION, KvDtype
+from contract.onnxfile import load_model
+from contract.paths import checked_file
+from contract.stage import CONTRACT_VERSION, ROLE_BASE, ROLE_DRAFT, ROLE_LLM, KvDtype
+from llm_loader.eagle3_draft import read_d2t_targets
 from llm_loader.embedding import read_embedding_sidecar
 from plugins.attention import schema as attention_schema
 
@@ -26,88 +32,228 @@ class Detection:
     onnx_dir: Path
     config: dict  # config.json as read
     model: str  # HF model_type
-    embedding_format: str  # "fp16" | "fp8_e4m3_row_block"
+    embedding_format: str | None  # "fp16" | "fp8_e4m3_row_block"; None for a draft (it uses its base's table)
     kv_cache_dtype: str  # "fp16" | "fp8"
-    weight_format: str
+    weight_format: str  # "fp16", one quantized format, or "mixed"
+    weight_formats: dict[str, int]  # quantized linears per format
     num_layers: int
     vocab_size: int
     hidden_size: int
     num_kv_heads: int
     head_dim: int
     rotary_dim: int
+    engine_role: str = ROLE_LLM  # "llm" | "base" | "draft" (config.json, checked against the graph)
 
     def summary(self) -> str:
+        role = {ROLE_LLM: " (vanilla)",
+                ROLE_BASE: f" (EAGLE3 base: hidden_states of layers {self.config.get('eagle_hidden_state_layers')})",
+                ROLE_DRAFT: f" (EAGLE3 draft: draft vocab {self.config.get('draft_vocab_size')}, reads "
+                            f"{self.config.get('base_model_hidden_size')} base hidden values per token)"}
         return "\n".join([
             f"ONNX dir        {self.onnx_dir}",
             f"model           {self.model}: {self.num_layers} layers, hidden {self.hidden_size}, "
             f"vocab {self.vocab_size}, {self.num_kv_heads} kv heads x {self.head_dim}",
-            f"weights         {self.weight_format} (model.onnx initializers/DQ nodes and config.json agree)",
+            f"role            {self.engine_role}{role[self.engine_role]}",
+            f"weights         {describe_weights(self.weight_format, self.weight_formats)} (model.onnx "
+            "initializers/DQ nodes and config.json agree)",
             f"embedding       {self.embedding_format}",
             f"KV cache        {self.kv_cache_dtype} (graph bindings, AttentionPlugin and config.json agree)",
         ])
 
 
+# inputs only a TensorRT-Edge-LLM 0.11 token-major (ragged, paged) export has (reference section 2.9)
+TOKEN_MAJOR_INPUTS = ("positions", "query_start_offsets", "query_lengths", "past_lengths", "logits_indices",
+                      "attention_sequence_lengths", "execution_phase_marker")
+
+
+def _foreign_export(onnx_dir: Path, config: dict) -> str | None:
+    """What a config.json without our contract_version is, when it is a TensorRT-Edge-LLM export: its graph is
+    token-major (0.11: `inputs_embeds [tokens, hidden]`, per-sequence offsets) or batch-major over a paged pool
+    (0.10: `kv_page_table`)."""
+    version = str(config.get("edgellm_version") or "")
+    try:
+        graph = load_model(onnx_dir / "model.onnx", "the exported graph").graph
+        inputs = {i.name: len(i.type.tensor_type.shape.dim) for i in graph.input}
+    except InputError:
+        inputs = {}
+    token_major = any(name in inputs for name in TOKEN_MAJOR_INPUTS) or inputs.get(stage.INPUTS_EMBEDS) == 2
+    if token_major or version.startswith("0.11"):
+        found = (f"a TensorRT-Edge-LLM {version or '0.11'} token-major/paged export (inputs_embeds [tokens, hidden], "
+                 "positions, query_start_offsets, kv_page_table)")
+    elif "kv_page_table" in inputs or version:
+        found = f"a TensorRT-Edge-LLM {version or '0.10'} export (batch-major over a paged KV pool, kv_page_table)"
+    else:
+        return None
+    return (f"{onnx_dir}: expected an ONNX dir of contract_version {CONTRACT_VERSION}, found {found}; llm-build "
+            "builds only exports of python -m llm_loader.export_all_cli (batch-major inputs_embeds [batch, seq, "
+            "hidden], one contiguous KV cache per layer, no kv_page_table): export the Hugging Face checkpoint "
+            "with it")
+
+
+def describe_weights(weight_format: str, counts: dict[str, int]) -> str:
+    """"fp8", or "mixed: nvfp4 90 linears, fp8 120 linears"."""
+    if weight_format != stage.MIXED_WEIGHTS:
+        return weight_format
+    return f"{weight_format}: " + ", ".join(f"{fmt} {n} linears" for fmt, n in counts.items())
+
+
 def read_config(onnx_dir: Path) -> dict:
-    path = onnx_dir / "config.json"
-    if not path.is_file():
+    path = checked_file(onnx_dir, "config.json", "the runtime config", required=False)
+    if path is None:
         raise InputError(onnx_dir_mistake(onnx_dir)
                          or f"{onnx_dir}: expected an ONNX dir from llm_loader.export_all_cli, found no config.json")
     config = read_json(path, "the ONNX dir's runtime config")
     if config.get("contract_version") != CONTRACT_VERSION:
-        raise InputError(onnx_dir_mistake(onnx_dir) or f"{path} contract_version: expected {CONTRACT_VERSION}, "
-                         f"found {config.get('contract_version')!r}")
+        found = config.get("contract_version")
+        raise InputError(_foreign_export(onnx_dir, config) or onnx_dir_mistake(onnx_dir)
+                         or f"{path} contract_version: expected {CONTRACT_VERSION}, found {found!r}")
     if "builder_config" in config:
         raise InputError(f"{path}: this is an engine dir (it has builder_config), expected an ONNX dir")
     for key in ("model", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "kv_cache_dtype"):
         if key not in config:
             raise InputError(f"{path}: expected key {key!r}, found none")
+    stage.check_runtime_config(config, str(path))
     return config
 
 
-def graph_kv_facts(model_path: Path) -> tuple[set[str], set[str], int]:
-    """(dtypes of past_key_values_* inputs, KV dtypes implied by AttentionPlugin attributes, number of layers)."""
-    if not model_path.is_file():
-        raise InputError(f"{model_path.parent}: expected model.onnx, found no such file")
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    for location in {e.value for t in graph.initializer for e in t.external_data if e.key == "location"}:
-        if not (model_path.parent / location).is_file():
-            raise InputError(f"{model_path}: expected its weights file {location} next to it, found no such file")
-    pasts = [i for i in graph.input if i.name.startswith(stage.PAST_PREFIX)]
-    binding = set()
-    for i in pasts:
-        kv = KvDtype.from_onnx(i.type.tensor_type.elem_type)
-        if kv is None:
-            raise InputError(f"{model_path} input {i.name}: expected fp16 or float8e4m3fn, found elem_type "
-                             f"{i.type.tensor_type.elem_type}")
-        binding.add(kv.value)
+def _dims(value: onnx.ValueInfoProto) -> list:
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
+
+
+def _agree(onnx_dir: Path, what: str, witnesses: dict[str, object], layer: int | None = None) -> None:
+    """Every source of one fact (config.json, a binding's dtype or shape, a plugin attribute) must say the same."""
+    if len({str(v) for v in witnesses.values()}) > 1:
+        said = ", ".join(f"{source} says {value}" for source, value in witnesses.items())
+        at = "" if layer is None else f" at layer {layer}"
+        raise InputError(f"{onnx_dir}: {what} disagrees{at}: {said}")
+
+
+def check_graph(onnx_dir: Path, graph: onnx.GraphProto, config: dict) -> None:
+    """Cross-check every layer's KV bindings and AttentionPlugin, and every dim the graph fixes, with config.json."""
+    inputs, outputs = {i.name: i for i in graph.input}, {o.name: o for o in graph.output}
+    layers = config["num_hidden_layers"]
+    for kind, found in (("input", sorted(n for n in inputs if n.startswith(stage.PAST_PREFIX))),
+                        ("output", sorted(n for n in outputs if n.startswith(stage.PRESENT_PREFIX)))):
+        prefix = stage.PAST_PREFIX if kind == "input" else stage.PRESENT_PREFIX
+        # counts first: config.json may state any number of layers
+        expected = sorted(f"{prefix}{i}" for i in range(layers)) if len(found) == layers else None
+        if found != expected:
+            raise InputError(f"{onnx_dir}/model.onnx: expected {prefix}0..{layers - 1} {kind}s (config.json "
+                             f"num_hidden_layers {layers}), found {len(found)}: {', '.join(found[:4])}"
+                             f"{' ...' if len(found) > 4 else ''}")
+    plugins = {n.input[1]: n for n in graph.node if n.domain == attention_schema.DOMAIN
+               and n.op_type == attention_schema.OP_TYPE and len(n.input) > 1}
+    attention_nodes = sum(n.op_type == attention_schema.OP_TYPE for n in graph.node)
+    if attention_nodes != layers:
+        raise InputError(f"{onnx_dir}/model.onnx: expected one AttentionPlugin per layer ({layers}, config.json "
+                         f"num_hidden_layers), found {attention_nodes}")
+    hd = stage.head_dim(config)
+    for i in range(layers):
+        past, present = inputs[stage.past_key_values(i)], outputs[stage.present_key_values(i)]
+        node = plugins.get(past.name)
+        if node is None or list(node.output[1:2]) != [present.name]:
+            raise InputError(f"{onnx_dir}/model.onnx: expected an AttentionPlugin reading {past.name} and writing "
+                             f"{present.name}, found none")
+        attrs = attention_schema.read_attrs(node)
+        plugin = f"AttentionPlugin {node.name!r}"
+        past_type, present_type = (KvDtype.from_onnx(v.type.tensor_type.elem_type) for v in (past, present))
+        _agree(onnx_dir, "KV cache dtype", layer=i, witnesses={
+            f"model.onnx {past.name}": getattr(past_type, "value", past.type.tensor_type.elem_type),
+            f"model.onnx {present.name}": getattr(present_type, "value", present.type.tensor_type.elem_type),
+            f"{plugin} enable_fp8_kv_cache": attrs.kv_dtype.value,
+            "config.json kv_cache_dtype": config["kv_cache_dtype"]})
+        shape = _dims(past)
+        if len(shape) != 5 or shape[1] != 2 or _dims(present) != shape:
+            raise InputError(f"{onnx_dir}/model.onnx {past.name}: expected shape [batch, 2, kv_heads, kv_len, "
+                             f"head_dim] (and the same for {present.name}), found {shape} and {_dims(present)}")
+        _agree(onnx_dir, "num_key_value_heads", layer=i, witnesses={
+            "config.json num_key_value_heads": config["num_key_value_heads"], f"model.onnx {past.name} dim 2": shape[2],
+            f"{plugin} num_kv_heads": attrs.num_kv_heads})
+        _agree(onnx_dir, "head_dim", layer=i, witnesses={
+            "config.json head_dim": hd, f"model.onnx {past.name} dim 4": shape[4],
+            f"{plugin} head_size": attrs.head_size})
+        _agree(onnx_dir, "num_attention_heads", layer=i, witnesses={
+            "config.json num_attention_heads": config["num_attention_heads"],
+            f"{plugin} num_q_heads": attrs.num_q_heads})
+    vocab_key = "draft_vocab_size" if config.get("engine_role") == ROLE_DRAFT else "vocab_size"
+    for name, io, axis, key, value in (
+            (stage.INPUTS_EMBEDS, inputs, 2, "hidden_size", config["hidden_size"]),
+            (stage.ROPE_COS_SIN, inputs, 2, "head_dim x partial_rotary_factor", stage.rotary_dim(config)),
+            (stage.LOGITS, outputs, 2, vocab_key, config.get(vocab_key))):
+        if name not in io:
+            raise InputError(f"{onnx_dir}/model.onnx: expected {name}, found no such graph input or output")
+        dims = _dims(io[name])
+        _agree(onnx_dir, key, {f"config.json {key}": value,
+                               f"model.onnx {name} dim {axis}": dims[axis] if len(dims) == 3 else dims})
+
+
+def graph_role(model_path: Path, graph: onnx.GraphProto) -> str:
+    """The EAGLE3 role the graph's own I/O says: a draft reads hidden_states_input, a base returns hidden_states,
+    and both run every AttentionPlugin in tree mode with the two tree inputs; a vanilla graph has none of that."""
+    inputs, outputs = {i.name for i in graph.input}, {o.name for o in graph.output}
     plugins = [n for n in graph.node if n.domain == attention_schema.DOMAIN and n.op_type == attention_schema.OP_TYPE]
-    plugin = {attention_schema.read_attrs(n).kv_dtype.value for n in plugins}
-    if len(plugins) != len(pasts):
-        raise InputError(f"{model_path}: expected one AttentionPlugin per past_key_values input, found "
-                         f"{len(plugins)} plugins and {len(pasts)} inputs")
-    return binding, plugin, len(pasts)
+    tree = {attention_schema.read_attrs(n).enable_tree_attention for n in plugins}
+    has_tree_inputs = {stage.ATTENTION_MASK, stage.ATTENTION_POS_ID} <= inputs
+    if tree == {False} and not has_tree_inputs and stage.HIDDEN_STATES not in outputs:
+        return ROLE_LLM
+    if tree != {True} or not has_tree_inputs or stage.HIDDEN_STATES not in outputs:
+        raise InputError(f"{model_path}: expected either a vanilla graph or an EAGLE3 one (tree attention in every "
+                         f"AttentionPlugin, inputs {stage.ATTENTION_MASK} and {stage.ATTENTION_POS_ID}, output "
+                         f"{stage.HIDDEN_STATES}), found a mix")
+    draft_inputs = {stage.HIDDEN_STATES_INPUT, stage.HIDDEN_STATES_FROM_DRAFT}
+    if draft_inputs <= inputs:
+        return ROLE_DRAFT
+    if draft_inputs & inputs:
+        raise InputError(f"{model_path}: expected both draft inputs {sorted(draft_inputs)}, found only "
+                         f"{sorted(draft_inputs & inputs)}")
+    return ROLE_BASE
 
 
-def graph_weight_format(model_path: Path) -> str:
-    """The weight format model.onnx holds (contracts.md 2.1), from initializer dtypes and the weight DQ nodes:
-    FLOAT4E2M1 -> nvfp4; FP8 with a blocked DQ -> fp8_block (fp8_pb_wo when no activation is quantized), with a
-    per-channel scale -> fp8_pc, else fp8."""
-    graph = onnx.load(str(model_path), load_external_data=False).graph
+def graph_linear_formats(graph: onnx.GraphProto) -> dict[str, str]:
+    """The format of every quantized linear in model.onnx (contracts.md 2.1), keyed by module, from its weight
+    initializer `<module>.weight` and the DequantizeLinear that reads it: FLOAT4E2M1 -> nvfp4; FP8 with a blocked
+    DQ -> fp8_block when the MatMul's input is quantized, else fp8_pb_wo; with a per-channel scale -> fp8_pc;
+    else fp8."""
     inits = {t.name: t for t in graph.initializer}
-    types = {t.data_type for t in inits.values()}
-    if onnx.TensorProto.FLOAT4E2M1 in types:
-        return "nvfp4"
-    fp8_dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
-              and inits[n.input[0]].data_type == onnx.TensorProto.FLOAT8E4M3FN]
-    if not fp8_dq:
-        return "fp16"
-    if any(a.name == "block_size" and a.i > 0 for n in fp8_dq for a in n.attribute):
-        # 128x128 weights with dynamic activation quantization (HF fine-grained), or weight-only (ModelOpt FP8_PB_WO)
-        return "fp8_block" if any(n.op_type == "QuantizeLinear" for n in graph.node) else "fp8_pb_wo"
-    if any(n.input[1] in inits and len(inits[n.input[1]].dims) > 0 for n in fp8_dq):
-        return "fp8_pc"
-    return "fp8"
+    producer = {out: n for n in graph.node for out in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def quantized_input(weight_dq) -> bool:
+        """Does the MatMul that consumes this weight read a DequantizeLinear'd (or Cast of one) activation?"""
+        for mm in consumers.get(weight_dq.output[0], []):
+            act = producer.get(mm.input[0])
+            if act is not None and act.op_type == "Cast":
+                act = producer.get(act.input[0])
+            if act is not None and act.op_type == "DequantizeLinear":
+                return True
+        return False
+
+    found = {}
+    for n in graph.node:
+        init = inits.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        if init is None or not init.name.endswith(".weight"):
+            continue
+        module = init.name.removesuffix(".weight")
+        if init.data_type == onnx.TensorProto.FLOAT4E2M1:
+            found[module] = "nvfp4"
+        elif init.data_type == onnx.TensorProto.FLOAT8E4M3FN:
+            if any(a.name == "block_size" and a.i > 0 for a in n.attribute):
+                # 128x128 weights with dynamic activation quantization (HF fine-grained), or weight-only (FP8_PB_WO)
+                found[module] = "fp8_block" if quantized_input(n) else "fp8_pb_wo"
+            elif n.input[1] in inits and len(inits[n.input[1]].dims) > 0:
+                found[module] = "fp8_pc"
+            else:
+                found[module] = "fp8"
+    return found
+
+
+def graph_weight_format(graph: onnx.GraphProto) -> tuple[str, dict[str, int]]:
+    """model.onnx's `weight_format` ("fp16", the one quantized format, or "mixed") and its linears per format."""
+    return stage.summarize_weight_formats(graph_linear_formats(graph).values())
 
 
 def detect(onnx_dir: str | Path) -> Detection:
@@ -116,29 +262,40 @@ def detect(onnx_dir: str | Path) -> Detection:
     if not onnx_dir.is_dir():
         raise InputError(f"--onnxDir {onnx_dir}: expected a directory, found none")
     config = read_config(onnx_dir)
-    binding, plugin, num_layers = graph_kv_facts(onnx_dir / "model.onnx")
-    witnesses = {"model.onnx past_key_values inputs": binding, "AttentionPlugin enable_fp8_kv_cache": plugin,
-                 "config.json kv_cache_dtype": {config["kv_cache_dtype"]}}
-    if any(len(w) != 1 for w in witnesses.values()) or len(set.union(*witnesses.values())) != 1:
-        said = ", ".join(f"{k} says {'/'.join(sorted(v))}" for k, v in witnesses.items())
-        raise InputError(f"{onnx_dir}: KV cache dtype disagrees: {said}")
-    if num_layers != config["num_hidden_layers"]:
-        raise InputError(f"{onnx_dir}/model.onnx: expected {config['num_hidden_layers']} past_key_values inputs "
-                         f"(config.json num_hidden_layers), found {num_layers}")
-    weights = graph_weight_format(onnx_dir / "model.onnx")
-    if weights != config.get("weight_format", "fp16"):
+    role = config.get("engine_role", ROLE_LLM)
+    if role not in (ROLE_LLM, ROLE_BASE, ROLE_DRAFT):
+        raise InputError(f"{onnx_dir}/config.json engine_role: expected one of {[ROLE_LLM, ROLE_BASE, ROLE_DRAFT]}, "
+                         f"found {role!r}")
+    if role == ROLE_DRAFT:
+        stage.positive_int(config, "draft_vocab_size", f"{onnx_dir}/config.json")
+    graph = load_model(onnx_dir / "model.onnx", "the exported graph model.onnx").graph
+    found_role = graph_role(onnx_dir / "model.onnx", graph)
+    if found_role != role:
+        raise InputError(f"{onnx_dir}: engine role disagrees: config.json says {role!r}, model.onnx's inputs and "
+                         f"outputs say {found_role!r}")
+    check_graph(onnx_dir, graph, config)
+    weights, counts = graph_weight_format(graph)
+    mixed = weights == stage.MIXED_WEIGHTS
+    said = (config.get("weight_format", "fp16"), config.get(stage.WEIGHT_FORMAT_COUNTS) if mixed else None)
+    if (weights, counts if mixed else None) != said:
         raise InputError(f"{onnx_dir}: weight format disagrees: model.onnx initializers and DequantizeLinear nodes "
-                         f"say {weights}, config.json weight_format says {config.get('weight_format', 'fp16')}")
-    sidecar = read_embedding_sidecar(onnx_dir / "embedding.safetensors")
-    expected = [config["vocab_size"], config["hidden_size"]]
-    if [sidecar.vocab_size, sidecar.hidden_size] != expected:
-        raise InputError(f"{onnx_dir}/embedding.safetensors: tensor 'embedding' expected {expected} (config.json "
-                         f"vocab_size, hidden_size), found {[sidecar.vocab_size, sidecar.hidden_size]}")
-    head_dim = stage.head_dim(config)
+                         f"say {describe_weights(weights, counts)}, config.json weight_format says "
+                         f"{describe_weights(said[0], said[1] or {})}")
+    if role == ROLE_DRAFT:
+        embedding_format = None
+        read_d2t_targets(checked_file(onnx_dir, stage.D2T_FILE, "the draft vocabulary map"), config["vocab_size"],
+                         config["draft_vocab_size"])
+    else:
+        sidecar = read_embedding_sidecar(checked_file(onnx_dir, "embedding.safetensors", "the embedding sidecar"))
+        expected = [config["vocab_size"], config["hidden_size"]]
+        if [sidecar.vocab_size, sidecar.hidden_size] != expected:
+            raise InputError(f"{onnx_dir}/embedding.safetensors: tensor 'embedding' expected {expected} (config.json "
+                             f"vocab_size, hidden_size), found {[sidecar.vocab_size, sidecar.hidden_size]}")
+        embedding_format = sidecar.format
     return Detection(
-        onnx_dir=onnx_dir, config=config, model=config["model"], embedding_format=sidecar.format,
-        kv_cache_dtype=config["kv_cache_dtype"], weight_format=weights,
-        num_layers=num_layers, vocab_size=int(config["vocab_size"]), hidden_size=int(config["hidden_size"]),
-        num_kv_heads=int(config["num_key_value_heads"]), head_dim=head_dim,
-        rotary_dim=int(head_dim * (config.get("partial_rotary_factor") or 1.0)),
+        onnx_dir=onnx_dir, config=config, model=config["model"], embedding_format=embedding_format, engine_role=role,
+        kv_cache_dtype=config["kv_cache_dtype"], weight_format=weights, weight_formats=counts,
+        num_layers=config["num_hidden_layers"], vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
+        num_kv_heads=config["num_key_value_heads"], head_dim=stage.head_dim(config),
+        rotary_dim=stage.rotary_dim(config),
     )

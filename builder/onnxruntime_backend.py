@@ -19,7 +19,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from contract import stage
+from contract import onnxfile, stage
 from llm_loader.embedding import EmbeddingSidecar
 from plugins.fp8_gather import schema as fp8_gather_schema
 
@@ -54,8 +54,8 @@ def embedding_model(sidecar: EmbeddingSidecar) -> onnx.ModelProto:
 
 
 def load_model(onnx_dir: Path) -> onnx.ModelProto:
-    """model.onnx with its weights."""
-    return onnx.load(str(onnx_dir / "model.onnx"))
+    """model.onnx with its weights (external data checked first: contract.onnxfile)."""
+    return onnxfile.load_model(onnx_dir / "model.onnx", "the exported graph model.onnx", weights=True)
 
 
 def lower(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -1,15 +1,18 @@
 """TensorRT optimization profiles for the LLM and embedding engines, as pure functions CI can test.
 
 Two profiles, like the reference builder: "context" (prefill, up to max_input_len new tokens) and "generation" (one
-token per row; more with speculative decoding, which this build does not implement). The KV cache is one contiguous
-tensor of `max_kv_cache_capacity` tokens per row (contracts.md section 2), so its shape is fixed except for batch.
+token per row; an EAGLE3 base or draft takes up to its tree size, with the packed tree mask of ceil(tree/32) words
+per row). The KV cache is one contiguous tensor of `max_kv_cache_capacity` tokens per row (contracts.md section 2),
+so its shape is fixed except for batch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from contract import stage
 from contract.errors import InputError
+from contract.stage import LIMIT_BOUNDS
 
 Shape = tuple[int, ...]
 
@@ -28,6 +31,8 @@ class ModelDims:
     num_kv_heads: int
     head_dim: int
     rotary_dim: int
+    tree: bool = False  # EAGLE3 base or draft: attention_mask / attention_pos_id inputs
+    draft_hidden_input: int | None = None  # EAGLE3 draft: width of hidden_states_input (base_model_hidden_size)
 
 
 @dataclass(frozen=True)
@@ -37,25 +42,35 @@ class Profile:
 
 
 def llm_profiles(limits: Limits, dims: ModelDims, gen_tokens: int = 1) -> list[Profile]:
-    """[context, generation] profiles for every input of `model.onnx`."""
+    """[context, generation] profiles for every input of `model.onnx`; `gen_tokens` is the generation profile's
+    tokens per row (1, or an EAGLE3 base's / draft's tree size, which also selects that many logits)."""
     b, length, cap = limits.max_batch_size, limits.max_input_len, limits.max_kv_cache_capacity
     kv = (2, dims.num_kv_heads, cap, dims.head_dim)
 
-    def common(seq_min: Shape, seq_opt: int, seq_max: int) -> dict[str, tuple[Shape, Shape, Shape]]:
+    def common(seq_opt: int, seq_max: int, selected: int) -> dict[str, tuple[Shape, Shape, Shape]]:
+        def per_token(width: int) -> tuple[Shape, Shape, Shape]:
+            return (1, 1, width), (b, seq_opt, width), (b, seq_max, width)
+
         shapes = {
-            "inputs_embeds": ((1, seq_min[0], dims.hidden_size), (b, seq_opt, dims.hidden_size),
-                              (b, seq_max, dims.hidden_size)),
-            "context_lengths": ((1,), (b,), (b,)),
-            "kvcache_start_index": ((1,), (b,), (b,)),
-            "rope_rotary_cos_sin": ((1, cap, dims.rotary_dim),) * 3,
-            "last_token_ids": ((1, 1), (b, 1), (b, 1)),
+            stage.INPUTS_EMBEDS: per_token(dims.hidden_size),
+            stage.CONTEXT_LENGTHS: ((1,), (b,), (b,)),
+            stage.KVCACHE_START_INDEX: ((1,), (b,), (b,)),
+            stage.ROPE_COS_SIN: ((1, cap, dims.rotary_dim),) * 3,
+            stage.LAST_TOKEN_IDS: ((1, 1), (b, selected), (b, selected)),
         }
+        if dims.tree:  # the mask has ceil(seq/32) words per row; a prefill passes the causal mask (contracts.md 2.2)
+            shapes[stage.ATTENTION_MASK] = ((1, 1, 1), (b, seq_opt, stage.tree_mask_words(seq_opt)),
+                                            (b, seq_max, stage.tree_mask_words(seq_max)))
+            shapes[stage.ATTENTION_POS_ID] = ((1, 1), (b, seq_opt), (b, seq_max))
+        if dims.draft_hidden_input:
+            shapes[stage.HIDDEN_STATES_INPUT] = per_token(dims.draft_hidden_input)
+            shapes[stage.HIDDEN_STATES_FROM_DRAFT] = per_token(dims.hidden_size)
         for i in range(dims.num_layers):
-            shapes[f"past_key_values_{i}"] = ((1, *kv), (b, *kv), (b, *kv))
+            shapes[stage.past_key_values(i)] = ((1, *kv), (b, *kv), (b, *kv))
         return shapes
 
-    return [Profile("context", common((1,), max(1, length // 2), length)),
-            Profile("generation", common((1,), gen_tokens, gen_tokens))]
+    return [Profile("context", common(max(1, length // 2), length, 1)),
+            Profile("generation", common(gen_tokens, gen_tokens, gen_tokens))]
 
 
 def embedding_profiles(limits: Limits) -> list[Profile]:
@@ -66,10 +81,18 @@ def embedding_profiles(limits: Limits) -> list[Profile]:
 
 def validate_limits(limits: Limits) -> None:
     """Raise InputError for limits no engine can satisfy."""
-    for flag, value in (("--maxBatchSize", limits.max_batch_size), ("--maxInputLen", limits.max_input_len),
-                        ("--maxKVCacheCapacity", limits.max_kv_cache_capacity)):
-        if value < 1:
-            raise InputError(f"{flag}: expected a positive integer, found {value}")
+    for flag, key in (("--maxBatchSize", "max_batch_size"), ("--maxInputLen", "max_input_len"),
+                      ("--maxKVCacheCapacity", "max_kv_cache_capacity")):
+        value, bound = getattr(limits, key), LIMIT_BOUNDS[key]
+        if not 1 <= value <= bound:
+            raise InputError(f"{flag}: expected an integer in [1, {bound}], found {value}")
     if limits.max_kv_cache_capacity < limits.max_input_len:
         raise InputError(f"--maxKVCacheCapacity: expected at least --maxInputLen ({limits.max_input_len}), "
                          f"found {limits.max_kv_cache_capacity}")
+
+
+def validate_tree_size(flag: str, tree_size: int, limits: Limits) -> None:
+    """A spec engine's generation profile takes `tree_size` tokens per row: at least 1, at most the cache."""
+    if not 1 <= tree_size <= limits.max_kv_cache_capacity:
+        raise InputError(f"{flag}: expected 1..{limits.max_kv_cache_capacity} (at most --maxKVCacheCapacity), "
+                         f"found {tree_size}")

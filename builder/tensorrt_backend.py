@@ -73,12 +73,14 @@ def build_engine(model: onnx.ModelProto, model_path: Path, engine_path: Path, pr
     engine_path.write_bytes(serialized)
 
 
-def build_llm(onnx_dir: Path, out: Path, limits: Limits, dims: ModelDims) -> None:
-    """out/llm.engine from model.onnx, whose weights stay in (and are read from) the ONNX dir."""
+def build_llm(onnx_dir: Path, engine_path: Path, limits: Limits, dims: ModelDims, gen_tokens: int = 1) -> None:
+    """`engine_path` (llm.engine, spec_base.engine or spec_draft.engine) from model.onnx, whose weights stay in (and
+    are read from) the ONNX dir; `gen_tokens` = the generation profile's tokens per row (an EAGLE3 tree size)."""
     model_path = onnx_dir / "model.onnx"
-    model = prepare_for_tensorrt(onnx.load(str(model_path), load_external_data=False))
-    check_gpu_support(model)
-    build_engine(model, model_path, out / "llm.engine", llm_profiles(limits, dims))
+    model = onnx.load(str(model_path), load_external_data=False)
+    check_gpu_support(model)  # on the exported nodes, before TensorRT's placeholders change their input lists
+    model = prepare_for_tensorrt(model)
+    build_engine(model, model_path, engine_path, llm_profiles(limits, dims, gen_tokens))
 
 
 def build_embedding(sidecar: EmbeddingSidecar, out: Path, limits: Limits) -> None:

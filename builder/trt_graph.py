@@ -3,8 +3,9 @@
 Two facts of TensorRT Python plugins (`tensorrt.plugin`, docs/gpu-kernels.md) shape this:
 - the ONNX parser finds a plugin by op type plus the string attribute `plugin_namespace`, so every `trt_edgellm`
   node gets `plugin_namespace="trt_edgellm"`;
-- a plugin has a fixed input list, so `AttentionPlugin` always takes 7 inputs: a layer without QK-norm (5 inputs in
-  the ONNX contract) gets two fp16 `[head_size]` placeholders, which the kernels never read.
+- a plugin has a fixed input list, so `AttentionPlugin` always takes 9 inputs: a layer without QK-norm gets two fp16
+  `[head_size]` placeholders for the gammas, and one without tree attention an int32 `[1,1,1]` mask and `[1,1]`
+  positions; the kernels never read them.
 The exported `model.onnx` and the ONNX Runtime path never see these changes.
 """
 
@@ -17,6 +18,7 @@ from builder.profiles import Profile
 from contract.errors import InputError
 from contract.stage import CUSTOM_DOMAIN
 from plugins.attention import schema as attention_schema
+from plugins.attention.trt_plugin import INPUT_NAMES as TRT_ATTENTION_INPUTS
 from plugins.attention.trt_plugin import check_head_size
 from plugins.fp8_gather import schema as fp8_gather_schema
 
@@ -28,6 +30,10 @@ def _placeholder_name(head_size: int) -> str:
     return f"trt_unused_qk_norm_gamma_{head_size}"
 
 
+TREE_PLACEHOLDERS = {"trt_unused_attention_mask": np.zeros((1, 1, 1), np.int32),
+                     "trt_unused_attention_pos_id": np.zeros((1, 1), np.int32)}
+
+
 def prepare_for_tensorrt(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` whose custom nodes TensorRT can parse; `model` is left unchanged.
 
@@ -37,6 +43,7 @@ def prepare_for_tensorrt(model: onnx.ModelProto) -> onnx.ModelProto:
     prepared.CopyFrom(model)
     graph = prepared.graph
     placeholders = {}  # head_size -> initializer name
+    tree_placeholders_added = False
     for node in graph.node:
         if node.domain != PLUGIN_NAMESPACE or node.op_type not in PLUGIN_OPS:
             continue
@@ -45,18 +52,25 @@ def prepare_for_tensorrt(model: onnx.ModelProto) -> onnx.ModelProto:
         node.attribute.extend([*attrs, onnx.helper.make_attribute("plugin_namespace", PLUGIN_NAMESPACE)])
         if node.op_type != attention_schema.OP_TYPE:
             continue
-        full = len(attention_schema.INPUTS) + len(attention_schema.QK_NORM_INPUTS)
-        if len(node.input) == full:
+        if len(node.input) == len(TRT_ATTENTION_INPUTS):  # already in TensorRT's form
             continue
-        if len(node.input) != len(attention_schema.INPUTS):
-            raise InputError(f"AttentionPlugin node {node.name!r}: expected {len(attention_schema.INPUTS)} or "
-                             f"{full} inputs, found {len(node.input)}")
-        head_size = attention_schema.read_attrs(node).head_size
-        if head_size not in placeholders:
-            placeholders[head_size] = _placeholder_name(head_size)
-            graph.initializer.append(
-                onnx.numpy_helper.from_array(np.ones(head_size, np.float16), placeholders[head_size]))
-        node.input.extend([placeholders[head_size]] * len(attention_schema.QK_NORM_INPUTS))
+        a = attention_schema.read_attrs(node)  # also checks the input count against the flags
+        inputs = list(node.input)
+        base, rest = inputs[:len(attention_schema.INPUTS)], inputs[len(attention_schema.INPUTS):]
+        gammas, tree = (rest[:2], rest[2:]) if a.enable_qk_norm else ([], rest)
+        if not gammas:
+            if a.head_size not in placeholders:
+                placeholders[a.head_size] = _placeholder_name(a.head_size)
+                graph.initializer.append(
+                    onnx.numpy_helper.from_array(np.ones(a.head_size, np.float16), placeholders[a.head_size]))
+            gammas = [placeholders[a.head_size]] * len(attention_schema.QK_NORM_INPUTS)
+        if not tree:
+            if not tree_placeholders_added:
+                graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in TREE_PLACEHOLDERS.items())
+                tree_placeholders_added = True
+            tree = list(TREE_PLACEHOLDERS)
+        del node.input[:]
+        node.input.extend(base + gammas + tree)
     return prepared
 
 

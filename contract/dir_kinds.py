@@ -14,14 +14,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from contract.errors import InputError
+from contract.paths import checked_file
+
 HF_CHECKPOINT, ONNX_DIR, EXPORT_ROOT, ENGINE_DIR = "checkpoint", "onnx dir", "export root", "engine dir"
 WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
 
 
 def _config(path: Path) -> dict | None:
+    """config.json of `path` when it is a readable JSON object inside it (contract.paths), else None."""
     try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        file = checked_file(path, "config.json", "a config", required=False)
+        config = json.loads(file.read_text(encoding="utf-8")) if file is not None else None
+    except (InputError, OSError, ValueError, RecursionError):
         return None
     return config if isinstance(config, dict) else None
 

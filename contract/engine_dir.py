@@ -4,38 +4,86 @@ It lives in the ground package because both sides hold it: the builder writes `b
 `make_builder_config`, the runtime reads it with `load_engine_config`. Everything checked here is a promise the
 builder made, so a hand-edited or half-written directory fails with one clear line instead of deep inside ONNX
 Runtime.
+
+An EAGLE3 engine dir holds a base and a draft side by side, each built by its own `llm-build` call (reference 3.1):
+its files are named per role (`engine_files`, `role_files`), and `check_spec_pair` says whether the two belong
+together.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-import onnx
 from safetensors import safe_open
 
 from contract import stage
 from contract.errors import InputError
 from contract.jsonfile import read_json
-from contract.stage import CONTRACT_VERSION, KvDtype
+from contract.onnxfile import load_model
+from contract.paths import checked_file
+from contract.stage import (
+    CONTRACT_VERSION,
+    MIXED_WEIGHTS,
+    ROLE_BASE,
+    ROLE_DRAFT,
+    ROLE_LLM,
+    WEIGHT_FORMAT_COUNTS,
+    KvDtype,
+)
+from contract.tokenizer_files import copy_checked
 
-ENGINE_FILES = {"onnxruntime": ("llm.onnx", "embedding.onnx"), "tensorrt": ("llm.engine", "embedding.engine")}
+BACKEND_SUFFIX = {"onnxruntime": ".onnx", "tensorrt": ".engine"}
+ENGINE_STEMS = {ROLE_LLM: "llm", ROLE_BASE: "spec_base", ROLE_DRAFT: "spec_draft"}  # reference 3.1 engine names
+CONFIG_FILES = {ROLE_LLM: "config.json", ROLE_BASE: "base_config.json", ROLE_DRAFT: "draft_config.json"}
+EMBEDDING_STEM = "embedding"
 COPIED_FILES = ("embedding.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "chat_template.jinja")
+DRAFT_COPIED_FILES = (stage.D2T_FILE,)  # a draft has no table or tokenizer of its own: it uses its base's
+
+
+def engine_files(role: str, backend: str) -> tuple[str, ...]:
+    """The engines a role's build writes: its LLM engine, and the embedding engine unless it is a draft."""
+    suffix = BACKEND_SUFFIX[backend]
+    stems = (ENGINE_STEMS[role],) + (() if role == ROLE_DRAFT else (EMBEDDING_STEM,))
+    return tuple(stem + suffix for stem in stems)
+
+
+def copied_files(role: str) -> tuple[str, ...]:
+    return DRAFT_COPIED_FILES if role == ROLE_DRAFT else COPIED_FILES
+
+
+def role_files(role: str) -> set[str]:
+    """Every file name a build of `role` may write, on either backend (engines with their `.data` files, the
+    config, the copies): what a build of the other spec role keeps, and what this one replaces."""
+    names = {CONFIG_FILES[role], *copied_files(role)}
+    for backend in BACKEND_SUFFIX:
+        for name in engine_files(role, backend):
+            names |= {name, name + ".data"}
+    return names
 
 
 def make_builder_config(*, backend: str, max_batch_size: int, max_input_len: int, max_kv_cache_capacity: int,
-                        kv_cache_dtype: str, embedding_format: str, weight_format: str, kv_io: str,
-                        weight_storage: str) -> dict:
+                        kv_cache_dtype: str, embedding_format: str | None, weight_format: str, kv_io: str,
+                        weight_storage: str, role: str = ROLE_LLM, tree_size: int | None = None,
+                        weight_formats: dict[str, int] | None = None) -> dict:
     """The `builder_config` block of contracts.md 5.1; `kv_io` is how the LLM engine takes its cache
     (`stage.KV_IO_FORMS`; a TensorRT engine is always in place), `weight_storage` what it holds its weights in at
-    rest (`stage.WEIGHT_STORAGE_FORMS`)."""
-    return {"backend": backend, "max_batch_size": max_batch_size, "max_input_len": max_input_len,
-            "max_kv_cache_capacity": max_kv_cache_capacity, "spec_base": False, "spec_draft": False,
-            "max_lora_rank": 0, "kv_cache_dtype": kv_cache_dtype, "embedding_format": embedding_format,
-            "weight_format": weight_format, "kv_io": kv_io, "weight_storage": weight_storage,
-            "contract_version": CONTRACT_VERSION}
+    rest (`stage.WEIGHT_STORAGE_FORMS`). A spec base records `max_verify_tree_size`, a draft `max_draft_tree_size`
+    (`tree_size`, the generation profile's tokens per call); `weight_formats` (linears per format) only with
+    weight_format "mixed"."""
+    config = {"backend": backend, "max_batch_size": max_batch_size, "max_input_len": max_input_len,
+              "max_kv_cache_capacity": max_kv_cache_capacity, "spec_base": role == ROLE_BASE,
+              "spec_draft": role == ROLE_DRAFT, "max_lora_rank": 0, "kv_cache_dtype": kv_cache_dtype,
+              "embedding_format": embedding_format, "weight_format": weight_format, "kv_io": kv_io,
+              "weight_storage": weight_storage, "contract_version": CONTRACT_VERSION}
+    if weight_format == MIXED_WEIGHTS:
+        config[WEIGHT_FORMAT_COUNTS] = weight_formats
+    if role == ROLE_BASE:
+        config["max_verify_tree_size"] = tree_size
+    elif role == ROLE_DRAFT:
+        config["max_draft_tree_size"] = tree_size
+    return config
 
 
 def weight_storage(builder_config: dict) -> str:
@@ -46,21 +94,41 @@ def weight_storage(builder_config: dict) -> str:
     return stage.WEIGHTS_FP16 if builder_config.get("weight_format", "fp16") == "fp16" else stage.WEIGHTS_QUANTIZED
 
 
-def write_config_and_copies(onnx_dir: Path, out: Path, onnx_config: dict, builder_config: dict) -> None:
-    """config.json = the ONNX dir's config + builder_config; sidecar, tokenizer and chat template copied as-is."""
-    (out / "config.json").write_text(json.dumps({**onnx_config, "builder_config": builder_config}, indent=2) + "\n")
-    for name in COPIED_FILES:
-        if (Path(onnx_dir) / name).exists():
-            shutil.copy2(Path(onnx_dir) / name, out / name)
+def write_config_and_copies(onnx_dir: Path, out: Path, onnx_config: dict, builder_config: dict,
+                            role: str = ROLE_LLM) -> None:
+    """The role's config file (`config.json`, `base_config.json` or `draft_config.json`) = the ONNX dir's config +
+    builder_config; sidecars, tokenizer and chat template copied as-is, each checked first (a regular file inside
+    the ONNX dir; tokenizer files parsed: contract.tokenizer_files)."""
+    text = json.dumps({**onnx_config, "builder_config": builder_config}, indent=2) + "\n"
+    (out / CONFIG_FILES[role]).write_text(text)
+    copy_checked(Path(onnx_dir), out, copied_files(role))
 
 
-def load_engine_config(engine_dir: str | Path) -> dict:
-    """ENG/config.json after checking that ENG is a complete engine directory this code can run."""
+def spec_roles(engine_dir: str | Path) -> set[str]:
+    """The speculative-decoding roles whose config file ENG holds (empty for a vanilla or missing dir)."""
+    return {role for role in (ROLE_BASE, ROLE_DRAFT)
+            if checked_file(Path(engine_dir), CONFIG_FILES[role], "an engine config", required=False) is not None}
+
+
+def load_engine_config(engine_dir: str | Path, role: str = ROLE_LLM) -> dict:
+    """The role's config (`config.json` of a vanilla engine, `base_config.json` / `draft_config.json` of an EAGLE3
+    engine dir) after checking that ENG holds a complete engine of that role this code can run, and that every field
+    the engines also fix (layers, heads, head size, hidden, vocab, KV dtype) agrees with them: a hand-edited config
+    would otherwise size the cache wrongly and fail deep inside ONNX Runtime."""
     eng = Path(engine_dir)
-    path = eng / "config.json"
-    if not path.is_file():
-        raise InputError(f"{eng}: not an engine directory (no config.json); build one with llm-build")
+    path = checked_file(eng, CONFIG_FILES[role], "the engine config", required=False)
+    if path is None:
+        if role == ROLE_LLM and spec_roles(eng):
+            raise InputError(f"{eng}: expected a vanilla engine (config.json), found a speculative-decoding engine "
+                             f"dir ({', '.join(sorted(CONFIG_FILES[r] for r in spec_roles(eng)))}); run it with "
+                             "--specDecode")
+        what = {ROLE_LLM: "not an engine directory", ROLE_BASE: "no EAGLE3 base engine",
+                ROLE_DRAFT: "no EAGLE3 draft engine"}[role]
+        flag = {ROLE_LLM: "", ROLE_BASE: " --specBase", ROLE_DRAFT: " --specDraft"}[role]
+        raise InputError(f"{eng}: {what} (no {CONFIG_FILES[role]}); build one with llm-build{flag}")
     config = read_json(path, "the engine config")
+    if config.get("engine_role", ROLE_LLM) != role:
+        raise InputError(f"{path} engine_role: expected {role!r}, found {config.get('engine_role')!r}")
     bc = config.get("builder_config")
     if not isinstance(bc, dict):
         raise InputError(f"{path}: not an engine directory (no builder_config; is this an ONNX dir? run llm-build)")
@@ -69,15 +137,23 @@ def load_engine_config(engine_dir: str | Path) -> dict:
         if version != CONTRACT_VERSION:
             raise InputError(f"{path} {where}: expected {CONTRACT_VERSION}, found {version!r}")
     backend = bc.get("backend")
-    if backend not in ENGINE_FILES:
-        raise InputError(f"{path} builder_config.backend: expected one of {sorted(ENGINE_FILES)}, found {backend!r}")
-    for name in ENGINE_FILES[backend] + ("embedding.safetensors",):
-        if not (eng / name).is_file():
+    if backend not in BACKEND_SUFFIX:
+        raise InputError(f"{path} builder_config.backend: expected one of {sorted(BACKEND_SUFFIX)}, found {backend!r}")
+    required = engine_files(role, backend) + (DRAFT_COPIED_FILES if role == ROLE_DRAFT else ("embedding.safetensors",))
+    for name in required:
+        if checked_file(eng, name, "an engine file", required=False) is None:
             raise InputError(f"{eng}: not a complete engine directory ({name} is missing)")
     if bc.get("kv_cache_dtype") != config.get("kv_cache_dtype"):
         raise InputError(f"{path}: kv_cache_dtype disagrees: builder_config says {bc.get('kv_cache_dtype')!r}, "
                          f"config says {config.get('kv_cache_dtype')!r}")
     kv = KvDtype.parse(bc["kv_cache_dtype"], f"{path} builder_config.kv_cache_dtype")
+    stage.check_runtime_config(config, str(path))
+    for key, bound in stage.LIMIT_BOUNDS.items():
+        if stage.positive_int(bc, key, f"{path} builder_config") > bound:
+            raise InputError(f"{path} builder_config: {key}: expected at most {bound}, found {bc[key]}")
+    if bc["max_input_len"] > bc["max_kv_cache_capacity"]:
+        raise InputError(f"{path} builder_config: max_input_len ({bc['max_input_len']}) expected at most "
+                         f"max_kv_cache_capacity, found {bc['max_kv_cache_capacity']}")
     if bc.get("kv_io") not in stage.KV_IO_FORMS:
         raise InputError(f"{path} builder_config.kv_io: expected one of {list(stage.KV_IO_FORMS)}, "
                          f"found {bc.get('kv_io')!r}; rebuild the engine with this llm-build")
@@ -85,38 +161,105 @@ def load_engine_config(engine_dir: str | Path) -> dict:
         raise InputError(f"{path} builder_config.weight_storage: expected one of {list(stage.WEIGHT_STORAGE_FORMS)}, "
                          f"found {bc.get('weight_storage')!r}")
     if backend == "onnxruntime":
-        binding = llm_onnx_kv_dtype(eng / "llm.onnx")
-        if binding != kv:
-            raise InputError(f"{eng / 'llm.onnx'}: past_key_values dtype is {binding.value!r} but config.json says "
-                             f"kv_cache_dtype {kv.value!r}; rebuild the engine from a matching export")
-    sidecar = sidecar_dtype(eng / "embedding.safetensors")
+        check_ort_engines(eng, config, kv, role)
+    if role == ROLE_DRAFT:  # no table of its own
+        return config
+    sidecar, shape = sidecar_dtype(eng / "embedding.safetensors"), sidecar_shape(eng / "embedding.safetensors")
     if stage.EMBEDDING_DTYPES.get(bc.get("embedding_format")) != sidecar:
         raise InputError(f"{eng / 'embedding.safetensors'}: tensor 'embedding' is {sidecar} but builder_config "
                          f"embedding_format is {bc.get('embedding_format')!r}")
+    if shape != [config["vocab_size"], config["hidden_size"]]:
+        raise InputError(f"{eng / 'embedding.safetensors'}: tensor 'embedding' expected shape "
+                         f"{[config['vocab_size'], config['hidden_size']]} (config.json vocab_size, hidden_size), "
+                         f"found {shape}")
     return config
 
 
-def llm_onnx_kv_dtype(path: Path) -> KvDtype:
-    """The KV dtype of the lowered graph's `past_key_values_*` inputs (weights are not loaded); the CPU engine holds
-    an fp16 cache in fp32 (`KvDtype.ort_onnx`)."""
-    graph = onnx.load(str(path), load_external_data=False).graph
-    types = {i.type.tensor_type.elem_type for i in graph.input if i.name.startswith(stage.PAST_PREFIX)}
-    kinds = {KvDtype.from_onnx(t, ort_engine=True) for t in types}
-    if len(kinds) != 1 or None in kinds:
-        found = sorted(onnx.helper.tensor_dtype_to_np_dtype(t).name if t else "?" for t in types)
-        raise InputError(f"{path}: expected past_key_values_* inputs all float32 (an fp16 cache) or all float8e4m3fn, "
-                         f"found {found}")
-    return kinds.pop()
+def _dims(value) -> list:
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
 
 
-def sidecar_dtype(path: Path) -> str:
-    """The safetensors dtype string ('F16', 'F8_E4M3', ...) of the `embedding` tensor, read from the header."""
+def check_ort_engines(eng: Path, config: dict, kv: KvDtype, role: str = ROLE_LLM) -> None:
+    """The role's LLM engine (llm.onnx, spec_base.onnx or spec_draft.onnx) and embedding.onnx (graphs only, external
+    data checked) against its config: one `.key`/`.value` cache pair per layer in the KV dtype, `[batch,
+    num_key_value_heads, capacity, head_dim]`, and the hidden, vocab (a draft's: draft_vocab_size) and rotary dims."""
+    llm_file, *embedding_file = engine_files(role, "onnxruntime")
+    llm = load_model(eng / llm_file, "the LLM engine").graph
+    inputs, outputs = {i.name: i for i in llm.input}, {o.name: o for o in llm.output}
+    layers, where = config["num_hidden_layers"], f"{eng / CONFIG_FILES[role]}"
+    for prefix, io in ((stage.PAST_PREFIX, inputs), (stage.PRESENT_PREFIX, outputs)):
+        found = {n for n in io if n.startswith(prefix)}
+        expected = {f"{prefix}{i}.{half}" for i in range(layers) for half in stage.ORT_KV_HALVES} \
+            if len(found) == 2 * layers else set()  # (a tampered count may be huge: compare counts first)
+        if found != expected:
+            raise InputError(f"{where}: num_hidden_layers {layers} disagrees with {eng / llm_file}, which has "
+                             f"{len(found) // 2} layers of {prefix}* bindings; rebuild the engine")
+        for name in sorted(expected):
+            value, dims = io[name], _dims(io[name])
+            actual = KvDtype.from_onnx(value.type.tensor_type.elem_type, ort_engine=True)
+            if actual is not kv:
+                said = actual.value if actual else f"elem_type {value.type.tensor_type.elem_type}"
+                raise InputError(f"{eng / llm_file} {name}: past_key_values dtype is {said!r} but config.json says "
+                                 f"kv_cache_dtype {kv.value!r}; rebuild the engine from a matching export")
+            want = {1: ("num_key_value_heads", config["num_key_value_heads"]), 3: ("head_dim", stage.head_dim(config))}
+            for axis, (key, size) in want.items():
+                if len(dims) != 4 or dims[axis] != size:
+                    raise InputError(f"{where}: {key} {size} disagrees with {eng / llm_file} {name} shape {dims}; "
+                                     "rebuild the engine")
+    vocab = config["draft_vocab_size"] if role == ROLE_DRAFT else config["vocab_size"]
+    checks = [(llm_file, inputs, stage.INPUTS_EMBEDS, "hidden_size", config["hidden_size"]),
+              (llm_file, inputs, stage.ROPE_COS_SIN, "head_dim x partial_rotary_factor", stage.rotary_dim(config)),
+              (llm_file, outputs, stage.LOGITS, "vocab_size" if role != ROLE_DRAFT else "draft_vocab_size", vocab)]
+    if embedding_file:
+        embedding = load_model(eng / embedding_file[0], "the embedding engine").graph
+        checks.append((embedding_file[0], {o.name: o for o in embedding.output}, stage.INPUTS_EMBEDS, "hidden_size",
+                       config["hidden_size"]))
+    for file, io, name, key, size in checks:
+        dims = _dims(io[name]) if name in io else []
+        if len(dims) != 3 or dims[2] != size:
+            raise InputError(f"{where}: {key} {size} disagrees with {eng / file} {name} shape {dims}; rebuild the "
+                             "engine")
+
+
+def _embedding_slice(path: Path, read):
     try:
         with safe_open(str(path), framework="numpy") as f:
             if "embedding" not in f.keys():
                 raise InputError(f"{path}: expected a tensor 'embedding', found {sorted(f.keys())}")
-            return f.get_slice("embedding").get_dtype()
+            return read(f.get_slice("embedding"))
     except InputError:
         raise
     except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
         raise InputError(f"{path}: expected a safetensors file, found an unreadable one ({e})") from e
+
+
+def sidecar_dtype(path: Path) -> str:
+    """The safetensors dtype string ('F16', 'F8_E4M3', ...) of the `embedding` tensor, read from the header."""
+    return _embedding_slice(path, lambda s: s.get_dtype())
+
+
+def sidecar_shape(path: Path) -> list[int]:
+    """The shape of the `embedding` tensor, read from the header."""
+    return _embedding_slice(path, lambda s: list(s.get_shape()))
+def check_spec_pair(base: dict, draft: dict, where: str) -> None:
+    """InputError unless the EAGLE3 draft config `draft` was made for the base config `base` (hidden size,
+    vocabulary, the base hidden states its fc reads); `where` names the two in the message."""
+    for key in ("hidden_size", "vocab_size"):
+        if draft.get(key) != base.get(key):
+            raise InputError(f"{where}: draft {key} {draft.get(key)!r} does not match the base's {base.get(key)!r}; "
+                             "the draft was trained for another base model")
+    layers = base.get("eagle_hidden_state_layers") or []
+    want = base["hidden_size"] * len(layers)
+    if draft.get("base_model_hidden_size") != want:
+        raise InputError(f"{where}: draft base_model_hidden_size {draft.get('base_model_hidden_size')!r} does not match "
+                         f"the base's hidden_states width {want} ({len(layers)} layers x {base['hidden_size']})")
+    ids = (draft.get("eagle3_config") or {}).get("target_layer_ids")
+    if ids is None:  # the draft names none: it reads its base's default layers
+        ids = stage.default_eagle_layers(int(base["num_hidden_layers"]))
+    if list(ids) != list(layers):
+        raise InputError(f"{where}: draft target layers {list(ids)} do not match the base's eagle_hidden_state_layers "
+                         f"{list(layers)}; export the base with --eagle-draft-dir pointing at this draft")
+    backends = (base.get("builder_config", {}).get("backend"), draft.get("builder_config", {}).get("backend"))
+    if None not in backends and backends[0] != backends[1]:
+        raise InputError(f"{where}: the base was built for {backends[0]}, the draft for {backends[1]}; "
+                         "build both with the same --backend")

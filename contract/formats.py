@@ -58,9 +58,10 @@ def amax_to_scale(amax: torch.Tensor, qmax: float = FP8_MAX) -> torch.Tensor:
     return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
 
 
-def quantize_fp8_per_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """FP8 ``w`` and a scalar fp32 scale ``amax / 448`` (ModelOpt "FP8")."""
-    scale = amax_to_scale(w.float().abs().amax())
+def quantize_fp8_per_tensor(w: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 ``w`` and a scalar fp32 scale, ``amax / 448`` unless given (ModelOpt "FP8"; a scale shared by linears
+    that a runtime fuses, such as q/k/v, is the largest of theirs)."""
+    scale = amax_to_scale(w.float().abs().amax()) if scale is None else scale.float().reshape(())
     return to_fp8(w, scale), scale
 
 
@@ -128,6 +129,18 @@ def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     return torch.where(codes & 8 > 0, -value, value)
 
 
+def e2m1_round(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``e2m1_decode(e2m1_encode(x))`` without the codes, for searches that only need the values: the levels are
+    steps of 0.5 below 2, of 1 below 4 and of 2 up to 6, so round-half-to-even within each range (ties land on the
+    even code, as in `e2m1_encode`)."""
+    a = x.float().abs().clamp(max=E2M1_MAX)
+    half = torch.round(a * 2) / 2
+    one = torch.round(a)
+    two = torch.round(a / 2) * 2
+    value = torch.where(a < 2, half, torch.where(a < 4, one, two))
+    return torch.where(torch.signbit(x.float()), -value, value)
+
+
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     """``[..., n]`` 4-bit codes -> uint8 ``[..., n/2]``; the even index goes in the low nibble."""
     codes = codes.to(torch.uint8)
@@ -144,18 +157,30 @@ def nvfp4_global_scale(amax: torch.Tensor) -> torch.Tensor:
     return amax_to_scale(amax, E2M1_MAX * FP8_MAX)
 
 
-def quantize_nvfp4(w: torch.Tensor, group: int = NVFP4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def nvfp4_block_scales(w: torch.Tensor, global_scale: torch.Tensor, group: int = NVFP4_GROUP) -> torch.Tensor:
+    """FP8 block scales ``[out, in/group]`` in units of the global scale: ``fp8(block_amax / 6 / ws2)``, at most 448."""
+    out, inp = w.shape
+    amax = w.float().view(out, inp // group, group).abs().amax(dim=-1)
+    return (amax / (E2M1_MAX * global_scale)).clamp(max=FP8_MAX).to(FP8_DTYPE)
+
+
+def quantize_nvfp4(w: torch.Tensor, group: int = NVFP4_GROUP, block_scale: torch.Tensor | None = None,
+                   global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``w [out, in]`` -> packed uint8 ``[out, in/2]``, FP8 block scales ``[out, in/group]``, fp32 scalar global scale.
 
-    The block scale is expressed in units of the global scale, ``fp8(block_amax / 6 / weight_scale_2)``, so it
-    never exceeds 448; a block whose FP8 scale is 0 (all zeros, or underflow) quantizes to zeros.
+    By default the global scale is ``amax / (6 * 448)`` and the block scale ``fp8(block_amax / 6 / weight_scale_2)``,
+    so it never exceeds 448; either can be given instead (a searched or shared scale). A block whose FP8 scale is 0
+    (all zeros, or underflow) quantizes to zeros; values beyond a block's 6 * scale saturate.
     """
     out, inp = w.shape
     if inp % group:
         raise ValueError(f"NVFP4 needs the input size to be a multiple of {group}, found {inp}")
     w32 = w.float().view(out, inp // group, group)
-    global_scale = nvfp4_global_scale(w32.abs().amax())
-    block_scale = (w32.abs().amax(dim=-1) / (E2M1_MAX * global_scale)).clamp(max=FP8_MAX).to(FP8_DTYPE)
+    if global_scale is None:
+        global_scale = nvfp4_global_scale(w32.abs().amax())
+    global_scale = global_scale.float().reshape(())
+    if block_scale is None:
+        block_scale = nvfp4_block_scales(w, global_scale, group)
     step = block_scale.float() * global_scale
     step = torch.where(step > 0, step, torch.ones_like(step))
     codes = e2m1_encode(w32 / step[..., None]).view(out, inp)

@@ -8,6 +8,7 @@ when asked for.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
@@ -32,6 +33,20 @@ INPUT_IDS = "input_ids"  # the embedding engine's input; its output is INPUTS_EM
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values_", "present_key_values_"
 
 
+# EAGLE3 (contracts.md sections 2.2 and 2.3): the base's tree inputs and hidden-state output, the draft's inputs
+ATTENTION_MASK = "attention_mask"  # int32 [batch, seq_len, ceil(seq_len / 32)]: the bit-packed tree mask
+ATTENTION_POS_ID = "attention_pos_id"  # int32 [batch, seq_len]: each new token's RoPE position
+HIDDEN_STATES = "hidden_states"  # base: fp16 [batch, seq_len, k * hidden]; draft: fp16 [batch, seq_len, hidden]
+HIDDEN_STATES_INPUT = "hidden_states_input"  # draft input: the base's hidden_states
+HIDDEN_STATES_FROM_DRAFT = "hidden_states_from_draft"  # draft input: the draft's own previous hidden_states
+TREE_MASK_BITS = 32  # tree-mask flags per int32 word: bit j % 32 of word j // 32 of row i = node i sees node j
+
+
+def tree_mask_words(tree_size: int) -> int:
+    """int32 words per row of the packed tree mask of `tree_size` tokens."""
+    return -(-tree_size // TREE_MASK_BITS)
+
+
 def past_key_values(layer: int) -> str:
     return f"{PAST_PREFIX}{layer}"
 
@@ -51,6 +66,74 @@ def producer() -> dict:
 def head_dim(config: dict) -> int:
     """`head_dim`, or `hidden_size // num_attention_heads` for configs that leave it out (as HF does)."""
     return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def rotary_dim(config: dict) -> int:
+    """Channels of each head that RoPE rotates: `head_dim * partial_rotary_factor`."""
+    return int(head_dim(config) * (config.get("partial_rotary_factor") or 1.0))
+
+
+# --- the runtime config.json of an ONNX dir and an engine dir (contracts.md 1.1) ------------------------------------
+
+# Upper bounds of the build limits (llm-build flags, builder_config): far past any real engine, low enough that a
+# typo or a hand-edited config cannot make the runtime size a RoPE table or a cache of terabytes.
+MAX_BATCH_SIZE = 4096
+MAX_KV_CACHE_CAPACITY = 1 << 24
+LIMIT_BOUNDS = {"max_batch_size": MAX_BATCH_SIZE, "max_input_len": MAX_KV_CACHE_CAPACITY,
+                "max_kv_cache_capacity": MAX_KV_CACHE_CAPACITY}
+
+MODEL_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "max_position_embeddings")
+
+
+def positive_int(config: dict, key: str, where: str, *, required: bool = True) -> int | None:
+    """`config[key]` as a positive int (a bool, a float such as 64.0 or a string is refused)."""
+    value = config.get(key)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InputError(f"{where}: {key}: expected a positive integer, found {value!r:.60}")
+    return value
+
+
+def positive_number(config: dict, key: str, where: str, *, default: float | None = None) -> float:
+    """`config[key]` as a finite positive number."""
+    value = config.get(key, default)
+    try:  # a JSON integer of hundreds of digits is a valid int that no float holds
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:
+        number = math.inf
+    if not (math.isfinite(number) and number > 0):
+        raise InputError(f"{where}: {key}: expected a finite positive number, found {value!r:.60}")
+    return number
+
+
+def check_runtime_config(config: dict, where: str) -> None:
+    """The model fields of a runtime config.json (section 1.1) by type and range, before anything sizes a graph,
+    a cache or a table from them: a positive int is an int, eos ids are token ids, and the head counts divide."""
+    for key in MODEL_INTS:
+        positive_int(config, key, where)
+    positive_int(config, "head_dim", where, required=False)
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    if heads % kv_heads:
+        raise InputError(f"{where}: num_attention_heads ({heads}) expected a multiple of num_key_value_heads, found "
+                         f"{kv_heads}")
+    positive_number(config, "rope_theta", where)
+    positive_number(config, "rms_norm_eps", where)
+    factor = positive_number(config, "partial_rotary_factor", where, default=1.0)
+    if factor > 1 or rotary_dim(config) % 2 or rotary_dim(config) == 0:
+        raise InputError(f"{where}: partial_rotary_factor: expected a factor in (0, 1] giving an even rotary dim, "
+                         f"found {factor} (rotary dim {rotary_dim(config)})")
+    scaling = config.get("rope_scaling")
+    if scaling is not None and not (isinstance(scaling, dict) and isinstance(scaling.get("rope_type", ""), str)):
+        raise InputError(f"{where}: rope_scaling: expected null or an object with a rope_type, found {scaling!r:.60}")
+    KvDtype.parse(config.get("kv_cache_dtype"), where)
+    eos = config.get("eos_token_id", [])
+    vocab = config["vocab_size"]
+    if not isinstance(eos, list) or not all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < vocab
+                                            for e in eos):
+        raise InputError(f"{where}: eos_token_id: expected a list of token ids in [0, {vocab}), found {eos!r:.60}")
+    check_weight_formats(config, where)
 
 
 # --- the KV cache dtype and its forms -----------------------------------------------------------------------------
@@ -167,8 +250,92 @@ QUANTIZED_WEIGHT_FORMATS = tuple(name for name in WEIGHT_FORMATS if name != "fp1
 QUANT_ALGO_FORMATS = {f.quant_algo: f.name for f in WEIGHT_FORMATS.values() if f.quant_algo}
 
 
+# config.json `weight_format` of an export whose quantized linears use more than one format; `weight_formats` then
+# holds the number of quantized linears of each format (what detection counts in model.onnx)
+MIXED_WEIGHTS = "mixed"
+WEIGHT_FORMAT_COUNTS = "weight_formats"
+
+# ModelOpt quant_algo names we do not read, with what they are, so a refusal can say it by name
+UNSUPPORTED_QUANT_ALGOS = {
+    "W8A8_SQ_PER_CHANNEL": "INT8 SmoothQuant",
+    "W8A16": "INT8 weight-only",
+    "W4A16_AWQ": "INT4 AWQ",
+    "W4A8_AWQ": "INT4 AWQ with FP8 activations",
+    "NVFP4_AWQ": "NVFP4 AWQ (unfolded pre_quant_scale)",
+    "W4A8_NVFP4_FP8": "NVFP4 weights with FP8 activations",
+    "W4A16_NVFP4": "NVFP4 weight-only",
+    "MXFP4": "MXFP4",
+    "W4A8_MXFP4_FP8": "MXFP4 weights with FP8 activations",
+    "MXFP8": "MXFP8",
+    "FP8_PB_REAL": "FP8 128x128 blocks with FP8 activations",
+}
+
+
+def unsupported_quant_algo(algo, where: str) -> InputError:
+    """The refusal of a quant_algo we cannot read, naming what it is."""
+    what = UNSUPPORTED_QUANT_ALGOS.get(str(algo).upper(), f"quant_algo {algo!r}")
+    return InputError(f"{where}: {what} layers are not supported (quant_algo {algo!r}); expected one of "
+                      f"{', '.join(QUANT_ALGO_FORMATS)}")
+
+
+def summarize_weight_formats(per_linear) -> tuple[str, dict[str, int]]:
+    """(`weight_format`, count per quantized format) of linears' formats: "fp16" when none is quantized, the one
+    format, or `MIXED_WEIGHTS`."""
+    counts: dict[str, int] = {}
+    for fmt in per_linear:
+        if fmt != "fp16":
+            counts[fmt] = counts.get(fmt, 0) + 1
+    counts = dict(sorted(counts.items()))
+    if not counts:
+        return "fp16", counts
+    return (next(iter(counts)) if len(counts) == 1 else MIXED_WEIGHTS), counts
+
+
 def weight_format(name, where: str) -> WeightFormat:
     """The registered format called `name`; InputError naming `where` otherwise."""
     if name not in WEIGHT_FORMATS:
         raise InputError(f"{where}: expected weight_format one of {list(WEIGHT_FORMATS)}, found {name!r}")
     return WEIGHT_FORMATS[name]
+
+
+def check_weight_formats(config: dict, where: str) -> None:
+    """A config's `weight_format`: a registered format, or `MIXED_WEIGHTS` with a count per quantized format."""
+    name = config.get("weight_format", "fp16")
+    if name != MIXED_WEIGHTS:
+        weight_format(name, where)
+        return
+    counts = config.get(WEIGHT_FORMAT_COUNTS)
+    if not (isinstance(counts, dict) and counts and all(
+            f in QUANTIZED_WEIGHT_FORMATS and isinstance(n, int) and not isinstance(n, bool) and n > 0
+            for f, n in counts.items())):
+        raise InputError(f"{where}: {WEIGHT_FORMAT_COUNTS}: expected, with weight_format {MIXED_WEIGHTS!r}, a "
+                         f"positive count of linears per format of {list(QUANTIZED_WEIGHT_FORMATS)}, "
+                         f"found {counts!r:.80}")
+
+
+# --- speculative decoding (contracts.md sections 1.1 and 5) --------------------------------------------------------
+
+SPEC_NONE, SPEC_EAGLE3 = "none", "eagle3"  # config.json `spec_decode_type`
+ROLE_LLM, ROLE_BASE, ROLE_DRAFT = "llm", "base", "draft"  # config.json `engine_role`
+D2T_FILE, D2T_TENSOR = "d2t.safetensors", "d2t"  # the draft's draft-vocab -> base-vocab map (int32 [draft_vocab])
+DEFAULT_TREE_SIZE = 60  # --maxVerifyTreeSize / --maxDraftTreeSize: tree tokens per call in the generation profile
+
+
+def is_eagle3_config(config: dict) -> bool:
+    """An EAGLE3 draft checkpoint, by the reference's rule: an "Eagle3" architecture, `ttt_length` or
+    `draft_vocab_size` in its config.json."""
+    archs = config.get("architectures") or []
+    return any("Eagle3" in str(a) for a in archs) or "ttt_length" in config or "draft_vocab_size" in config
+
+
+def default_eagle_layers(num_layers: int) -> list[int]:
+    """The base hidden states an EAGLE3 draft reads when it names none (reference 0.10): inputs of decoder layers
+    2, N // 2 and N - 4, i.e. HF `output_hidden_states[i]`."""
+    return [2, num_layers // 2, num_layers - 4]
+
+
+def draft_target_layers(config: dict) -> list[int] | None:
+    """The target layers a draft's config.json names (`eagle_config.eagle_aux_hidden_state_layer_ids` or
+    `target_layer_ids`), None when it names none (then it reads its base's defaults)."""
+    ids = (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids") or config.get("target_layer_ids")
+    return list(ids) if ids else None

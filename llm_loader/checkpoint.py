@@ -3,7 +3,10 @@
 Tensors are read one at a time, each through its own short-lived `safe_open`, so the exporter's memory holds roughly
 the tensor in hand and never the whole model (an open handle keeps the pages it touched mapped). Pickled weights
 (`*.bin`, `*.pt`) can run code when loaded and are refused unless the caller opts in; so are models whose code lives
-in the checkpoint (`auto_map`, i.e. `trust_remote_code`).
+in the checkpoint (`auto_map`, i.e. `trust_remote_code`). Every file read must be a regular file inside the directory
+(`contract.paths`: a symlink out of it or a shard index naming `../x.safetensors` is refused; the Hugging Face cache
+layout is fine). The checkpoint remembers which tensors were read, so the exporter can refuse tensors the config does
+not account for.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from contract.errors import InputError
 from contract.jsonfile import read_json
+from contract.paths import checked_file
 
 INDEX = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth")
@@ -29,6 +33,7 @@ class Checkpoint:
     config: dict
     files: dict[str, Path]  # tensor name -> file holding it
     _pickled: dict[Path, dict] = field(default_factory=dict, repr=False)
+    read: set[str] = field(default_factory=set, repr=False)  # names `tensor` has returned
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -38,6 +43,7 @@ class Checkpoint:
         file = self.files.get(name)
         if file is None:
             raise InputError(f"{self.path}: expected tensor '{name}' in the checkpoint weights, found none")
+        self.read.add(name)
         if file in self._pickled:
             return self._pickled[file][name]
         try:
@@ -59,12 +65,11 @@ class Checkpoint:
         return t
 
 
-def _safetensors_names(file: Path) -> list[str]:
-    if not file.is_file():
-        raise InputError(f"{file}: expected a safetensors shard, found no such file")
+def _safetensors_names(root: Path, name: str) -> tuple[Path, list[str]]:
+    file = checked_file(root, name, "a safetensors shard")
     try:
         with safe_open(str(file), framework="pt") as f:
-            return list(f.keys())
+            return file, list(f.keys())
     except (SafetensorError, OSError) as e:
         raise InputError(f"{file}: expected a safetensors file, found a corrupt one ({e})") from None
 
@@ -90,28 +95,33 @@ def open_checkpoint(path: Path, allow_pickle: bool = False) -> Checkpoint:
     if not path.is_dir():
         found = "a file" if path.exists() else "nothing"
         raise InputError(f"{path}: expected a Hugging Face checkpoint directory, found {found}")
-    config = read_json(path / "config.json", "the model config")
+    config = read_json(checked_file(path, "config.json", "the model config"), "the model config")
     if config.get("auto_map"):
         raise InputError(
             f"{path / 'config.json'}: expected a built-in transformers architecture, found auto_map "
             "(custom modeling code needs trust_remote_code, which the exporter refuses)"
         )
 
-    if (path / INDEX).exists():
-        weight_map = read_json(path / INDEX, "the safetensors shard index").get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise InputError(f"{path / INDEX}: expected a non-empty 'weight_map', found {weight_map!r}")
+    index = checked_file(path, INDEX, "the safetensors shard index", required=False)
+    if index is not None:
+        weight_map = read_json(index, "the safetensors shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(s, str)
+                                                                         for s in weight_map.values()):
+            raise InputError(f"{index}: expected a non-empty 'weight_map' of tensor -> file name, found "
+                             f"{weight_map!r:.60}")
         files = {}
         for shard in sorted(set(weight_map.values())):
-            names = set(_safetensors_names(path / shard))
-            files.update({n: path / shard for n, s in weight_map.items() if s == shard and n in names})
+            file, names = _safetensors_names(path, shard)
+            names = set(names)
+            files.update({n: file for n, s in weight_map.items() if s == shard and n in names})
         return Checkpoint(path, config, files)
 
-    shards = sorted(path.glob("*.safetensors"))
+    shards = [_safetensors_names(path, f.name) for f in sorted(path.glob("*.safetensors"))]
     if shards:
-        return Checkpoint(path, config, {n: f for f in shards for n in _safetensors_names(f)})
+        return Checkpoint(path, config, {n: file for file, names in shards for n in names})
 
-    pickles = sorted(p for pattern in PICKLE_PATTERNS for p in path.glob(pattern))
+    pickles = sorted(checked_file(path, p.name, "pickled weights") for pattern in PICKLE_PATTERNS
+                     for p in path.glob(pattern))
     if not pickles:
         raise InputError(f"{path}: expected *.safetensors weights, found none")
     if not allow_pickle:

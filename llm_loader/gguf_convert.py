@@ -64,7 +64,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     model.generation_config = gguf_model.generation_config
     del gguf_model
 
-    with staged_dir(out_dir) as tmp:
+    with staged_dir(out_dir, kind="converted checkpoint", flag="OUT_DIR", inputs=[gguf_path.parent]) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return out_dir

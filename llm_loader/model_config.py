@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contract.errors import InputError
+from contract.stage import positive_int, positive_number
 
 SUPPORTED = ("llama", "qwen2", "qwen3")
 
@@ -38,14 +39,11 @@ class ModelConfig:
         return int(self.head_dim * self.partial_rotary_factor)
 
 
-def _field(config: dict, key: str, path: Path, default=None, kind=int):
-    value = config.get(key, default)
-    if value is None:
-        raise InputError(f"{path}: expected field '{key}', found none")
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{path}: field '{key}' expected {kind.__name__}, found {value!r}") from None
+def _flag(config: dict, key: str, path: Path) -> bool:
+    value = config.get(key, False)
+    if not isinstance(value, bool):
+        raise InputError(f"{path}: {key}: expected true or false, found {value!r:.60}")
+    return value
 
 
 def _rope(config: dict, path: Path) -> tuple[float, dict | None, float]:
@@ -59,12 +57,16 @@ def _rope(config: dict, path: Path) -> tuple[float, dict | None, float]:
     else:
         theta = config.get("rope_theta", 10000.0)
         scaling = config.get("rope_scaling")
-        if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
+        if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) == "default":
             scaling = None
         partial = config.get("partial_rotary_factor", 1.0)
     if theta is None:
         raise InputError(f"{path}: expected field 'rope_theta' (or rope_parameters.rope_theta), found none")
-    return float(theta), scaling or None, float(partial)
+    if scaling is not None and not isinstance(scaling, dict):
+        raise InputError(f"{path}: rope_scaling: expected null or an object, found {scaling!r:.60}")
+    theta = positive_number({"rope_theta": theta}, "rope_theta", str(path))
+    partial = positive_number({"partial_rotary_factor": partial}, "partial_rotary_factor", str(path))
+    return theta, scaling or None, partial
 
 
 def model_config_from_dict(config: dict, path: Path) -> ModelConfig:
@@ -79,26 +81,27 @@ def model_config_from_dict(config: dict, path: Path) -> ModelConfig:
     if config.get("use_sliding_window"):
         raise InputError(f"{path}: field 'use_sliding_window' expected false (sliding window unsupported), found true")
 
-    hidden = _field(config, "hidden_size", path)
-    heads = _field(config, "num_attention_heads", path)
+    where = str(path)
+    hidden = positive_int(config, "hidden_size", where)
+    heads = positive_int(config, "num_attention_heads", where)
     theta, scaling, partial = _rope(config, path)
-    head_dim = config.get("head_dim") or hidden // heads
     cfg = ModelConfig(
         model_type=model_type,
-        vocab_size=_field(config, "vocab_size", path),
+        vocab_size=positive_int(config, "vocab_size", where),
         hidden_size=hidden,
-        intermediate_size=_field(config, "intermediate_size", path),
-        num_hidden_layers=_field(config, "num_hidden_layers", path),
+        intermediate_size=positive_int(config, "intermediate_size", where),
+        num_hidden_layers=positive_int(config, "num_hidden_layers", where),
         num_attention_heads=heads,
-        num_key_value_heads=_field(config, "num_key_value_heads", path, default=heads),
-        head_dim=int(head_dim),
-        max_position_embeddings=_field(config, "max_position_embeddings", path),
-        rms_norm_eps=_field(config, "rms_norm_eps", path, default=1e-6, kind=float),
+        num_key_value_heads=heads if config.get("num_key_value_heads") is None
+        else positive_int(config, "num_key_value_heads", where),
+        head_dim=positive_int(config, "head_dim", where, required=False) or hidden // heads,
+        max_position_embeddings=positive_int(config, "max_position_embeddings", where),
+        rms_norm_eps=positive_number(config, "rms_norm_eps", where, default=1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
         partial_rotary_factor=partial,
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        attention_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
+        tie_word_embeddings=_flag(config, "tie_word_embeddings", path),
+        attention_bias=model_type == "qwen2" or _flag(config, "attention_bias", path),
         qk_norm=model_type == "qwen3",
     )
     if cfg.num_attention_heads % cfg.num_key_value_heads:
@@ -106,6 +109,9 @@ def model_config_from_dict(config: dict, path: Path) -> ModelConfig:
             f"{path}: num_attention_heads ({heads}) expected a multiple of num_key_value_heads, "
             f"found {cfg.num_key_value_heads}"
         )
+    if cfg.head_dim <= 0:
+        raise InputError(f"{path}: head_dim (hidden_size // num_attention_heads) expected positive, found "
+                         f"{cfg.head_dim}")
     if cfg.rotary_dim % 2 or not 0 < cfg.rotary_dim <= cfg.head_dim:
         raise InputError(f"{path}: rotary dim head_dim*partial_rotary_factor expected even, found {cfg.rotary_dim}")
     return cfg

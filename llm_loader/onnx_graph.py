@@ -9,6 +9,10 @@ converting it to external data would hold.
 A quantized checkpoint (`Graph.quant`) changes only the linears it quantizes and the KV cache dtype; the graph forms
 are contracts.md section 2.1. Quantized linears are never fused (Q|K|V and gate|up each keep their own scales), so
 those blocks Concat the separate projections instead of one stacked MatMul.
+
+An EAGLE3 base (`eagle_layers`, contracts.md 2.2) runs every attention layer in tree mode and also returns the
+residual stream at those layers as `hidden_states`; the EAGLE3 draft graph (llm_loader/eagle3_draft.py) is built from
+the same blocks.
 """
 
 from __future__ import annotations
@@ -69,9 +73,11 @@ class Graph(GraphBuilder):
     """The exporter's builder: nodes in order under stable names, constants and weights streamed to the weight file;
     plus the checkpoint, model config and quantization the blocks read."""
 
-    def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, weights: WeightFile, quant: QuantizedCheckpoint | None = None):
+    def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, weights: WeightFile, quant: QuantizedCheckpoint | None = None,
+                 tree: bool = False):
         super().__init__(Names(), lambda name, array: weights.add(name, array))
         self.ckpt, self.cfg, self.weights, self.quant = ckpt, cfg, weights, quant
+        self.tree = tree  # every AttentionPlugin in tree mode, reading attention_mask / attention_pos_id
         self.shared: dict[str, str] = {}
 
     def shared_const(self, name: str, values, dtype) -> str:
@@ -220,16 +226,14 @@ def kv_cache_attrs(g: Graph, i: int) -> dict:
     return {"enable_fp8_kv_cache": True, "qkv_scales": (1.0 if s.q_scale is None else s.q_scale, s.k_scale, s.v_scale)}
 
 
-def weight_format(quant: QuantizedCheckpoint | None) -> str:
-    """config.json weight_format: the one format of the quantized linears, "fp16" when none is quantized."""
-    found = sorted({q.format for q in (quant.linears.values() if quant else ()) if q.format != "fp16"})
-    if not found:
-        return "fp16"
-    if len(found) > 1 or found[0] not in QUANTIZED_WEIGHT_FORMATS:
-        raise InputError(f"{quant.path}: expected one weight format of {QUANTIZED_WEIGHT_FORMATS} for all quantized "
-                         "linears, "
-                         f"found {found}")
-    return found[0]
+def weight_formats(quant: QuantizedCheckpoint | None) -> tuple[str, dict[str, int]]:
+    """config.json `weight_format` ("fp16", the one format of the quantized linears, or "mixed") and the number of
+    quantized linears of each format (`weight_formats`, written when mixed)."""
+    found = [q.format for q in (quant.linears.values() if quant else ())]
+    unknown = sorted({f for f in found if f != "fp16" and f not in QUANTIZED_WEIGHT_FORMATS})
+    if unknown:
+        raise InputError(f"{quant.path}: expected weight formats of {QUANTIZED_WEIGHT_FORMATS}, found {unknown}")
+    return stage.summarize_weight_formats(found)
 
 
 def rmsnorm(g: Graph, x: str, weight: str, name: str) -> str:
@@ -249,9 +253,14 @@ def rmsnorm(g: Graph, x: str, weight: str, name: str) -> str:
 
 def attention_block(g: Graph, x: str, i: int) -> str:
     """RMSNorm -> fused QKV (+bias) -> AttentionPlugin (RoPE, KV write, GQA) -> o_proj -> residual."""
-    cfg, p = g.cfg, f"model.layers.{i}.self_attn"
-    h, d, hq, hkv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     normed = rmsnorm(g, x, f"model.layers.{i}.input_layernorm.weight", f"layers.{i}/input_layernorm")
+    return attention(g, normed, x, i, f"model.layers.{i}.self_attn", g.cfg.hidden_size)
+
+
+def attention(g: Graph, normed: str, residual: str, i: int, p: str, in_features: int) -> str:
+    """Q/K/V of `normed` (`in_features` wide) -> AttentionPlugin on cache i -> `p.o_proj` -> added to `residual`."""
+    cfg = g.cfg
+    h, d, hq, hkv = in_features, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     projections = [("q_proj", hq), ("k_proj", hkv), ("v_proj", hkv)]
     if any(g.quantized(f"{p}.{n}") for n, _ in projections):
         parts = [linear(g, normed, f"{p}.{n}", (heads * d, h), f"layers.{i}/{n}") for n, heads in projections]
@@ -267,22 +276,26 @@ def attention_block(g: Graph, x: str, i: int) -> str:
     inputs = [qkv, stage.past_key_values(i), stage.CONTEXT_LENGTHS, stage.ROPE_COS_SIN, stage.KVCACHE_START_INDEX]
     if cfg.qk_norm:
         inputs += [g.weight(f"{p}.{n}.weight", g.read(f"{p}.{n}.weight", (d,))) for n in ("q_norm", "k_norm")]
+    if g.tree:
+        inputs += [stage.ATTENTION_MASK, stage.ATTENTION_POS_ID]
     attn = f"layers.{i}/attention/out0"
     g.nodes.append(attention_schema.make_node(
         inputs, [attn, stage.present_key_values(i)], name=g.names.claim(f"layers.{i}/attention"),
         num_q_heads=hq, num_kv_heads=hkv, head_size=d, enable_qk_norm=cfg.qk_norm, rms_norm_eps=cfg.rms_norm_eps,
-        **kv_cache_attrs(g, i),
+        enable_tree_attention=g.tree, **kv_cache_attrs(g, i),
     ))
     flat = g.op("Reshape", [attn, "const.attn_flat_shape"], f"layers.{i}/attn_flatten")
-    out = linear(g, flat, f"{p}.o_proj", (h, hq * d), f"layers.{i}/o_proj")
-    return g.op("Add", [x, out], f"layers.{i}/attn_residual")
+    out = linear(g, flat, f"{p}.o_proj", (cfg.hidden_size, hq * d), f"layers.{i}/o_proj")
+    return g.op("Add", [residual, out], f"layers.{i}/attn_residual")
 
 
-def mlp_block(g: Graph, x: str, i: int) -> str:
-    """RMSNorm -> fused gate|up -> SiLU(gate) * up -> down_proj -> residual."""
-    cfg, p = g.cfg, f"model.layers.{i}.mlp"
+def mlp_block(g: Graph, x: str, i: int, layer: str | None = None) -> str:
+    """RMSNorm -> fused gate|up -> SiLU(gate) * up -> down_proj -> residual; `layer` = the checkpoint's name of the
+    decoder layer (`model.layers.{i}`, or the EAGLE3 draft's `midlayer`)."""
+    layer = layer or f"model.layers.{i}"
+    cfg, p = g.cfg, f"{layer}.mlp"
     h, inter = cfg.hidden_size, cfg.intermediate_size
-    normed = rmsnorm(g, x, f"model.layers.{i}.post_attention_layernorm.weight", f"layers.{i}/post_attention_layernorm")
+    normed = rmsnorm(g, x, f"{layer}.post_attention_layernorm.weight", f"layers.{i}/post_attention_layernorm")
     if g.quantized(f"{p}.gate_proj") or g.quantized(f"{p}.up_proj"):
         gate, up = (linear(g, normed, f"{p}.{n}", (inter, h), f"layers.{i}/{n}") for n in ("gate_proj", "up_proj"))
     else:
@@ -300,23 +313,27 @@ def decoder_layer(g: Graph, x: str, i: int) -> str:
     return mlp_block(g, attention_block(g, x, i), i)
 
 
-def final(g: Graph, x: str) -> str:
-    """Final RMSNorm, the hidden states at `last_token_ids`, lm_head (the embedding table when tied), fp32 logits."""
+def final(g: Graph, x: str, norm: str = "model.norm.weight", vocab_size: int | None = None) -> str:
+    """Final RMSNorm, the hidden states at `last_token_ids`, lm_head (the embedding table when tied), fp32 logits;
+    the EAGLE3 draft passes its own norm name and draft vocabulary size."""
     cfg = g.cfg
-    normed = rmsnorm(g, x, "model.norm.weight", "final_norm")
+    vocab = vocab_size or cfg.vocab_size
+    normed = rmsnorm(g, x, norm, "final_norm")
     index = g.op("Unsqueeze", [stage.LAST_TOKEN_IDS, "const.last_axis"], "select/unsqueeze")
     selected = g.op("GatherND", [normed, index], "select/gather", batch_dims=1)
     if g.quantized("lm_head"):
-        logits = linear(g, selected, "lm_head", (cfg.vocab_size, cfg.hidden_size), "lm_head")
+        logits = linear(g, selected, "lm_head", (vocab, cfg.hidden_size), "lm_head")
     else:
         source = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-        lm_head = g.linear_weight("lm_head.weight", [(source, (cfg.vocab_size, cfg.hidden_size))])
+        lm_head = g.linear_weight("lm_head.weight", [(source, (vocab, cfg.hidden_size))])
         logits = g.op("MatMul", [selected, lm_head], "lm_head")
     return g.op("Cast", [logits], "logits_fp32", outputs=["logits"], to=FP32)
 
 
-def io_specs(cfg: ModelConfig, kv_dtype: int = FP16) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
-    """Graph inputs and outputs with their symbolic dimensions (contracts.md section 2)."""
+def io_specs(cfg: ModelConfig, kv_dtype: int = FP16, tree: bool = False, vocab_size: int | None = None
+             ) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+    """Graph inputs and outputs with their symbolic dimensions (contracts.md section 2); `tree` adds the tree inputs
+    of an EAGLE3 base or draft (2.2)."""
     kv = ["batch", 2, cfg.num_key_value_heads, "kv_len", cfg.head_dim]
     vi = helper.make_tensor_value_info
     inputs = [
@@ -325,42 +342,62 @@ def io_specs(cfg: ModelConfig, kv_dtype: int = FP16) -> tuple[list[onnx.ValueInf
         vi(stage.ROPE_COS_SIN, FP32, [1, "rope_len", cfg.rotary_dim]),
         vi(stage.KVCACHE_START_INDEX, INT32, ["batch"]),
         vi(stage.LAST_TOKEN_IDS, INT64, ["batch", "num_selected"]),
-    ] + [vi(stage.past_key_values(i), kv_dtype, kv) for i in range(cfg.num_hidden_layers)]
-    outputs = [vi(stage.LOGITS, FP32, ["batch", "num_selected", cfg.vocab_size])]
+    ]
+    if tree:
+        inputs += [vi(stage.ATTENTION_MASK, INT32, ["batch", "seq_len", "mask_words"]),
+                   vi(stage.ATTENTION_POS_ID, INT32, ["batch", "seq_len"])]
+    inputs += [vi(stage.past_key_values(i), kv_dtype, kv) for i in range(cfg.num_hidden_layers)]
+    outputs = [vi(stage.LOGITS, FP32, ["batch", "num_selected", vocab_size or cfg.vocab_size])]
     outputs += [vi(stage.present_key_values(i), kv_dtype, kv) for i in range(cfg.num_hidden_layers)]
     return inputs, outputs
 
 
-def write_model(
-    ckpt: Checkpoint, cfg: ModelConfig, out_dir: Path, wrap_layers: Callable[[Iterable[int]], Iterable[int]] = iter,
-    quant: QuantizedCheckpoint | None = None,
-) -> Path:
-    """Write `model.onnx` + `model.onnx.data` into `out_dir`; `wrap_layers` can add a progress bar; `quant` (read
-    with `read_quantized_checkpoint`) supplies quantized linears and FP8 KV scales."""
-    weights = WeightFile(Path(out_dir) / "model.onnx.data")
-    try:
-        g = Graph(ckpt, cfg, weights, quant)
-        g.const([-1], np.int64, name="const.last_axis")
-        g.const(cfg.rms_norm_eps, np.float32, name="const.rms_norm_eps")
-        g.const(2.0, np.float32, name="const.two")
-        g.const([0, 0, cfg.num_attention_heads * cfg.head_dim], np.int64, name="const.attn_flat_shape")
-        x = stage.INPUTS_EMBEDS
-        for i in wrap_layers(range(cfg.num_hidden_layers)):
-            x = decoder_layer(g, x, i)
-        final(g, x)
-    finally:
-        weights.close()
-    inputs, outputs = io_specs(cfg, kv_cache_dtype(quant).onnx)
-    graph = helper.make_graph(g.nodes, f"{cfg.model_type}_llm", inputs, outputs, initializer=weights.initializers)
+def new_graph(ckpt: Checkpoint, cfg: ModelConfig, weights: WeightFile, quant: QuantizedCheckpoint | None,
+              tree: bool) -> Graph:
+    """A Graph with the shared constants every block uses."""
+    g = Graph(ckpt, cfg, weights, quant, tree)
+    g.const([-1], np.int64, name="const.last_axis")
+    g.const(cfg.rms_norm_eps, np.float32, name="const.rms_norm_eps")
+    g.const(2.0, np.float32, name="const.two")
+    g.const([0, 0, cfg.num_attention_heads * cfg.head_dim], np.int64, name="const.attn_flat_shape")
+    return g
+
+
+def save_model(g: Graph, name: str, inputs: list, outputs: list, out_dir: Path) -> Path:
+    """`out_dir/model.onnx` from the graph's nodes and the (closed) weight file's initializers."""
+    graph = helper.make_graph(g.nodes, name, inputs, outputs, initializer=g.weights.initializers)
     opsets = [helper.make_opsetid("", stage.ONNX_OPSET), attention_schema.OPSET]
     if any(n.domain == nvfp4_schema.DOMAIN for n in g.nodes):
         opsets.append(nvfp4_schema.OPSET)
-    model = helper.make_model(
-        graph,
-        opset_imports=opsets,
-        ir_version=stage.IR_VERSION,
-        producer_name=stage.PRODUCER,
-    )
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=stage.IR_VERSION, producer_name=stage.PRODUCER)
     path = Path(out_dir) / "model.onnx"
     path.write_bytes(model.SerializeToString())
     return path
+
+
+def write_model(
+    ckpt: Checkpoint, cfg: ModelConfig, out_dir: Path, wrap_layers: Callable[[Iterable[int]], Iterable[int]] = iter,
+    quant: QuantizedCheckpoint | None = None, eagle_layers: list[int] | None = None,
+) -> Path:
+    """Write `model.onnx` + `model.onnx.data` into `out_dir`; `wrap_layers` can add a progress bar; `quant` (read
+    with `read_quantized_checkpoint`) supplies quantized linears and FP8 KV scales. `eagle_layers` makes an EAGLE3
+    base: tree attention in every layer, and `hidden_states` = the inputs of those decoder layers, concatenated."""
+    weights = WeightFile(Path(out_dir) / "model.onnx.data")
+    tree = eagle_layers is not None
+    try:
+        g = new_graph(ckpt, cfg, weights, quant, tree)
+        x, layer_inputs = stage.INPUTS_EMBEDS, []
+        for i in wrap_layers(range(cfg.num_hidden_layers)):
+            layer_inputs.append(x)
+            x = decoder_layer(g, x, i)
+        final(g, x)
+        if tree:  # HF output_hidden_states[i] = the input of decoder layer i (index 0: the embeddings)
+            g.op("Concat", [layer_inputs[i] for i in eagle_layers], "eagle_hidden_states",
+                 outputs=[stage.HIDDEN_STATES], axis=-1)
+    finally:
+        weights.close()
+    inputs, outputs = io_specs(cfg, kv_cache_dtype(quant).onnx, tree)
+    if tree:
+        outputs.insert(1, helper.make_tensor_value_info(stage.HIDDEN_STATES, FP16, [
+            "batch", "seq_len", len(eagle_layers) * cfg.hidden_size]))
+    return save_model(g, f"{cfg.model_type}_llm", inputs, outputs, out_dir)

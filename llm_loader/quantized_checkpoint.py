@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 from contract import formats
 from contract.errors import InputError
 from contract.jsonfile import read_json
-from contract.stage import QUANT_ALGO_FORMATS
+from contract.paths import checked_file
+from contract.stage import QUANT_ALGO_FORMATS, unsupported_quant_algo
 from llm_loader.checkpoint import open_checkpoint
 
 FP8 = torch.float8_e4m3fn
@@ -82,8 +83,8 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _metadata(path: Path, config: dict) -> dict:
     """The `quantization` section in ModelOpt terms, from hf_quant_config.json or config.json."""
-    hf_quant = path / "hf_quant_config.json"
-    if hf_quant.is_file():
+    hf_quant = checked_file(path, "hf_quant_config.json", "ModelOpt's quantization config", required=False)
+    if hf_quant is not None:
         meta = dict(read_json(hf_quant, "ModelOpt's quantization config").get("quantization", {}))
     else:
         meta = dict(config.get("quantization_config") or {})
@@ -114,11 +115,16 @@ def _expected_format(module: str, meta: dict) -> str | None:
         return None
     if algo == "MIXED_PRECISION":
         entry = (meta.get("quantized_layers") or {}).get(module)
-        return QUANT_ALGO_FORMATS.get(entry["quant_algo"]) if entry else None
+        if not entry:
+            return None
+        if not isinstance(entry, dict) or entry.get("quant_algo") not in QUANT_ALGO_FORMATS:
+            found = entry.get("quant_algo") if isinstance(entry, dict) else entry
+            raise unsupported_quant_algo(found, f"quantized_layers[{module}]")
+        return QUANT_ALGO_FORMATS[entry["quant_algo"]]
     if algo == "FP8_BLOCK_FINE_GRAINED":
         return "fp8_block"
     if algo not in QUANT_ALGO_FORMATS:
-        raise InputError(f"quant_algo: expected one of {', '.join(QUANT_ALGO_FORMATS)} or MIXED_PRECISION, found {algo!r}")
+        raise unsupported_quant_algo(algo, "quant_algo")
     return QUANT_ALGO_FORMATS[algo]
 
 
@@ -192,10 +198,7 @@ KV_SUFFIXES = ("k_proj.k_scale", "v_proj.v_scale", "q_proj.q_scale")
 def read_quantized_checkpoint(path: Path | str) -> QuantizedCheckpoint:
     """Read `path` (any layout above) and check that every module holds the format the metadata claims."""
     path = Path(path)
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise InputError(f"{config_path}: expected the HF config, found no such file")
-    config = read_json(config_path, "the checkpoint config")
+    config = read_json(checked_file(path, "config.json", "the HF config"), "the checkpoint config")
     meta = _metadata(path, config)
     tensors = load_tensors(path)
     # linears: modules with a 2-D weight, minus embedding tables
@@ -214,7 +217,9 @@ def read_quantized_checkpoint(path: Path | str) -> QuantizedCheckpoint:
                     f"tensor {module}.{missing}: expected by quant_algo {meta.get('quant_algo')} "
                     f"(format {expected}), found a {actual} module"
                 )
-            linears[module] = _read_linear(module, actual, tensors, meta)
+            mixed = meta.get("quant_algo") == "MIXED_PRECISION"  # a layer's own entry (group_size) applies to it
+            layer = (meta.get("quantized_layers") or {}).get(module) if mixed else None
+            linears[module] = _read_linear(module, actual, tensors, {**meta, **(layer or {})})
         kv_scales, fp16_layers = _read_kv(tensors, meta, config)
     except InputError as e:
         raise InputError(f"{path}: {e}") from None

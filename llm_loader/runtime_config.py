@@ -11,6 +11,7 @@ from pathlib import Path
 from contract import stage
 from contract.errors import InputError
 from contract.jsonfile import read_json
+from contract.paths import checked_file
 from llm_loader.model_config import ModelConfig
 
 
@@ -22,17 +23,17 @@ def _eos_list(value, where: str) -> list[int]:
 
 
 def runtime_config(cfg: ModelConfig, hf_config: dict, checkpoint_dir: Path, kv_cache_dtype: str = "fp16",
-                   weight_format: str = "fp16") -> dict:
+                   weight_format: str = "fp16", weight_format_counts: dict[str, int] | None = None) -> dict:
     """The runtime config dict; `eos_token_id` comes from config.json, else from generation_config.json."""
-    gen_path = Path(checkpoint_dir) / "generation_config.json"
-    generation_config = read_json(gen_path, "the generation config") if gen_path.exists() else {}
+    gen_path = checked_file(checkpoint_dir, "generation_config.json", "the generation config", required=False)
+    generation_config = read_json(gen_path, "the generation config") if gen_path else {}
     if hf_config.get("eos_token_id") is not None:
         eos = _eos_list(hf_config["eos_token_id"], str(Path(checkpoint_dir) / "config.json"))
     elif generation_config.get("eos_token_id") is not None:
         eos = _eos_list(generation_config["eos_token_id"], str(gen_path))
     else:
         eos = []
-    return {
+    config = {
         "model": cfg.model_type,
         "spec_decode_type": "none",
         "engine_role": "llm",
@@ -57,3 +58,6 @@ def runtime_config(cfg: ModelConfig, hf_config: dict, checkpoint_dir: Path, kv_c
         "weight_format": weight_format,
         "generation_config": generation_config,
     }
+    if weight_format_counts is not None:  # weight_format "mixed": quantized linears per format
+        config[stage.WEIGHT_FORMAT_COUNTS] = weight_format_counts
+    return config

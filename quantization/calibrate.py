@@ -30,6 +30,8 @@ class Calibration:
     """amax per linear input (module name -> float) and per layer post-RoPE q/k/v (layer -> (q, k, v))."""
 
     input_amax: dict[str, float] = field(default_factory=dict)
+    input_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # mean x^2 per input channel (NVFP4 scale search)
+    hessian: dict[str, torch.Tensor] = field(default_factory=dict)  # mean x x^T [in, in] (GPTQ)
     qkv_amax: dict[int, tuple[float, float, float]] = field(default_factory=dict)
     num_tokens: int = 0
 
@@ -40,6 +42,9 @@ class _Observer:
     def __init__(self) -> None:
         self.mask: torch.Tensor | None = None  # bool [B, S]
         self.input_amax: dict[str, torch.Tensor] = {}
+        self.input_sq: dict[str, torch.Tensor] = {}  # sum of x^2 per channel over real tokens
+        self.hessian: dict[str, torch.Tensor] = {}  # sum of x x^T over real tokens
+        self.last: tuple = (None,) * 4  # (input tensor, its real tokens, their sum x^2, x^T x) of the latest hook
         self.qkv_amax: dict[int, torch.Tensor] = {}
 
     def tokens_amax(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +69,8 @@ AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
 
 
 @contextmanager
-def _observing(model, linear_names: Iterable[str], observer: _Observer, kv: bool):
+def _observing(model, linear_names: Iterable[str], observer: _Observer, kv: bool, square_names: set[str],
+               hessian_names: set[str]):
     """Install the hooks (and the recording attention) for the duration of the block, then restore the model."""
     modules = dict(model.named_modules())
     handles = []
@@ -72,6 +78,17 @@ def _observing(model, linear_names: Iterable[str], observer: _Observer, kv: bool
 
         def hook(_module, args, name=name):
             observer.update(observer.input_amax, name, observer.tokens_amax(args[0]))
+            if name in square_names or name in hessian_names:
+                if observer.last[0] is not args[0]:  # q/k/v (gate/up) read one tensor: its statistics once
+                    x = args[0][observer.mask].detach().float()
+                    observer.last = (args[0], x, x.pow(2).sum(0), None)
+                tensor, x, sq, xtx = observer.last
+                observer.input_sq[name] = observer.input_sq.get(name, 0) + sq
+                if name in hessian_names:
+                    if xtx is None:
+                        xtx = x.T @ x
+                        observer.last = (tensor, x, sq, xtx)
+                    observer.hessian[name] = observer.hessian.get(name, 0) + xtx
 
         handles.append(modules[name].register_forward_pre_hook(hook))
     attention = [m for m in modules.values() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")] if kv else []
@@ -92,15 +109,18 @@ def _observing(model, linear_names: Iterable[str], observer: _Observer, kv: bool
 
 
 @torch.no_grad()
-def calibrate(model, batches: list[Batch], linear_names: Iterable[str], kv: bool) -> Calibration:
-    """Run `batches` through `model` (no KV cache) and return the amax of the named linears' inputs and of q/k/v."""
+def calibrate(model, batches: list[Batch], linear_names: Iterable[str], kv: bool,
+              square_names: Iterable[str] = (), hessian_names: Iterable[str] = ()) -> Calibration:
+    """Run `batches` through `model` (no KV cache) and return the amax of the named linears' inputs and of q/k/v,
+    the mean x^2 per input channel of `square_names` and the mean x x^T of `hessian_names` (both subsets of
+    `linear_names`)."""
     observer = _Observer()
     device = next(model.parameters()).device
     num_tokens = 0
     linear_names = list(linear_names)
     # the decoder alone unless the lm_head is calibrated: logits are a fifth of a small model's work, and unused here
     forward = model if any(n == "lm_head" or n.endswith(".lm_head") for n in linear_names) else model.base_model
-    with _observing(model, linear_names, observer, kv):
+    with _observing(model, linear_names, observer, kv, set(square_names), set(hessian_names)):
         for batch in tqdm(batches, desc="calibrating", unit="batch"):
             observer.mask = batch.attention_mask.to(device).bool()
             num_tokens += int(observer.mask.sum())
@@ -108,6 +128,8 @@ def calibrate(model, batches: list[Batch], linear_names: Iterable[str], kv: bool
                     use_cache=False)
     return Calibration(
         input_amax={k: float(v) for k, v in observer.input_amax.items()},
+        input_sq={k: (v / max(num_tokens, 1)).cpu() for k, v in observer.input_sq.items()},
+        hessian={k: (v / max(num_tokens, 1)).cpu() for k, v in observer.hessian.items()},
         qkv_amax={k: tuple(float(x) for x in v) for k, v in sorted(observer.qkv_amax.items())},
         num_tokens=num_tokens,
     )

@@ -13,7 +13,7 @@ Everything else (embeddings, norms, biases, excluded linears) is written as fp16
 from __future__ import annotations
 
 import json
-import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,11 +21,14 @@ from typing import TYPE_CHECKING
 from contract import stage
 from contract.atomic import staged_dir
 from contract.stage import WEIGHT_FORMATS
+from contract.tokenizer_files import copy_checked
 
 if TYPE_CHECKING:  # imported by the CLI for its constants before torch (contract.cli); the functions import it
     import torch
 
+OUTPUT_KIND = "quantized checkpoint"  # what contract.atomic calls this writer's output
 METHODS = ("fp8", "fp8_pc", "fp8_block", "nvfp4", "none")  # weight formats (contract.stage) this writer produces
+AUTO = "auto"  # --quantization auto: a format per linear group among quantization.auto.CANDIDATES
 LM_HEAD_METHODS = ("fp8", "nvfp4")
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
 SIDE_FILES = (
@@ -65,14 +68,17 @@ def unfit_reason(method: str, shape: tuple[int, int]) -> str | None:
     return None
 
 
-def quantize_linear(method: str, weight: torch.Tensor, input_amax: float | None) -> dict[str, torch.Tensor]:
-    """The tensors of one quantized linear, keyed by suffix (`weight`, `weight_scale`, ...)."""
+def quantize_linear(method: str, weight: torch.Tensor, input_amax: float | None,
+                    scales: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of one quantized linear, keyed by suffix (`weight`, `weight_scale`, ...); `scales` gives chosen
+    (shared or searched) `weight_scale` / `weight_scale_2` for fp8 and nvfp4 instead of the amax ones."""
     import torch
 
     from contract import formats
 
+    scales = scales or {}
     if method == "fp8":
-        q, scale = formats.quantize_fp8_per_tensor(weight)
+        q, scale = formats.quantize_fp8_per_tensor(weight, scales.get("weight_scale"))
         return {"weight": q, "weight_scale": scale, "input_scale": formats.amax_to_scale(torch.tensor(input_amax))}
     if method == "fp8_pc":
         q, scale = formats.quantize_fp8_per_channel(weight)
@@ -81,7 +87,8 @@ def quantize_linear(method: str, weight: torch.Tensor, input_amax: float | None)
         q, scale = formats.quantize_fp8_block(weight)
         return {"weight": q, "weight_scale_inv": scale}
     if method == "nvfp4":
-        packed, block_scale, global_scale = formats.quantize_nvfp4(weight)
+        packed, block_scale, global_scale = formats.quantize_nvfp4(
+            weight, block_scale=scales.get("weight_scale"), global_scale=scales.get("weight_scale_2"))
         return {
             "weight": packed,
             "weight_scale": block_scale,
@@ -97,12 +104,15 @@ def quantize_state_dict(
     input_amax: dict[str, float],
     kv_scales: dict[int, tuple[float, float, float]],
     attention_prefix: str = "model.layers.{}.self_attn",
+    weight_scales: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> QuantizedTensors:
-    """Quantize the linears in `plan` (module -> method); every other floating tensor becomes fp16."""
+    """Quantize the linears in `plan` (module -> method); every other floating tensor becomes fp16.
+    `weight_scales`: module -> chosen scales (`quantization.scale_search.weight_scales`)."""
     import torch
 
     from contract import formats
 
+    weight_scales = weight_scales or {}
     tensors, methods, excluded = {}, {}, {}
     for name, value in state_dict.items():
         module, _, suffix = name.rpartition(".")
@@ -115,8 +125,8 @@ def quantize_state_dict(
             excluded[module] = reason
             tensors[name] = value.to(torch.float16)
             continue
-        for key, t in quantize_linear(method, value, input_amax.get(module)).items():
-            tensors[f"{module}.{key}"] = t.contiguous()
+        for key, t in quantize_linear(method, value, input_amax.get(module), weight_scales.get(module)).items():
+            tensors[f"{module}.{key}"] = t.clone().contiguous()  # shared (fused) scales are separate tensors on disk
         methods[module] = method
     for layer, (q, k, v) in kv_scales.items():
         prefix = attention_prefix.format(layer)
@@ -183,15 +193,19 @@ def write_checkpoint(
     source_dir: Path,
     extra_files: dict[str, str] | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    inputs: Iterable[Path] = (),
 ) -> Path:
-    """Write config, hf_quant_config, (sharded) safetensors and the source's tokenizer files.
+    """Write config, hf_quant_config, (sharded) safetensors and the source's tokenizer files (checked: a regular file
+    inside `source_dir`, JSON and templates parsed).
 
-    Everything goes to a temporary sibling that is renamed into place only when complete.
+    Everything goes to a temporary sibling that is renamed into place only when complete; an existing `out_dir` is
+    replaced only when it is an earlier quantized checkpoint (contract.atomic). `inputs`: other directories the run
+    read (never written into or over).
     """
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    with staged_dir(out_dir) as tmp:
+    with staged_dir(out_dir, kind=OUTPUT_KIND, flag="--output_dir", inputs=[source_dir, *inputs]) as tmp:
         shards = _shards(tensors, max_shard_bytes)
         if len(shards) == 1:
             save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
@@ -206,9 +220,7 @@ def write_checkpoint(
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "hf_quant_config.json").write_text(json.dumps(quant_config, indent=2))
-        for name in SIDE_FILES:
-            if (source_dir / name).is_file():
-                shutil.copyfile(source_dir / name, tmp / name)
+        copy_checked(source_dir, tmp, SIDE_FILES)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return out_dir

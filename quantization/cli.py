@@ -19,19 +19,28 @@ from typing import TYPE_CHECKING
 
 import click
 
+from contract.atomic import check_target
 from contract.cli import CONTEXT_SETTINGS, example, run_cli
 from contract.dir_kinds import checkpoint_mistake
 from contract.errors import InputError
 from contract.jsonfile import read_json
+from contract.paths import checked_file
+from contract.stage import WEIGHT_FORMATS
+from contract.tokenizer_files import PARSED, read_checked
 from quantization import checkpoint_writer as writer
-from quantization.datasets import DEFAULT_DATASET, load_texts, make_batches
+from quantization.choices import AUTO_CANDIDATES, SCALE_SEARCHES, SMOOTHING_METHODS
+from quantization.datasets import (
+    CHARS_PER_TOKEN,
+    DEFAULT_DATASET,
+    load_texts,
+    make_batches,
+)
 from quantization.report import build_report, format_table
 
 if TYPE_CHECKING:
     import torch
 
 REPORT_FILE = "quantization_report.json"
-CHARS_PER_TOKEN = 4  # how much text a sample needs to fill --max_seq_len tokens
 # --calibration: (samples, tokens per sample). "full" is the reference's default (TensorRT-Edge-LLM's quantizer and
 # ModelOpt: 512 x 512); "quick", the default here, takes minutes on a laptop CPU for a small model and lands within
 # the measured noise of "full" (docs/quantization.md, "Calibration size").
@@ -67,6 +76,21 @@ class LlmOptions(QuantizeOptions):
     model_dir: Path
     output_dir: Path
     kv_cache_fp16_layers: list[int] = field(default_factory=list)
+    smoothing: str | None = None  # None: DEFAULT_SMOOTHING of the format
+    scale_search: str = "mse"
+    fuse_scales: bool = True
+    gptq: bool = True
+    effective_bits: float | None = None  # with --quantization auto
+    search_samples: int = 8
+
+
+# --smoothing when not given: awq where NVFP4 weights are; none for FP8, where smoothquant measured worse end to end
+# (docs/accuracy.md: folding into v_proj / up_proj rows leaves some rows tiny against one per-tensor scale)
+DEFAULT_SMOOTHING = {"nvfp4": "awq", writer.AUTO: "awq"}
+
+
+def smoothing_method(o: LlmOptions) -> str:
+    return o.smoothing or DEFAULT_SMOOTHING.get(o.quantization, "none")
 
 
 def _check_choice(flag: str, value: str | None, choices: tuple[str, ...]) -> None:
@@ -78,11 +102,26 @@ def check_options(o: LlmOptions) -> None:
     """Everything that can be rejected before a model is loaded."""
     import torch
 
-    _check_choice("--quantization", o.quantization, writer.METHODS)
+    _check_choice("--quantization", o.quantization, (*writer.METHODS, writer.AUTO))
+    _check_choice("--smoothing", o.smoothing, SMOOTHING_METHODS)
+    _check_choice("--scale_search", o.scale_search, SCALE_SEARCHES)
+    if o.quantization == writer.AUTO and o.effective_bits is None:
+        raise InputError("--quantization auto: expected --effective_bits B (mean bits per weight), found none")
+    if o.effective_bits is not None and o.quantization != writer.AUTO:
+        raise InputError(f"--effective_bits: expected --quantization auto with it, found {o.quantization}")
+    lowest, highest = (WEIGHT_FORMATS[f].bits for f in (AUTO_CANDIDATES[0], AUTO_CANDIDATES[-1]))
+    if o.effective_bits is not None and not lowest <= o.effective_bits <= highest:
+        raise InputError(f"--effective_bits: expected a number in [{lowest:g}, {highest:g}], "
+                         f"found {o.effective_bits:g}")
+    if o.smoothing not in (None, "none") and o.quantization == "none":
+        raise InputError(f"--smoothing {o.smoothing}: expected a --quantization that quantizes linears, found none")
+    if o.search_samples < 1:
+        raise InputError(f"--search_samples: expected a positive integer, found {o.search_samples}")
     _check_choice("--kv_cache_quantization", o.kv_cache_quantization, ("fp8",))
     _check_choice("--lm_head_quantization", o.lm_head_quantization, writer.LM_HEAD_METHODS)
-    if o.lm_head_quantization and o.quantization == "fp8_block":
-        raise InputError("--lm_head_quantization: expected none with --quantization fp8_block (one layout per file)")
+    if o.lm_head_quantization and o.quantization in ("fp8_block", writer.AUTO):
+        raise InputError(f"--lm_head_quantization: expected none with --quantization {o.quantization} (one layout per "
+                         "file for fp8_block; auto chooses the decoder linears only)")
     if o.kv_cache_fp16_layers and o.kv_cache_quantization != "fp8":
         raise InputError("--kv_cache_fp16_layers: expected --kv_cache_quantization fp8 with it, found none")
     counts = {"--num_samples": o.num_samples, "--max_seq_len": o.max_seq_len, "--batch_size": o.batch_size}
@@ -100,10 +139,21 @@ def check_options(o: LlmOptions) -> None:
         raise InputError(f"{config}: expected the HF config of --model_dir, found no such file")
     if not any(o.model_dir.glob("*.safetensors")) and not any(o.model_dir.glob("pytorch_model*.bin")):
         raise InputError(f"{o.model_dir}: expected *.safetensors weights, found none")
+    check_inside(o.model_dir)
     if "quantization_config" in read_json(config, "the model config") or (o.model_dir / "hf_quant_config.json").exists():
         raise InputError(f"{o.model_dir}: expected an unquantized checkpoint, found a quantization config")
-    if o.output_dir.resolve() == o.model_dir.resolve():
-        raise InputError(f"--output_dir {o.output_dir}: expected a directory other than --model_dir")
+    check_target(o.output_dir, kind=writer.OUTPUT_KIND, flag="--output_dir", inputs=[o.model_dir])
+
+
+def check_inside(model_dir: Path) -> None:
+    """Everything transformers will read from `model_dir` (config, weights, index, tokenizer files) must be a regular
+    file inside it (contract.paths; the Hugging Face cache layout is fine), and the tokenizer files must parse."""
+    for path in sorted(model_dir.iterdir()):
+        if path.name.endswith((".json", ".safetensors", ".bin", ".jinja", ".model", ".txt")):
+            checked_file(model_dir, path.name, "a checkpoint file")
+    for name in writer.SIDE_FILES:
+        if name.endswith(PARSED):
+            read_checked(model_dir, name)
 
 
 def check_finite(state_dict: dict[str, torch.Tensor], model_dir: Path) -> None:
@@ -127,7 +177,7 @@ def quantization_plan(model, o: LlmOptions) -> dict[str, str]:
         if name == "lm_head" or name.endswith(".lm_head"):
             if o.lm_head_quantization:
                 plan[name] = o.lm_head_quantization
-        elif ".layers." in name and o.quantization != "none":
+        elif ".layers." in name and o.quantization not in ("none", writer.AUTO):
             plan[name] = o.quantization
     return plan
 
@@ -173,16 +223,24 @@ def static_inputs(plan: dict[str, str]) -> list[str]:
 
 
 def quantize_llm(o: LlmOptions) -> dict:
-    """The `llm` subcommand; returns the calibration report."""
+    """The `llm` subcommand; returns the calibration report.
+
+    Order: (auto) pick formats by sensitivity -> search and fold smoothing scales -> calibrate static scales on the
+    folded model -> choose weight scales (shared per fusion group, NVFP4 searched) -> write."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from quantization import auto, gptq, scale_search
+    from quantization import smoothing as smoothing_mod
     from quantization.calibrate import Calibration, calibrate
 
     check_options(o)
     kv_fp8 = o.kv_cache_quantization == "fp8"
+    is_auto = o.quantization == writer.AUTO
+    smoothing = smoothing_method(o)
     methods = {o.quantization, o.lm_head_quantization}
-    needs_calibration = kv_fp8 or any(m and writer.needs_input_amax(m) for m in methods)
+    needs_calibration = (kv_fp8 or is_auto or smoothing != "none"
+                         or any(m and writer.needs_input_amax(m) for m in methods))
     num_layers = read_json(o.model_dir / "config.json", "the model config").get("num_hidden_layers", 0)
     bad = [i for i in o.kv_cache_fp16_layers if not 0 <= i < num_layers]
     if bad:
@@ -198,9 +256,30 @@ def quantize_llm(o: LlmOptions) -> dict:
     check_finite(model.state_dict(), o.model_dir)
 
     plan = quantization_plan(model, o)
+    search_batches = batches[: -(-o.search_samples // o.batch_size)]  # hyper-parameters: a slice of the calibration
+    method_report: dict = {}
+    if is_auto:
+        linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n
+                   and not writer.unfit_reason("nvfp4", tuple(m.weight.shape))]
+        sizes = {n: model.get_submodule(n).weight.numel() for n in linears}
+        scores = auto.sensitivities(model, search_batches[: -(-auto.SAMPLES // o.batch_size)], linears)
+        chosen = auto.choose_formats(scores, sizes, o.effective_bits)
+        plan.update({n: f for n, f in chosen.items() if f != "fp16"})
+        method_report["auto"] = {"effective_bits": round(auto.effective_bits(chosen, sizes), 4),
+                                 "budget": o.effective_bits,
+                                 "formats": {f: sum(v == f for v in chosen.values()) for f in auto.CANDIDATES}}
+    # the linears whose format fits them (the writer keeps the others fp16 and reports why)
+    fits = {n: f for n, f in plan.items() if not writer.unfit_reason(f, tuple(model.get_submodule(n).weight.shape))}
+    results = smoothing_mod.smooth(model, search_batches, fits, smoothing, seed=o.seed)
+    method_report["smoothing"] = smoothing_mod.summarize(smoothing, results)
+
     calib = Calibration()
     if needs_calibration:
-        calib = calibrate(model, batches, static_inputs(plan), kv=kv_fp8)
+        nvfp4 = [n for n, f in fits.items() if f == "nvfp4"]
+        squares = nvfp4 if o.scale_search == "mse" else []
+        hessians = nvfp4 if o.gptq else []
+        calib = calibrate(model, batches, sorted({*static_inputs(plan), *squares, *hessians}), kv=kv_fp8,
+                          square_names=squares, hessian_names=hessians)
 
     state_dict = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     config = read_json(o.model_dir / "config.json", "the model config")
@@ -210,12 +289,19 @@ def quantize_llm(o: LlmOptions) -> dict:
             config["tie_word_embeddings"] = False
         else:
             state_dict.pop("lm_head.weight", None)
+    scales, method_report["weight_scales"] = scale_search.weight_scales(
+        state_dict, plan, calib.input_sq, o.scale_search == "mse", o.fuse_scales)
+    if o.gptq:
+        method_report["gptq"] = gptq.apply(state_dict, fits, scales, calib.hessian, o.scale_search == "mse")
     kv_scales = {i: a for i, a in calib.qkv_amax.items() if i not in o.kv_cache_fp16_layers} if kv_fp8 else {}
-    qt = writer.quantize_state_dict(state_dict, plan, calib.input_amax, kv_scales)
+    qt = writer.quantize_state_dict(state_dict, plan, calib.input_amax, kv_scales, weight_scales=scales)
 
     all_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     report = with_calibration(build_report(calib, o.quantization, kv_fp8, o.kv_cache_fp16_layers, qt.excluded,
                                            data["samples"]), data)
+    report["methods"] = method_report
+    if is_auto:
+        report["effective_bits"] = method_report["auto"]["effective_bits"]
     write_quantized(qt, config, all_linears, report, o.quantization, kv_fp8, o.kv_cache_fp16_layers,
                     source_dir=o.model_dir, output_dir=o.output_dir, max_shard_bytes=o.max_shard_bytes)
     return report
@@ -229,14 +315,16 @@ def with_calibration(report: dict, data: dict) -> dict:
 
 
 def write_quantized(qt, config: dict, linears: list[str], report: dict, quantization: str, kv_fp8: bool,
-                    kv_fp16_layers: list[int], *, source_dir: Path, output_dir: Path, max_shard_bytes: int) -> None:
+                    kv_fp16_layers: list[int], *, source_dir: Path, output_dir: Path, max_shard_bytes: int,
+                    inputs: tuple[Path, ...] = ()) -> None:
     """The tail both subcommands share: hf_quant_config (and HF's fine-grained config for fp8_block), then the
-    checkpoint with its calibration report."""
+    checkpoint with its calibration report; `inputs` are the directories read besides `source_dir`."""
     quant_config = writer.hf_quant_config(qt, linears, kv_fp8, kv_fp16_layers)
     if quantization == "fp8_block":
         config["quantization_config"] = writer.fine_grained_fp8_config(quant_config["quantization"]["exclude_modules"])
     writer.write_checkpoint(output_dir, qt.tensors, config, quant_config, source_dir,
-                            extra_files={REPORT_FILE: json.dumps(report, indent=2)}, max_shard_bytes=max_shard_bytes)
+                            extra_files={REPORT_FILE: json.dumps(report, indent=2)}, max_shard_bytes=max_shard_bytes,
+                            inputs=inputs)
 
 
 @dataclass
@@ -254,6 +342,7 @@ def quantize_draft(o: DraftOptions) -> dict:
     from quantization import eagle3
     from quantization.calibrate import Calibration
 
+    _check_choice("--quantization", o.quantization, writer.METHODS)  # no auto: a draft has one linear per kind
     if o.kv_cache_quantization:  # the reference hard-codes the draft's KV cache to fp16
         raise InputError(
             f"--kv_cache_quantization {o.kv_cache_quantization}: expected none for a draft (its KV cache is fp16)"
@@ -264,8 +353,9 @@ def quantize_draft(o: DraftOptions) -> dict:
     # the base and the shared flags go through the same checks as `llm --model_dir`
     shared = {k: v for k, v in vars(o).items() if k not in ("base_model_dir", "draft_model_dir")}
     check_options(LlmOptions(**{**shared, "model_dir": o.base_model_dir}))
-    if o.output_dir.resolve() == o.draft_model_dir.resolve():
-        raise InputError(f"--output_dir {o.output_dir}: expected a directory other than --draft_model_dir")
+    check_inside(o.draft_model_dir)
+    check_target(o.output_dir, kind=writer.OUTPUT_KIND, flag="--output_dir",
+                 inputs=[o.base_model_dir, o.draft_model_dir])
     config = eagle3.read_draft_config(o.draft_model_dir)
     tensors = eagle3.read_draft_tensors(o.draft_model_dir)
     check_finite(tensors, o.draft_model_dir)
@@ -295,7 +385,8 @@ def quantize_draft(o: DraftOptions) -> dict:
     report = with_calibration(build_report(calib, o.quantization, False, [], qt.excluded, data["samples"]), data)
     report["target_layer_ids"] = layer_ids
     write_quantized(qt, config, linears, report, o.quantization, False, [],
-                    source_dir=o.draft_model_dir, output_dir=o.output_dir, max_shard_bytes=o.max_shard_bytes)
+                    source_dir=o.draft_model_dir, output_dir=o.output_dir, max_shard_bytes=o.max_shard_bytes,
+                    inputs=(o.base_model_dir,))
     return report
 
 
@@ -332,11 +423,26 @@ def calibration_options(command):
     "llm-quantize llm --model_dir SmolLM2-135M-Instruct --output_dir smollm2-nvfp4 --quantization nvfp4 "
     "--kv_cache_quantization fp8"))
 @click.option("--model_dir", required=True, type=click.Path(path_type=Path), help="HF checkpoint (fp16/bf16).")
-@click.option("--output_dir", required=True, type=click.Path(path_type=Path))
-@click.option("--quantization", default="fp8", show_default=True, help="fp8 | fp8_pc | fp8_block | nvfp4 | none")
+@click.option("--output_dir", required=True, type=click.Path(path_type=Path),
+              help="New directory (an earlier quantized checkpoint there is replaced; anything else is refused).")
+@click.option("--quantization", default="fp8", show_default=True,
+              help="fp8 | fp8_pc | fp8_block | nvfp4 | none | auto (nvfp4/fp8/fp16 per linear, see --effective_bits)")
 @click.option("--kv_cache_quantization", default=None, help="fp8: calibrated per-layer q/k/v scales.")
 @click.option("--lm_head_quantization", default=None, help="fp8 | nvfp4 (lm_head stays fp16 otherwise).")
 @click.option("--kv_cache_fp16_layers", default=None, help="Comma-separated layers whose KV stays fp16, e.g. 0,27.")
+@click.option("--effective_bits", default=None, type=float,
+              help="With --quantization auto: mean bits per decoder-linear weight (nvfp4 4.5, fp8 8, fp16 16).")
+@click.option("--smoothing", default=None, type=click.Choice(SMOOTHING_METHODS),
+              help="Per-channel input scaling searched on calibration data and folded into the preceding norm or "
+                   "linear. [default: awq for nvfp4 and auto, none otherwise]")
+@click.option("--scale_search", default="mse", show_default=True, type=click.Choice(SCALE_SEARCHES),
+              help="NVFP4 block and global scales: mse = chosen by output error, amax = from the amax.")
+@click.option("--fuse_scales/--no-fuse_scales", default=True, show_default=True,
+              help="One weight_scale_2 (NVFP4) / weight_scale (FP8) shared by q/k/v and by gate/up, as ModelOpt.")
+@click.option("--gptq/--no-gptq", default=True, show_default=True,
+              help="NVFP4 weights rounded with GPTQ error compensation (input covariance from calibration).")
+@click.option("--search_samples", default=8, show_default=True, type=int,
+              help="Calibration samples the searches (smoothing, auto) run on.")
 @calibration_options
 def llm(model_dir, output_dir, kv_cache_fp16_layers, **kwargs) -> None:
     """Quantize a causal LM checkpoint."""
@@ -353,7 +459,8 @@ def llm(model_dir, output_dir, kv_cache_fp16_layers, **kwargs) -> None:
     "--output_dir eagle3-fp8"))
 @click.option("--base_model_dir", required=True, type=click.Path(path_type=Path), help="The draft's HF base model.")
 @click.option("--draft_model_dir", required=True, type=click.Path(path_type=Path), help="EAGLE3 draft checkpoint.")
-@click.option("--output_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--output_dir", required=True, type=click.Path(path_type=Path),
+              help="New directory (an earlier quantized checkpoint there is replaced; anything else is refused).")
 @click.option("--quantization", default="fp8", show_default=True, help="fp8 | fp8_pc | fp8_block | nvfp4 | none")
 @click.option("--kv_cache_quantization", default=None, help="Refused: the draft's KV cache is always fp16.")
 @click.option("--lm_head_quantization", default=None, help="fp8 | nvfp4 (the draft lm_head stays fp16 otherwise).")

@@ -7,7 +7,6 @@ through the `datasets` library; offline, point `EDGELLM_QUANT_DATASET_<NAME>` at
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from contract.errors import InputError
+from contract.jsonfile import parse_json_text, read_json_value
 
 if TYPE_CHECKING:  # the CLI imports this module before torch (contract.cli)
     import torch
@@ -28,6 +28,7 @@ REGISTERED = {
     "wikitext": ("Salesforce/wikitext", "wikitext-2-raw-v1", "test", "text"),
 }
 TEXT_FIELDS = ("text", "article", "content")
+CHARS_PER_TOKEN = 4  # how much text a sample needs to fill --max_seq_len tokens
 
 
 @dataclass
@@ -64,19 +65,28 @@ def _load_all(name_or_path: str, num_samples: int, max_chars: int) -> list[str]:
             f"--text_dataset {name_or_path}: expected a .txt/.jsonl/.json file or one of {names}, found neither"
         )
     if path.suffix == ".jsonl":
-        lines = path.read_text(encoding="utf-8").splitlines()
-        texts = [_record_text(json.loads(line), path, i + 1) for i, line in enumerate(lines) if line.strip()]
+        lines = _read_text(path).splitlines()
+        texts = [_record_text(parse_json_text(line, f"{path} line {i + 1}", "a calibration record"), path, i + 1)
+                 for i, line in enumerate(lines) if line.strip()]
     elif path.suffix == ".json":
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = read_json_value(path, "calibration records")
         if not isinstance(records, list):
             raise InputError(f"{path}: expected a JSON list of strings or objects, found {type(records).__name__}")
         texts = [_record_text(r, path, i) for i, r in enumerate(records)]
     else:
-        return _chunk_paragraphs(path.read_text(encoding="utf-8"), max_chars)
+        return _chunk_paragraphs(_read_text(path), max_chars)
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise InputError(f"{path}: expected calibration text, found none")
     return texts
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: expected UTF-8 calibration text, found bytes that are not UTF-8 ({e.reason} at byte "
+                         f"{e.start})") from None
 
 
 def _record_text(record, path: Path, where: int) -> str:

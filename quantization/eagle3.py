@@ -28,6 +28,7 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
+from contract import stage
 from contract.errors import InputError
 from contract.jsonfile import read_json
 from quantization.calibrate import Calibration
@@ -51,17 +52,10 @@ REQUIRED_TENSORS = (
 )
 
 
-def is_eagle3_config(config: dict) -> bool:
-    """The reference's detection rule: an "Eagle3" architecture, `ttt_length`, or `draft_vocab_size`."""
-    archs = config.get("architectures") or []
-    return any("Eagle3" in a for a in archs) or "ttt_length" in config or "draft_vocab_size" in config
-
-
 def target_layer_ids(config: dict, num_base_layers: int) -> list[int]:
     """Which base hidden states (inputs of these decoder layers) the draft's `fc` consumes."""
-    ids = (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids") or config.get("target_layer_ids")
     n = num_base_layers
-    ids = list(ids) if ids else [2, n // 2, n - 4]
+    ids = stage.draft_target_layers(config) or stage.default_eagle_layers(n)
     bad = [i for i in ids if not (isinstance(i, int) and 0 <= i < n)]
     if bad:
         raise InputError(
@@ -150,7 +144,7 @@ def read_draft_config(draft_dir: Path) -> dict:
     config = read_json(path, "the EAGLE3 draft's config.json")
     if "dflash_config" in config:
         raise InputError(f"{path}: expected an EAGLE3 draft, found a DFlash draft (dflash_config), not supported")
-    if not is_eagle3_config(config):
+    if not stage.is_eagle3_config(config):
         raise InputError(
             f"{path}: expected an EAGLE3 draft (architectures *Eagle3*, draft_vocab_size or ttt_length), "
             f"found architectures {config.get('architectures')}"

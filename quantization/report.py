@@ -72,8 +72,31 @@ def build_report(
     }
 
 
+def describe_methods(m: dict) -> str:
+    """The report's `methods` in a few words: what each method did and the error ratio it reached on its own
+    objective (calibration data)."""
+    parts = []
+    if "auto" in m:
+        a = m["auto"]
+        parts.append(f"auto: {a['effective_bits']:.2f} bits, linears " +
+                     ", ".join(f"{f} {n}" for f, n in a["formats"].items()))
+    sm = m.get("smoothing") or {}
+    if sm.get("groups"):
+        parts.append(f"{sm['method']}: {sm['groups_scaled']}/{sm['groups']} groups scaled, group output error x"
+                     f"{sm['output_error_ratio_median']:.2f} (median)")
+    ws = m.get("weight_scales") or {}
+    if "nvfp4_weight_error_ratio" in ws:
+        parts.append(f"nvfp4 scale search: weight error x{ws['nvfp4_weight_error_ratio']:.2f}")
+    if ws.get("shared_scales") and ws.get("linears"):
+        parts.append("shared q/k/v, gate/up scales")
+    g = m.get("gptq") or {}
+    if g.get("linears"):
+        parts.append(f"gptq: output error x{g['output_error_ratio']:.2f}")
+    return "; ".join(parts)
+
+
 def format_table(report: dict) -> str:
-    """A fixed-width table of the per-layer KV calibration, followed by the warnings."""
+    """A fixed-width table of the per-layer KV calibration, then the methods' summary and the warnings."""
     lines = []
     if report["kv_layers"]:
         lines.append(f"{'layer':>5} {'q_amax':>10} {'k_amax':>10} {'v_amax':>10} {'k_scale':>10} {'v_scale':>10}  kv")
@@ -83,5 +106,8 @@ def format_table(report: dict) -> str:
                 f"{row['layer']:>5} {row['q_amax']:>10.4g} {row['k_amax']:>10.4g} {row['v_amax']:>10.4g} "
                 f"{row['k_scale']:>10.4g} {row['v_scale']:>10.4g}  {row['kv_cache']}{flag}"
             )
+    methods = describe_methods(report.get("methods") or {})
+    if methods:
+        lines.append(f"methods: {methods}")
     lines += [f"warning: {w}" for w in report["warnings"]]
     return "\n".join(lines)

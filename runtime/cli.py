@@ -3,6 +3,10 @@
 Requests are formatted (chat template or raw text), tokenized, cut into batches of `batch_size` in file order and
 generated batch by batch. The output file is written only when every batch has finished; any bad input ends the
 run with `error: <message>` on stderr and exit code 2, and no output file.
+
+With `--specDecode` the engine dir holds an EAGLE3 base and draft (`llm-build --specBase` / `--specDraft`) and greedy
+batches decode speculatively (runtime/spec_decode.py); a batch with `disable_spec_decode`, a `logit_bias` or
+sampling decodes plainly on the base engine, like the reference.
 """
 
 from __future__ import annotations
@@ -17,14 +21,16 @@ from contract.atomic import write_json_atomic
 from contract.cli import CONTEXT_SETTINGS, example, run_cli
 from contract.errors import InputError
 from runtime.chat import Prompt, format_prompt, load_tokenizer, token_bytes
+from runtime.eagle_tree import TreeShape
 from runtime.generate import Generation, Job, Timing, check_prompts, generate
 from runtime.progress import Progress, summary_line
-from runtime.requests import TestCases, load_test_cases, response_json
+from runtime.requests import Request, TestCases, load_test_cases, response_json
 from runtime.sampling import SamplingParams
 
 
-def prepare(cases: TestCases, tokenizer, vocab_size: int) -> list[tuple[Prompt, Job]]:
-    """Prompt text and a generation job per request, with token ids checked against the engine's vocabulary."""
+def prepare(cases: TestCases, tokenizer, vocab_size: int, max_input_len: int | None = None) -> list[tuple[Prompt, Job]]:
+    """Prompt text and a generation job per request, with token ids checked against the engine's vocabulary (and,
+    with `max_input_len`, prompts that cannot fit refused before they are tokenized)."""
     out = []
     for i, req in enumerate(cases.requests):
         name = f"{cases.source}: requests[{i}]"
@@ -32,7 +38,7 @@ def prepare(cases: TestCases, tokenizer, vocab_size: int) -> list[tuple[Prompt, 
         if bad:
             raise InputError(f"{name}.logit_bias: expected token ids in [0, {vocab_size}), found {bad[0]}")
         prompt = format_prompt(tokenizer, req.messages, cases.apply_chat_template, cases.add_generation_prompt,
-                               cases.enable_thinking)
+                               cases.enable_thinking, where=name, max_input_len=max_input_len)
         sampling = SamplingParams(cases.temperature, cases.top_k, cases.top_p, req.logit_bias)
         out.append((prompt, Job(prompt.token_ids, sampling, req.stop, req.num_logprobs, req.sampling_seed, name)))
     return out
@@ -50,31 +56,53 @@ def logprobs_json(tokenizer, generation: Generation) -> list[list[dict]]:
     return entries
 
 
+def speculates(requests: list[Request], jobs: list[Job]) -> bool:
+    """Whether a batch decodes speculatively under --specDecode: greedy, no logit bias, no disable_spec_decode
+    (which, as in the reference, applies to its whole batch)."""
+    return all(job.sampling.greedy and not job.sampling.logit_bias for job in jobs) and not any(
+        req.disable_spec_decode for req in requests)
+
+
 def run_test_cases(engine, tokenizer, cases: TestCases, batch_size: int | None = None,
-                   max_generate_length: int | None = None, warmup: int = 0,
-                   progress: Progress | None = None) -> tuple[list[dict], Timing]:
+                   max_generate_length: int | None = None, warmup: int = 0, spec=None,
+                   shape: TreeShape | None = None, progress: Progress | None = None) -> tuple[list[dict], Timing]:
     """All responses of `cases` (reference 5.3 entries, in request order) and the timing of the real batches.
 
-    `batch_size` / `max_generate_length` override the file's values, as the CLI flags do. A batch size larger than
-    the engine's max_batch_size runs as batches of that size, in order, with a note on `progress`.
+    `batch_size` / `max_generate_length` override the file's values, as the CLI flags do; a batch size larger than
+    the engine's max_batch_size runs as batches of that size, in order, with a note on `progress`. With `spec` (the
+    engine dir's `SpecEngines`; `engine` is then its base) greedy batches decode speculatively with tree `shape`.
     """
     progress = progress or Progress(len(cases.requests), enabled=False)
     source = "--batchSize" if batch_size else f"{cases.source}: batch_size"
     asked = batch_size or cases.batch_size
-    batch_size = min(asked, engine.max_batch_size)
+    most = spec.max_batch_size if spec is not None else engine.max_batch_size
+    batch_size = min(asked, most)
     max_len = max_generate_length or cases.max_generate_length
     if asked > batch_size:
         progress.note(f"{source} {asked} is more than the engine's max_batch_size {batch_size}: running the "
                       f"{len(cases.requests)} requests in batches of {batch_size}, in order")
-    prepared = prepare(cases, tokenizer, engine.vocab_size)
-    check_prompts(engine, [job for _, job in prepared])  # all of them before the first batch runs
-    batches = [prepared[i: i + batch_size] for i in range(0, len(prepared), batch_size)]
+    max_input_len = min(spec.base.max_input_len, spec.draft.max_input_len) if spec is not None else engine.max_input_len
+    prepared = prepare(cases, tokenizer, engine.vocab_size, max_input_len)
+    check_prompts([job for _, job in prepared], max_input_len)  # all of them before the first batch runs
+    starts = range(0, len(prepared), batch_size)
+    batches = [(prepared[i: i + batch_size], cases.requests[i: i + batch_size]) for i in starts]
+
+    def run(batch, requests, on_tokens=None):
+        jobs = [job for _, job in batch]
+        if spec is not None and speculates(requests, jobs):
+            from runtime.spec_decode import generate_spec
+
+            generations, batch_timing = generate_spec(spec, tokenizer, jobs, max_len, shape)
+            if on_tokens:  # the speculative path reports its tokens per batch
+                on_tokens(sum(len(g.token_ids) for g in generations))
+            return generations, batch_timing
+        return generate(engine, tokenizer, jobs, max_len, on_tokens)
+
     for _ in range(warmup):
-        generate(engine, tokenizer, [job for _, job in batches[0]], max_len)
+        run(*batches[0])
     responses, timing = [], Timing()
-    for batch in batches:
-        generations, batch_timing = generate(engine, tokenizer, [job for _, job in batch], max_len,
-                                             on_tokens=progress.tokens_generated)
+    for batch, requests in batches:
+        generations, batch_timing = run(batch, requests, progress.tokens_generated)
         timing.add(batch_timing)
         for batch_idx, ((prompt, _), gen) in enumerate(zip(batch, generations)):
             request_idx = len(responses)
@@ -86,7 +114,9 @@ def run_test_cases(engine, tokenizer, cases: TestCases, batch_size: int | None =
 
 
 @click.command(context_settings=CONTEXT_SETTINGS, epilog=example(
-    "llm-inference --engineDir engines/smollm2 --inputFile examples/llm_basic.json --outputFile out.json"))
+    "llm-inference --engineDir engines/smollm2 --inputFile examples/llm_basic.json --outputFile out.json",
+    "llm-inference --engineDir engines/eagle --inputFile examples/greedy_batch.json --outputFile out.json "
+    "--specDecode --specDraftTopK 2 --specDraftStep 4 --specVerifySize 9 --dumpProfile"))
 @click.option("--engineDir", "engine_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Engine directory written by llm-build (engines, config.json, tokenizer, chat template); it runs on "
                    "the backend it was built for (ONNX Runtime on the CPU, or TensorRT on a GPU).")
@@ -102,10 +132,22 @@ def run_test_cases(engine, tokenizer, cases: TestCases, batch_size: int | None =
               help="Untimed generations of the first batch before the real run.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, notes or summary line on stderr (errors only).")
 @click.option("--dumpProfile", "dump_profile", is_flag=True,
-              help="Print prefill / decode throughput and time to first token, and add them to the output as "
-                   "'profile'.")
+              help="Print prefill / decode throughput and time to first token (with --specDecode also the mean "
+                   "tokens emitted per verification step), and add them to the output as 'profile'.")
+@click.option("--specDecode", "--eagle", "spec_decode", is_flag=True,
+              help="EAGLE3 speculative decoding with the base and draft engines of ENGINEDIR (greedy batches; others "
+                   "decode plainly on the base).")
+@click.option("--specDraftTopK", "spec_top_k", type=int, default=None,
+              help="Draft candidates kept per expanded node [default: 10 on TensorRT, as the reference; 2 on the "
+                   "CPU engine, see docs/eagle.md].")
+@click.option("--specDraftStep", "spec_steps", type=int, default=None,
+              help="Tree depth: draft proposal steps per verification [default: 6 on TensorRT; 3 on the CPU engine].")
+@click.option("--specVerifySize", "--specVerifyTreeSize", "spec_verify_size", type=int, default=None,
+              help="Tree nodes (the root included) verified per base call, at most the base's --maxVerifyTreeSize "
+                   "[default: 60 on TensorRT; 6 on the CPU engine].")
 def cli(engine_dir: Path, input_file: Path, output_file: Path, batch_size: int | None,
-        max_generate_length: int | None, warmup: int, quiet: bool, dump_profile: bool) -> None:
+        max_generate_length: int | None, warmup: int, quiet: bool, dump_profile: bool, spec_decode: bool,
+        spec_top_k: int | None, spec_steps: int | None, spec_verify_size: int | None) -> None:
     """Generate answers for the requests of INPUTFILE with the engine in ENGINEDIR.
 
     Sampling (temperature, top_k, top_p, logit_bias, sampling_seed), chat-template options and stop strings are read
@@ -117,12 +159,23 @@ def cli(engine_dir: Path, input_file: Path, output_file: Path, batch_size: int |
     if not output_file.resolve().parent.is_dir():
         raise InputError(f"--outputFile: expected a path in an existing directory, found {output_file}")
     cases = load_test_cases(input_file)
-    engine = Engine.load(engine_dir)
+    spec, shape = None, None
+    if spec_decode:
+        from runtime.spec_decode import SpecEngines
+
+        spec = SpecEngines.load(engine_dir)
+        backend = spec.base.config["builder_config"]["backend"]
+        shape = TreeShape.default(backend).with_flags(spec_top_k, spec_steps, spec_verify_size)
+        spec.check_shape(shape)
+        engine = spec.base
+    else:
+        engine = Engine.load(engine_dir)
     tokenizer = load_tokenizer(engine_dir)
     start = time.perf_counter()
     progress = Progress(len(cases.requests), enabled=not quiet)
     try:
-        responses, timing = run_test_cases(engine, tokenizer, cases, batch_size, max_generate_length, warmup, progress)
+        responses, timing = run_test_cases(engine, tokenizer, cases, batch_size, max_generate_length, warmup, spec,
+                                           shape, progress)
     finally:
         progress.close()
     output = {"input_file": str(input_file), "responses": responses}
@@ -130,7 +183,7 @@ def cli(engine_dir: Path, input_file: Path, output_file: Path, batch_size: int |
         output["profile"] = timing.profile()
         for key, value in output["profile"].items():
             click.echo(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}", err=True)
-    write_json_atomic(output_file, output)
+    write_json_atomic(output_file, output, flag="--outputFile", inputs=[input_file, engine_dir])
     progress.summary(summary_line(len(responses), timing, time.perf_counter() - start) + f"; wrote {output_file}")
 
 

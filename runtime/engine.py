@@ -19,6 +19,7 @@ from contract import stage
 from contract.engine_dir import load_engine_config
 from contract.errors import InputError
 from contract.stage import KvDtype
+from plugins.attention.tree_mask import causal_mask
 from runtime.kv_cache import KVCache, KvLayout
 from runtime.rope import rope_cos_sin
 
@@ -30,6 +31,7 @@ class Backend(Protocol):
     the next without a copy; numpy is accepted as input."""
 
     max_selected_positions: int | None  # the most positions per row last_token_ids may pick (None: any)
+    hidden_dtype: type  # numpy dtype of the EAGLE3 hidden-state inputs and outputs (fp32 on the CPU engine)
     padded_call_needs_room: bool  # a row taking part in a call needs capacity for the whole padded call
 
     def embed(self, ids: np.ndarray):
@@ -69,13 +71,37 @@ def llm_inputs(embeds, context_lengths: np.ndarray, kvcache_start_index: np.ndar
             stage.KVCACHE_START_INDEX: kvcache_start_index, stage.LAST_TOKEN_IDS: last_token_ids}
 
 
+def causal_tree_inputs(starts: np.ndarray, seq_len: int) -> dict:
+    """The tree inputs of an ordinary causal call (contracts.md 2.2): every earlier token visible, positions
+    start + i; with them an EAGLE3 engine computes exactly what a vanilla one does."""
+    positions = (starts[:, None] + np.arange(seq_len)[None, :]).astype(np.int32)
+    return {stage.ATTENTION_MASK: causal_mask(len(starts), seq_len), stage.ATTENTION_POS_ID: positions}
+
+
+def tree_inputs(embeds: np.ndarray, context_lengths: np.ndarray, kvcache_start_index: np.ndarray,
+                last_token_ids: np.ndarray, attention_mask: np.ndarray, attention_pos_id: np.ndarray, extra: dict,
+                hidden_dtype) -> dict:
+    """The graph inputs of one EAGLE3 tree call by name, but the cache and the RoPE table (contracts.md 2.2, 2.3):
+    the plain inputs, the tree mask and positions, and `extra` hidden states in the backend's `hidden_dtype`."""
+    inputs = llm_inputs(np.asarray(embeds).astype(np.float16, copy=False), context_lengths, kvcache_start_index,
+                        last_token_ids)
+    inputs.update({stage.ATTENTION_MASK: attention_mask, stage.ATTENTION_POS_ID: attention_pos_id})
+    inputs.update({name: np.asarray(value, dtype=hidden_dtype) for name, value in extra.items()})
+    return inputs
+
+
 class Engine:
-    """An engine directory opened for inference: `embed`, `new_cache` and `forward`."""
+    """An engine directory opened for inference: `embed`, `new_cache`, `forward`, and `forward_tree` for the EAGLE3
+    base and draft engines of a spec engine dir (`role`)."""
 
     def __init__(self, engine_dir: Path, config: dict):
         self.engine_dir = engine_dir
         self.config = config
         bc = config["builder_config"]
+        self.role = config.get("engine_role", stage.ROLE_LLM)
+        self.tree = self.role != stage.ROLE_LLM  # an EAGLE3 base or draft: tree inputs on every call
+        # tokens per row of a tree call the build was sized for (the generation profile's; 1 for a vanilla engine)
+        self.tree_size = int(bc.get("max_verify_tree_size") or bc.get("max_draft_tree_size") or 1)
         self.vocab_size = int(config["vocab_size"])
         self.hidden_size = int(config["hidden_size"])
         self.num_layers = int(config["num_hidden_layers"])
@@ -93,11 +119,11 @@ class Engine:
         self.backend = open_backend(engine_dir, config, layout, {stage.ROPE_COS_SIN: self.rope})
 
     @staticmethod
-    def load(engine_dir: str | Path) -> "Engine":
-        """Validate ENG (InputError if it is not a complete engine dir of a known contract) and open it on the
-        backend it was built for."""
+    def load(engine_dir: str | Path, role: str = stage.ROLE_LLM) -> "Engine":
+        """Validate ENG (InputError if it is not a complete engine dir of a known contract) and open the engine of
+        `role` (the vanilla `llm`, or an EAGLE3 dir's `base` / `draft`) on the backend it was built for."""
         engine_dir = Path(engine_dir)
-        return Engine(engine_dir, load_engine_config(engine_dir))
+        return Engine(engine_dir, load_engine_config(engine_dir, role))
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         """int32 [B,S] -> fp16 [B,S,H]; an id outside [0, vocab) is an InputError (a GPU kernel would give zeros)."""
@@ -129,24 +155,64 @@ class Engine:
         ids = np.asarray(input_ids)
         ctx = np.asarray(context_lengths, dtype=np.int32)
         last = np.asarray(last_token_ids, dtype=np.int64)
-        self._check(cache, ids, ctx, last)
+        if self.role == stage.ROLE_DRAFT:
+            raise InputError("forward: an EAGLE3 draft engine takes hidden states too; call forward_tree")
+        if ids.ndim != 2:
+            raise InputError(f"input_ids: expected [batch, seq_len], found shape {ids.shape}")
+        self._check(cache, ids.shape, ctx, last)
         valid = np.arange(ids.shape[1])[None, :] < ctx[:, None]
         ids = self._checked_ids(np.where(valid, ids, 0))  # padding may hold any value; only real tokens are checked
         inputs = llm_inputs(self.backend.embed(ids), ctx, cache.lengths.copy(), last)
+        if self.tree:  # a base engine decodes plainly with the causal mask
+            inputs.update(causal_tree_inputs(cache.lengths, ids.shape[1]))
         outputs = self.backend.run(cache.storage, inputs, (stage.LOGITS,))
         logits = self.backend.to_numpy(outputs[stage.LOGITS])
         cache.lengths += ctx
         return logits
 
-    def _check(self, cache: KVCache, ids: np.ndarray, ctx: np.ndarray, last: np.ndarray) -> None:
-        if ids.ndim != 2:
-            raise InputError(f"input_ids: expected [batch, seq_len], found shape {ids.shape}")
-        batch, seq = ids.shape
+    def forward_tree(self, cache: KVCache, embeds: np.ndarray, context_lengths: np.ndarray,
+                     last_token_ids: np.ndarray, attention_mask: np.ndarray, attention_pos_id: np.ndarray,
+                     extra: dict | None = None, outputs: tuple[str, ...] = (stage.LOGITS,),
+                     commit: bool = True) -> dict[str, np.ndarray]:
+        """One call of an EAGLE3 base or draft engine: `embeds` fp16 `[B,S,H]` (looked up in the base's table) on
+        top of `cache`, with the packed tree mask int32 `[B,S,W]` and positions int32 `[B,S]` (contracts.md 2.2),
+        `extra` graph inputs (the draft's `hidden_states_input` / `hidden_states_from_draft`, `hidden_dtype`);
+        returns `outputs` by name as numpy. Token i of row b is written to slot `cache.lengths[b] + i`;
+        `commit=False` leaves the lengths as they were, so the next call overwrites those slots (draft proposals)."""
+        if not self.tree:
+            raise InputError(f"{self.engine_dir}: forward_tree needs an EAGLE3 base or draft engine, found a vanilla "
+                             "engine")
+        embeds = np.asarray(embeds)
+        ctx = np.asarray(context_lengths, dtype=np.int32)
+        last = np.asarray(last_token_ids, dtype=np.int64)
+        if embeds.ndim != 3 or embeds.shape[2] != self.hidden_size:
+            raise InputError(f"inputs_embeds: expected [batch, seq_len, {self.hidden_size}], found {embeds.shape}")
+        batch, seq = embeds.shape[:2]
+        self._check(cache, (batch, seq), ctx, last)
+        mask = np.asarray(attention_mask, dtype=np.int32)
+        pos = np.asarray(attention_pos_id, dtype=np.int32)
+        if mask.ndim != 3 or mask.shape[:2] != (batch, seq) or mask.shape[2] < stage.tree_mask_words(seq):
+            raise InputError(f"attention_mask: expected int32 [{batch}, {seq}, >= {stage.tree_mask_words(seq)}], "
+                             f"found {mask.shape}")
+        if pos.shape != (batch, seq) or (pos < 0).any() or (pos >= cache.capacity).any():
+            raise InputError(f"attention_pos_id: expected [{batch}, {seq}] positions in [0, {cache.capacity}), "
+                             f"found shape {pos.shape}")
+        for name, value in (extra or {}).items():
+            if np.ndim(value) != 3 or np.shape(value)[:2] != (batch, seq):
+                raise InputError(f"{name}: expected [{batch}, {seq}, width], found {np.shape(value)}")
+        inputs = tree_inputs(embeds, ctx, cache.lengths.copy(), last, mask, pos, extra or {}, self.backend.hidden_dtype)
+        result = self.backend.run(cache.storage, inputs, outputs)
+        if commit:
+            cache.lengths += ctx
+        return {name: self.backend.to_numpy(value) for name, value in result.items()}
+
+    def _check(self, cache: KVCache, shape: tuple[int, int], ctx: np.ndarray, last: np.ndarray) -> None:
+        batch, seq = shape
         if batch != cache.batch:
             raise InputError(f"input_ids: batch {batch} does not match the cache's batch {cache.batch}")
         if batch > self.max_batch_size:
             raise InputError(f"input_ids: batch {batch} exceeds the engine's max_batch_size {self.max_batch_size}")
-        if seq > self.max_input_len:
+        if seq > max(self.max_input_len, self.tree_size):
             raise InputError(f"input_ids: seq_len {seq} exceeds the engine's max_input_len {self.max_input_len}")
         if ctx.shape != (batch,) or (ctx < 0).any() or (ctx > seq).any():
             raise InputError(f"context_lengths: expected {batch} values in [0, {seq}], found {ctx.tolist()}")
@@ -154,6 +220,8 @@ class Engine:
             raise InputError(f"last_token_ids: expected int64 [{batch}, T] with values in [0, {seq}), "
                              f"found shape {last.shape}")
         most = self.backend.max_selected_positions
+        if most is not None and seq > most:
+            most = 1  # longer calls run in the context profile, which selects one position
         if most is not None and last.shape[1] > most:
             raise InputError(f"last_token_ids: expected at most {most} positions per row (the engine's profiles), "
                              f"found {last.shape[1]}")

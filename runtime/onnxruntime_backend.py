@@ -20,7 +20,8 @@ import numpy as np
 import onnxruntime as ort
 
 from contract import stage
-from contract.engine_dir import ENGINE_FILES, weight_storage
+from contract.engine_dir import engine_files, weight_storage
+from contract.errors import InputError
 from runtime.kv_cache import KvLayout
 
 
@@ -41,19 +42,27 @@ class OrtKv:
         return [half for layer in self.layers for half in layer]
 
 
-def session_options(weight_storage: str = stage.WEIGHTS_FP16) -> ort.SessionOptions:
+def session_options(weight_storage: str = stage.WEIGHTS_FP16, allow_spinning: bool = True) -> ort.SessionOptions:
     """Options for an engine whose weights are held as `weight_storage` (builder_config, `stage.WEIGHT_STORAGE_FORMS`).
 
     All graph optimizations (ORT has no x86 fp16 MatMul: at this level it folds the fp16 weights to fp32 once at
     load; lower levels cast them on every run, 3x slower). Threads: ORT's default of one per physical core, or
-    EDGELLM_ORT_THREADS. ORT's QDQ transformers are off (`session.disable_quant_qdq`): on the CPU they fuse nothing
-    for FP8 and only copy each activation's Q/DQ pair across Reshapes and Wheres, which costs decode time. Not for
-    weights kept quantized at rest (the low-memory form): without those transformers ORT's constant folding also
-    folds each weight's DequantizeLinear into an fp32 copy at load, which would give that form the fast form's
-    memory; its weights are dequantized into transient buffers at every step, so it also runs without the arena
-    (which would keep all those buffers for good: measured on SmolLM2 fp8, 1002 MiB against 413 MiB without it,
-    and 737 MiB for the fp16 engine)."""
+    EDGELLM_ORT_THREADS. `allow_spinning=False` lets a session's threads sleep as soon as a run ends: the sessions of
+    an EAGLE3 engine dir (base, draft, embedding) take turns many times per token, and each one's threads spinning
+    after its run would take the cores from the next (measured: 1.5-2x slower rounds on 2 cores).
+    EDGELLM_ORT_SPINNING=0 / 1 overrides that choice for every session.
+
+    ORT's QDQ transformers are off (`session.disable_quant_qdq`): on the CPU they fuse nothing for FP8 and only copy
+    each activation's Q/DQ pair across Reshapes and Wheres, which costs decode time. Not for weights kept quantized
+    at rest (the low-memory form): without those transformers ORT's constant folding also folds each weight's
+    DequantizeLinear into an fp32 copy at load, which would give that form the fast form's memory; its weights are
+    dequantized into transient buffers at every step, so it also runs without the arena (which would keep all those
+    buffers for good: measured on SmolLM2 fp8, 1002 MiB against 413 MiB without it, and 737 MiB for the fp16
+    engine)."""
     opts = ort.SessionOptions()
+    allow_spinning = os.environ.get("EDGELLM_ORT_SPINNING", "1" if allow_spinning else "0") != "0"
+    if not allow_spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.intra_op_num_threads = int(os.environ.get("EDGELLM_ORT_THREADS") or 0)
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -82,6 +91,7 @@ class OnnxRuntimeBackend:
     """The sessions of one engine dir; arrays in and out are numpy."""
 
     max_selected_positions = None  # the lowered graph returns logits at any number of positions per row
+    hidden_dtype = np.float32  # the engine computes in fp32: hidden states in and out as fp32 (contracts.md 3.1)
 
     def __init__(self, engine_dir: Path, config: dict, kv: KvLayout, constants: dict[str, np.ndarray]):
         self.kv = kv
@@ -92,15 +102,23 @@ class OnnxRuntimeBackend:
         # (past, present) names per layer and half, in the order of OrtKv.halves
         self.kv_names = [(f"{stage.past_key_values(i)}.{half}", f"{stage.present_key_values(i)}.{half}")
                          for i in range(kv.num_layers) for half in stage.ORT_KV_HALVES]
-        llm_file, embedding_file = ENGINE_FILES["onnxruntime"]
+        # the engine dir's files of this role (contracts.md 5.2): an EAGLE3 draft has no embedding engine
+        role = config.get("engine_role", stage.ROLE_LLM)
+        llm_file, *embedding_file = engine_files(role, "onnxruntime")
+        spinning = role == stage.ROLE_LLM
         providers = ["CPUExecutionProvider"]
-        self.embedding = ort.InferenceSession(str(engine_dir / embedding_file), session_options(), providers=providers)
+        self.embedding = (ort.InferenceSession(str(engine_dir / embedding_file[0]),
+                                               session_options(allow_spinning=spinning), providers=providers)
+                          if embedding_file else None)
         storage = weight_storage(config["builder_config"])
         if storage == stage.WEIGHTS_QUANTIZED:  # weights dequantized into transient buffers at every step
             _return_freed_buffers_to_the_os()
-        self.llm = ort.InferenceSession(str(engine_dir / llm_file), session_options(storage), providers=providers)
+        self.llm = ort.InferenceSession(str(engine_dir / llm_file), session_options(storage, spinning),
+                                        providers=providers)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
+        if self.embedding is None:
+            raise InputError("this engine (an EAGLE3 draft) has no embedding engine; look tokens up with its base's")
         (embeds,) = self.embedding.run([stage.INPUTS_EMBEDS], {stage.INPUT_IDS: ids})
         return embeds
 

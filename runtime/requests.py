@@ -25,7 +25,7 @@ ROLES = ("system", "user", "assistant")
 # Reference keys that change nothing here when left at their "off" value.
 IGNORED_TOP = {"context_cache_lookup_policy", "context_cache_commit_policy", "streaming", "diffusion_config",
                "spec_proposal_sampling", "available_lora_weights"}
-IGNORED_REQUEST = {"reference", "disable_spec_decode", "save_system_prompt_kv_cache", "lora_name"}
+IGNORED_REQUEST = {"reference", "save_system_prompt_kv_cache", "lora_name"}
 
 
 @dataclass
@@ -45,6 +45,7 @@ class Request:
     logit_bias: dict[int, float] = field(default_factory=dict)
     num_logprobs: int = 0
     sampling_seed: int = 0
+    disable_spec_decode: bool = False  # with --specDecode: decode this request's batch without speculation
 
 
 @dataclass
@@ -66,7 +67,8 @@ class TestCases:
 def _show(value) -> str:
     """A short rendering of a JSON value for an error message."""
     if value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 40):
-        return json.dumps(value)
+        shown = json.dumps(value)
+        return shown if len(shown) <= 40 else f"a number of {len(shown)} digits"
     if isinstance(value, str):
         return "a long string"
     return f"a list of {len(value)}" if isinstance(value, list) else "an object"
@@ -92,7 +94,8 @@ class _Reader:
     def number(self, key, default, lo, hi, integer=False):
         value = self.obj.get(key, default)
         ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok_type or not math.isfinite(value) or not lo <= value <= hi:
+        # the range first: a JSON integer of hundreds of digits is an int that math.isfinite cannot take
+        if isinstance(value, bool) or not ok_type or not lo <= value <= hi or not math.isfinite(value):
             what = "an integer" if integer else "a number"
             raise self.fail(key, f"{what} in [{lo}, {hi}]", value)
         return value if integer else float(value)
@@ -108,6 +111,18 @@ class _Reader:
         return _Reader(self.source, path if index is None else f"{path}[{index}]", value)
 
 
+def _unicode(r: _Reader, key: str | None, text: str) -> str:
+    """`text` after checking it is valid Unicode: a JSON escape can spell a lone surrogate, which no tokenizer or
+    UTF-8 output file takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        where = ".".join(p for p in (r.path, key) if p)
+        raise InputError(f"{r.source}: {where}: expected valid Unicode text, found a lone surrogate "
+                         f"U+{ord(text[e.start]):04X} at character {e.start}") from None
+    return text
+
+
 def _logit_bias(r: _Reader, key: str, default: dict[int, float]) -> dict[int, float]:
     if key not in r.obj:
         return default
@@ -116,8 +131,9 @@ def _logit_bias(r: _Reader, key: str, default: dict[int, float]) -> dict[int, fl
         raise r.fail(key, f"an object of at most {MAX_LOGIT_BIAS_ENTRIES} token id -> bias entries", raw)
     bias = {}
     for token, value in raw.items():
-        if not (token.isascii() and token.isdigit()):
-            raise r.fail(f"{key}.{token}", "a non-negative integer token id as key", token)
+        if not (token.isascii() and token.isdigit() and len(token) <= 12):  # (a vocabulary is far below 10^12)
+            raise r.fail(f"{key}.{token}" if len(token) <= 40 else key, "a non-negative integer token id as key",
+                         token)
         bias[int(token)] = r.child(key, raw).number(token, None, -MAX_ABS_LOGIT_BIAS, MAX_ABS_LOGIT_BIAS)
     return bias
 
@@ -127,7 +143,7 @@ def _stop(r: _Reader) -> list[str]:
     stops = [raw] if isinstance(raw, str) else raw
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
         raise r.fail("stop", "a non-empty string or a list of non-empty strings", raw)
-    return stops
+    return [_unicode(r, "stop", s) for s in stops]
 
 
 def _message(r: _Reader) -> Message:
@@ -139,7 +155,7 @@ def _message(r: _Reader) -> Message:
         raise r.fail("role", " | ".join(ROLES), role)
     content = r.obj.get("content")
     if isinstance(content, str):
-        return Message(role, [{"type": "text", "text": content}])
+        return Message(role, [{"type": "text", "text": _unicode(r, "content", content)}])
     if not isinstance(content, list) or not content:
         raise r.fail("content", "a string or a non-empty list of {type: text, text} items", content)
     items = []
@@ -150,7 +166,7 @@ def _message(r: _Reader) -> Message:
             raise ri.fail("type" if isinstance(item, dict) else None, '"text" (this runtime is text-only)', found)
         if not isinstance(item.get("text"), str):
             raise ri.fail("text", "a string", item.get("text"))
-        items.append({"type": "text", "text": item["text"]})
+        items.append({"type": "text", "text": _unicode(ri, "text", item["text"])})
     return Message(role, items)
 
 
@@ -175,7 +191,8 @@ def parse_test_cases(data, source: str) -> TestCases:
         r = top.child("requests", raw, i)
         if not isinstance(raw, dict):
             raise r.fail(None, "an object with messages", raw)
-        r.check_keys({"messages", "stop", "logit_bias", "num_logprobs", "sampling_seed"} | IGNORED_REQUEST)
+        r.check_keys({"messages", "stop", "logit_bias", "num_logprobs", "sampling_seed", "disable_spec_decode"}
+                     | IGNORED_REQUEST)
         if raw.get("lora_name"):
             raise r.fail("lora_name", "no adapter (LoRA is not supported)", raw["lora_name"])
         messages = raw.get("messages")
@@ -187,6 +204,7 @@ def parse_test_cases(data, source: str) -> TestCases:
             logit_bias=_logit_bias(r, "logit_bias", bias),
             num_logprobs=r.number("num_logprobs", num_logprobs, 0, MAX_NUM_LOGPROBS, integer=True),
             sampling_seed=r.number("sampling_seed", seed, 0, 2**64 - 1, integer=True),
+            disable_spec_decode=r.boolean("disable_spec_decode", False),
         ))
     return TestCases(
         source=source,

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from contract import stage
-from contract.engine_dir import ENGINE_FILES
+from contract.engine_dir import engine_files
 from contract.errors import InputError
 from contract.stage import KvDtype
 from plugins.tensorrt_registry import import_tensorrt
@@ -31,9 +31,16 @@ from runtime.kv_cache import KvLayout
 CONTEXT, GENERATION = 0, 1  # optimization profile indices, in the order builder/profiles.llm_profiles lists them
 
 
-def profile_for(seq_len: int) -> int:
-    """The generation profile admits exactly one token per row; everything longer is a prefill."""
-    return GENERATION if seq_len == 1 else CONTEXT
+def profile_for(seq_len: int, gen_tokens: int = 1) -> int:
+    """The generation profile admits up to `gen_tokens` tokens per row (1; an EAGLE3 engine's tree size) and as many
+    selected positions; everything longer is a prefill (one selected position)."""
+    return GENERATION if seq_len <= gen_tokens else CONTEXT
+
+
+def generation_tokens(config: dict) -> int:
+    """Tokens per row of the engine's generation profile (builder_config: an EAGLE3 base's or draft's tree size)."""
+    bc = config["builder_config"]
+    return int(bc.get("max_verify_tree_size") or bc.get("max_draft_tree_size") or 1)
 
 
 @dataclass
@@ -86,8 +93,8 @@ def check_kv_binding(dtype_name: str, kv_cache_dtype: str, path: Path) -> None:
 class TensorRTBackend:
     """The engines of one engine dir; the cache and every binding stay on the GPU, numpy inputs are uploaded."""
 
-    max_selected_positions = 1  # builder/profiles.py: last_token_ids is [batch, 1] in both profiles
     padded_call_needs_room = False  # the plugin writes only each row's real tokens
+    hidden_dtype = np.float16  # the engines' hidden-state bindings (contracts.md 2.2, 2.3)
 
     def __init__(self, engine_dir: Path, config: dict, kv: KvLayout, constants: dict[str, np.ndarray]):
         import torch
@@ -99,11 +106,15 @@ class TensorRTBackend:
         self._torch = torch
         self.kv = kv
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # outlives the engines it deserializes
-        llm_file, embedding_file = ENGINE_FILES["tensorrt"]
-        self._llm, self._embedding = (self._deserialize(engine_dir / name) for name in (llm_file, embedding_file))
+        # builder/profiles.py: last_token_ids is [batch, 1] in the context profile, [batch, <= gen] in generation
+        self.gen_tokens = generation_tokens(config)
+        self.max_selected_positions = self.gen_tokens
+        llm_file, *embedding_file = engine_files(config.get("engine_role", stage.ROLE_LLM), "tensorrt")
+        self._llm = self._deserialize(engine_dir / llm_file)
+        self._embedding = self._deserialize(engine_dir / embedding_file[0]) if embedding_file else None
         check_kv_binding(self._llm.get_tensor_dtype(stage.past_key_values(0)).name, kv.dtype, engine_dir / llm_file)
         self._llm_context = self._llm.create_execution_context()
-        self._embedding_context = self._embedding.create_execution_context()
+        self._embedding_context = self._embedding.create_execution_context() if self._embedding else None
         self._profile = CONTEXT  # a new context starts on profile 0
         self._stream = torch.cuda.Stream()
         self.constants = {name: torch.from_numpy(value).cuda() for name, value in constants.items()}
@@ -116,6 +127,8 @@ class TensorRTBackend:
         return engine
 
     def embed(self, ids: np.ndarray):
+        if self._embedding is None:
+            raise InputError("this engine (an EAGLE3 draft) has no embedding engine; look tokens up with its base's")
         with self._torch.cuda.stream(self._stream):
             outputs = self._execute(self._embedding, self._embedding_context, {stage.INPUT_IDS: ids},
                                     (stage.INPUTS_EMBEDS,), {})
@@ -127,7 +140,7 @@ class TensorRTBackend:
     def run(self, kv: GpuKv, inputs: dict, outputs: tuple[str, ...]) -> dict:
         """llm.engine on `inputs` (every graph input but the cache and the constants; numpy or GPU tensors), the
         cache updated in place; returns `outputs` by name as GPU tensors."""
-        profile = profile_for(inputs[stage.INPUTS_EMBEDS].shape[1])
+        profile = profile_for(inputs[stage.INPUTS_EMBEDS].shape[1], self.gen_tokens)
         with self._torch.cuda.stream(self._stream):
             if profile != self._profile:
                 self._llm_context.set_optimization_profile_async(profile, self._stream.cuda_stream)

@@ -64,6 +64,7 @@ def test_generation_profile_grows_with_speculative_tokens():
     (Limits(0, 16, 64), "--maxBatchSize"),
     (Limits(1, 0, 64), "--maxInputLen"),
     (Limits(1, 128, 64), "--maxKVCacheCapacity"),
+    (Limits(1, 16, 10**12), "--maxKVCacheCapacity"),
 ])
 def test_impossible_limits_are_input_errors(limits, flag):
     with pytest.raises(InputError, match=flag):
@@ -151,13 +152,12 @@ def test_missing_weights_file_is_rejected(onnx_dir):
 
 def test_cli_builds_a_complete_engine_dir_and_replaces_an_old_one(exports, tmp_path):
     eng = tmp_path / "eng"
-    eng.mkdir()
-    (eng / "stale.txt").write_text("from an older build")
+    assert run_build(exports["fp16"], eng).exit_code == 0  # an earlier engine dir, which the next build replaces
     result = run_build(exports["fp8"], eng, "--maxBatchSize", "2")
     assert result.exit_code == 0, result.stderr
     names = {p.name for p in eng.iterdir()}
     assert {"llm.onnx", "llm.onnx.data", "embedding.onnx", "config.json", "embedding.safetensors",
-            "tokenizer.json", "chat_template.jinja"} <= names and "stale.txt" not in names
+            "tokenizer.json", "chat_template.jinja"} <= names
     config = load_engine_config(eng)
     source = json.loads((exports["fp8"] / "config.json").read_text())
     assert {k: v for k, v in config.items() if k != "builder_config"} == source
@@ -210,9 +210,10 @@ def test_cli_failure_inside_the_build_leaves_no_partial_engine_dir(onnx_dir, tmp
 
 
 def test_cli_rejects_an_engine_dir_as_onnx_dir_and_spec_flags(onnx_dir, tmp_path):
+    assert_one_line_error(run_build(onnx_dir, tmp_path / "eng", "--specBase"), "--specBase", "found 'llm'")
+    assert_one_line_error(run_build(onnx_dir, tmp_path / "eng", "--specDraft"), "--specDraft", "found 'llm'")
     edit_config(onnx_dir, builder_config={"backend": "onnxruntime"})
     assert_one_line_error(run_build(onnx_dir, tmp_path / "eng"), "engine dir")
-    assert_one_line_error(run_build(onnx_dir, tmp_path / "eng", "--specBase"), "--specBase")
     assert not (tmp_path / "eng").exists()
 
 

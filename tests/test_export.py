@@ -24,6 +24,7 @@ from onnx.reference import ReferenceEvaluator
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from contract.atomic import MARKER
 from contract.errors import InputError
 from llm_loader.checkpoint import open_checkpoint
 from llm_loader.embedding import read_embedding_sidecar
@@ -114,7 +115,8 @@ def test_output_directory_contract(tiny_checkpoint, tmp_path):
     llm = export(ckpt, tmp_path / "out")
     names = sorted(p.name for p in llm.iterdir())
     assert names == sorted(["model.onnx", "model.onnx.data", "config.json", "embedding.safetensors", "tokenizer.json",
-                            "tokenizer_config.json", "chat_template.jinja"])
+                            "tokenizer_config.json", "chat_template.jinja", MARKER])
+    assert json.loads((llm / MARKER).read_text()) == {"kind": "ONNX dir", "files": sorted(names[1:])}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["llm"]  # no temp folder left behind
 
     model = onnx.load(str(llm / "model.onnx"), load_external_data=False)

@@ -28,7 +28,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import export_and_build, quantize, run_cli
+from helpers import CALIBRATION_TEXT, export_and_build, quantize, run_cli
 from safetensors.torch import load_file, save_file
 
 from builder.cli import build
@@ -109,8 +109,14 @@ def reference_logits(src: Path, qckpt: Path, ids: torch.Tensor, embedding: torch
         attn = "fp8_kv_reference"
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16, attn_implementation=attn).eval()
     modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    for name, t in q.tensors.items():  # norms and embeddings as the checkpoint holds them (smoothing folds into norms)
+        if name in params and params[name].shape == t.shape:
+            params[name].data = t.half()
     for name, linear in q.linears.items():
         modules[name].weight.data = graph_weight(linear)
+        if linear.bias is not None:
+            modules[name].bias.data = linear.bias.half()
         qdq = activation_qdq(linear)
         if qdq is not None:
             modules[name].register_forward_pre_hook(lambda m, args, f=qdq: (f(args[0].float()).half(),))
@@ -345,3 +351,89 @@ def test_per_layer_fp16_kv_is_refused_at_export(tiny_checkpoint, tmp_path):
     out = quantize(tiny_checkpoint("llama"), tmp_path / "q", "fp8", "--kv_cache_fp16_layers", "0", kv=True)
     with pytest.raises(InputError, match="kv_cache_fp16_layers"):
         export(out, tmp_path / "onnx")
+
+
+def modelopt_mixed_checkpoint(src: Path, out: Path, algos: dict[str, str]) -> Path:
+    """A checkpoint laid out as ModelOpt's mixed-precision export writes it (`auto_quantize`): `quant_algo`
+    MIXED_PRECISION, a `quantized_layers` entry per quantized module, no `exclude_modules`; module -> "FP8" | "NVFP4"
+    in `algos`, every other linear fp16. Input scales from a calibration pass over a few texts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantization.calibrate import calibrate
+    from quantization.datasets import make_batches
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    texts = CALIBRATION_TEXT.read_text().split("\n\n")[:4]
+    batches = list(make_batches(AutoTokenizer.from_pretrained(src), texts, 32, 2))
+    input_amax = calibrate(model, batches, list(algos), kv=False).input_amax
+    tensors = load_file(str(src / "model.safetensors"))
+    for module, algo in algos.items():
+        w = tensors.pop(f"{module}.weight").float()
+        if algo == "FP8":
+            q, scale = formats.quantize_fp8_per_tensor(w)
+            tensors.update({f"{module}.weight": q, f"{module}.weight_scale": scale,
+                            f"{module}.input_scale": torch.tensor(input_amax[module] / 448)})
+        else:
+            packed, block, global_scale = formats.quantize_nvfp4(w)
+            tensors.update({f"{module}.weight": packed, f"{module}.weight_scale": block,
+                            f"{module}.weight_scale_2": global_scale,
+                            f"{module}.input_scale": torch.tensor(input_amax[module] / (6 * 448))})
+    shutil.copytree(src, out)
+    save_file(tensors, str(out / "model.safetensors"))
+    layers = {m: {"quant_algo": a, **({"group_size": 16} if a == "NVFP4" else {})} for m, a in algos.items()}
+    quant = {"producer": {"name": "modelopt", "version": "0.47.0"},
+             "quantization": {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": None, "quantized_layers": layers}}
+    (out / "hf_quant_config.json").write_text(json.dumps(quant))
+    return out
+
+
+def test_modelopt_mixed_precision_checkpoint_exports_builds_and_matches(tiny_checkpoint, tmp_path):
+    src = tiny_checkpoint("llama", initializer_range=0.02)
+    kinds = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj"]
+    algos = {f"model.layers.0.{k}": "NVFP4" for k in kinds}
+    algos.update({f"model.layers.1.{k}": "FP8" for k in kinds if k != "mlp.down_proj"})  # down_proj stays fp16
+    ckpt = modelopt_mixed_checkpoint(src, tmp_path / "mixed", algos)
+
+    onnx_dir, engine_dir = export_and_build(ckpt, tmp_path, max_input_len=32)
+    found = detect(onnx_dir)
+    assert found.weight_format == "mixed" and found.weight_formats == {"fp8": 6, "nvfp4": 7}
+    assert "mixed: fp8 6 linears, nvfp4 7 linears" in found.summary()
+    config = json.loads((engine_dir / "config.json").read_text())
+    assert config["weight_formats"] == config["builder_config"]["weight_formats"] == {"fp8": 6, "nvfp4": 7}
+    inits = {t.name: t.data_type for t in onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph.initializer}
+    assert inits["model.layers.0.mlp.down_proj.weight"] == onnx.TensorProto.FLOAT4E2M1
+    assert inits["model.layers.1.self_attn.q_proj.weight"] == onnx.TensorProto.FLOAT8E4M3FN
+    assert inits["model.layers.1.mlp.down_proj.weight"] == onnx.TensorProto.FLOAT16
+
+    ids = np.random.default_rng(0).integers(0, 49152, (2, NUM_TOKENS))
+    ours, _ = engine_logits(engine_dir, ids)
+    compare(ours, reference_logits(src, ckpt, torch.from_numpy(ids)), "modelopt mixed", 0.99, 0.12)
+
+    # a hand-edited config that drops a format is caught before the build
+    edited = tmp_path / "edited"
+    shutil.copytree(onnx_dir, edited)
+    cfg = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({**cfg, "weight_formats": {"nvfp4": 13}}))
+    with pytest.raises(InputError, match="weight format disagrees.*fp8 6 linears, nvfp4 7 linears"):
+        build(edited, tmp_path / "never", backend="onnxruntime", max_input_len=32, max_kv_cache_capacity=64)
+
+
+def test_modelopt_mixed_precision_with_int8_smoothquant_is_refused_by_name(tiny_checkpoint, tmp_path, capsys):
+    src = tiny_checkpoint("llama")
+    ckpt = modelopt_mixed_checkpoint(src, tmp_path / "mixed", {"model.layers.0.self_attn.q_proj": "FP8"})
+    tensors = load_file(str(ckpt / "model.safetensors"))  # down_proj as ModelOpt's INT8 SmoothQuant writes it
+    name = "model.layers.1.mlp.down_proj"
+    w = tensors[f"{name}.weight"].float()
+    scale = w.abs().amax(1) / 127
+    tensors[f"{name}.weight"] = torch.round(w / scale[:, None]).to(torch.int8)
+    tensors[f"{name}.weight_scale"] = scale
+    tensors[f"{name}.pre_quant_scale"] = torch.ones(w.shape[1])
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    quant = json.loads((ckpt / "hf_quant_config.json").read_text())
+    quant["quantization"]["quantized_layers"][name] = {"quant_algo": "W8A8_SQ_PER_CHANNEL"}
+    (ckpt / "hf_quant_config.json").write_text(json.dumps(quant))
+    assert export_main([str(ckpt), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "INT8 SmoothQuant layers are not supported" in err and name in err and "found int8" not in err
+    assert not (tmp_path / "out").exists()

@@ -78,7 +78,7 @@ def external_locations(model: onnx.ModelProto) -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_every_attention_node_gets_seven_inputs_and_the_namespace(exports, family):
+def test_every_attention_node_gets_nine_inputs_and_the_namespace(exports, family):
     original = load_graph(exports[family])
     before = original.SerializeToString()
     prepared = prepare_for_tensorrt(original)
@@ -88,16 +88,20 @@ def test_every_attention_node_gets_seven_inputs_and_the_namespace(exports, famil
     assert len(nodes) == len(old_nodes) > 0
     inits = {t.name: t for t in prepared.graph.initializer}
     for node, old in zip(nodes, old_nodes, strict=True):
-        assert len(node.input) == len(TRT_ATTENTION_INPUTS) == 7
+        assert len(node.input) == len(TRT_ATTENTION_INPUTS) == 9
         assert list(node.input[:len(old.input)]) == list(old.input)
         assert attribute(node, "plugin_namespace") == PLUGIN_NAMESPACE.encode()
         if family == "llama":  # no QK-norm: two fp16 [head_size] placeholders
             assert attribute(node, "enable_qk_norm") == 0 and len(old.input) == 5
-            for name in node.input[5:]:
+            for name in node.input[5:7]:
                 gamma = numpy_helper.to_array(inits[name])
                 assert gamma.dtype == np.float16 and gamma.shape == (attribute(node, "head_size"),)
         else:
             assert attribute(node, "enable_qk_norm") == 1 and len(old.input) == 7
+        # no tree attention: an int32 [1,1,1] mask and [1,1] positions
+        assert attribute(node, "enable_tree_attention") == 0
+        mask, pos = (numpy_helper.to_array(inits[name]) for name in node.input[7:])
+        assert (mask.dtype, mask.shape, pos.dtype, pos.shape) == (np.int32, (1, 1, 1), np.int32, (1, 1))
 
     # the weights stay where they were: same external references, nothing loaded inline; they resolve against the
     # export's directory, which is how TensorRT reads them (build_engine passes it the original model path)
@@ -130,7 +134,7 @@ def test_an_attention_node_with_six_inputs_is_rejected(exports):
     model = load_graph(exports["llama"])
     node = custom_nodes(model, "AttentionPlugin")[0]
     node.input.append(node.input[0])
-    with pytest.raises(InputError, match=f"{node.name}.*expected 5 or 7 inputs, found 6"):
+    with pytest.raises(InputError, match=f"{node.name}.*expected 5 inputs .*found 6"):
         prepare_for_tensorrt(model)
 
 

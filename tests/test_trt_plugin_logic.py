@@ -56,7 +56,7 @@ def test_plugin_attrs_agree_with_the_onnx_node(fp8, qk_norm):
     "change,message",
     [
         (dict(sliding_window_size=512), "sliding_window_size"),
-        (dict(enable_tree_attention=1), "enable_tree_attention"),
+        (dict(enable_tree_attention=2), "enable_tree_attention"),
         (dict(num_q_heads=10, num_kv_heads=4), "multiple of num_kv_heads"),
         (dict(head_size=96), "head_size 64 or 128"),
         (dict(qkv_scales=np.array([1.0, 0.0, 1.0], np.float32)), "qkv_scales"),
@@ -106,12 +106,17 @@ def test_only_the_plugin_needs_a_gpu_head_size():
 
 def test_attention_dtypes_follow_the_cache_format():
     attrs = attn_plugin.plugin_attrs(**plugin_fields(enable_fp8_kv_cache=1))
-    attn_plugin.check_input_dtypes(["HALF", "FP8", "INT32", "FLOAT", "INT32", "HALF", "HALF"], attrs)
+    attn_plugin.check_input_dtypes(["HALF", "FP8", "INT32", "FLOAT", "INT32", "HALF", "HALF", "INT32", "INT32"], attrs)
     with pytest.raises(InputError, match="past_key_value: expected FP8, found HALF"):
-        attn_plugin.check_input_dtypes(["HALF", "HALF", "INT32", "FLOAT", "INT32", "HALF", "HALF"], attrs)
+        attn_plugin.check_input_dtypes(["HALF", "HALF", "INT32", "FLOAT", "INT32", "HALF", "HALF", "INT32", "INT32"],
+                                       attrs)
     fp16 = attn_plugin.plugin_attrs(**plugin_fields())
     with pytest.raises(InputError, match="context_lengths: expected INT32, found INT64"):
-        attn_plugin.check_input_dtypes(["HALF", "HALF", "INT64", "FLOAT", "INT32", "HALF", "HALF"], fp16)
+        attn_plugin.check_input_dtypes(["HALF", "HALF", "INT64", "FLOAT", "INT32", "HALF", "HALF", "INT32", "INT32"],
+                                       fp16)
+    with pytest.raises(InputError, match="attention_mask: expected INT32, found INT64"):
+        attn_plugin.check_input_dtypes(["HALF", "HALF", "INT32", "FLOAT", "INT32", "HALF", "HALF", "INT64", "INT32"],
+                                       fp16)
 
 
 def test_attention_output_shape_keeps_symbolic_batch_and_seq():
@@ -121,8 +126,15 @@ def test_attention_output_shape_keeps_symbolic_batch_and_seq():
     assert shape[0] is batch and shape[1] is seq and shape[2:] == (9, 64)
 
 
-def test_plugin_inputs_are_the_contract_inputs_plus_both_gammas():
-    assert attn_plugin.INPUT_NAMES == schema.INPUTS + schema.QK_NORM_INPUTS
+def test_plugin_inputs_are_the_contract_inputs_plus_both_optional_groups():
+    assert attn_plugin.INPUT_NAMES == schema.INPUTS + schema.QK_NORM_INPUTS + schema.TREE_INPUTS
+
+
+def test_tree_plugin_attrs():
+    inputs = list(schema.INPUTS) + list(schema.TREE_INPUTS)
+    node = schema.make_node(inputs, list(schema.OUTPUTS), name="l", num_q_heads=8, num_kv_heads=2, head_size=64,
+                            enable_tree_attention=True)
+    assert attn_plugin.plugin_attrs(**node_fields(node)).enable_tree_attention
 
 
 def test_cuda_views_have_the_torch_itemsize():

@@ -21,7 +21,10 @@ two forms that the runtime tells apart by the outputs' sequence dim:
   is GQA without repeating K/V. Slot t of `[past ‖ new]` is visible to query i of row b iff
   `t < kvcache_start_index[b]` (its own prefix) or `P <= t <= P + i` (causal among the new tokens).
 
-Both forms zero the right-padding rows of `attn`. The tensors that depend only on shared graph inputs (RoPE tables,
+Tree attention (`enable_tree_attention=1`, the EAGLE3 base and draft) keeps both forms: RoPE takes the positions
+from `attention_pos_id`, and the bit-packed `attention_mask` becomes a boolean visibility over the call's slots (own
+prefix, plus the new tokens the mask lets each one see), which GQA takes as its additive `attention_bias` and the
+prefix form adds to its scores. Both forms zero the right-padding rows of `attn`. The tensors that depend only on shared graph inputs (RoPE tables,
 masks, sequence lengths) are built once per graph and shared by every layer. The graph is written in fp16, like
 the plugin's contract; `plugins.lowering.widen_to_fp32` then makes the engine compute in fp32.
 """
@@ -33,7 +36,13 @@ import onnx
 from onnx import TensorProto, helper
 
 from contract.errors import InputError
-from contract.stage import KV_IN_PLACE, KV_PREFIX, KvDtype
+from contract.stage import (
+    KV_IN_PLACE,
+    KV_PREFIX,
+    ORT_KV_HALVES,
+    TREE_MASK_BITS,
+    KvDtype,
+)
 from plugins.attention.schema import DOMAIN, OP_TYPE, read_attrs
 from plugins.graph_builder import GraphBuilder
 
@@ -51,7 +60,7 @@ def _cache_io(ctx, node: onnx.NodeProto, hkv: int, d: int, seq_dims: tuple[str, 
                              "found none")
         dtype = info.type.tensor_type.elem_type
         halves = [helper.make_tensor_value_info(f"{name}.{kind}", dtype, ["batch", hkv, dim, d])
-                  for kind in ("key", "value")]
+                  for kind in ORT_KV_HALVES]
         ctx.replace_io(name, *halves)
         names += [h.name for h in halves]
     return tuple(names)
@@ -76,6 +85,7 @@ def lower_attention(node: onnx.NodeProto, ctx) -> list[onnx.NodeProto]:
 def _lower_in_place(node: onnx.NodeProto, ctx, a) -> list[onnx.NodeProto]:
     """One GroupQueryAttention node on the whole cache, updated in place (see the module doc)."""
     qkv, _, lengths, rope, starts = node.input[:5]
+    tree = tuple(node.input[-2:]) if a.enable_tree_attention else ()
     past_k, past_v, present_k, present_v = _cache_io(ctx, node, a.num_kv_heads, a.head_size, ("kv_capacity",) * 2)
 
     def build():
@@ -95,10 +105,21 @@ def _lower_in_place(node: onnx.NodeProto, ctx, a) -> list[onnx.NodeProto]:
         steps = g.op("Range", [zero, seq, one])
         valid = g.op("Less", [steps, g.op("Unsqueeze", [lengths, g.ints(1)])])
         valid = g.op("Unsqueeze", [valid, g.ints(2)])  # [B,S,1]
-        return cos, sin, longest, seqlens_k, valid
+        positions = bias = ""
+        if tree:  # RoPE at attention_pos_id; the slots [0, longest) each token sees, as GQA's additive bias
+            mask, pos_id = tree
+            positions = g.op("Cast", [pos_id], to=TensorProto.INT64)
+            starts64 = g.op("Cast", [starts], to=TensorProto.INT64)
+            slots = g.op("Range", [g.const(0, np.int64), g.op("Cast", [longest], to=TensorProto.INT64),
+                                   g.const(1, np.int64)])
+            visible = _tree_visible(g, mask, qkv, slots, starts64, starts64)  # [B,S,T]
+            bias = g.op("Where", [g.op("Unsqueeze", [visible, g.ints(1)]), g.const(0.0, np.float16),
+                                  g.const(-np.inf, np.float16)])  # [B,1,S,T]
+        return cos, sin, longest, seqlens_k, valid, positions, bias
 
     # every layer has the same S and capacity: the first layer's tensors give them to all
-    cos, sin, longest, seqlens_k, valid = ctx.shared_value(("attention_in_place", lengths, rope, starts), build)
+    cos, sin, longest, seqlens_k, valid, positions, bias = ctx.shared_value(
+        ("attention_in_place", lengths, rope, starts, *tree), build)
     g = ctx.builder(node.name or "attention")
     query, key, value = qkv, "", ""  # packed QKV
     if a.enable_qk_norm:  # GQA's own Q/K-norm inputs are CUDA/WebGPU only in ORT 1.32: normalize before it
@@ -109,7 +130,8 @@ def _lower_in_place(node: onnx.NodeProto, ctx, a) -> list[onnx.NodeProto]:
     # GroupQueryAttention's inputs by position (ORT 1.32): query, key, value, past_key, past_value, seqlens_k,
     # total_sequence_length, cos_cache, sin_cache, position_ids, attention_bias, head_sink, k_scale, v_scale,
     # q_norm_weight, k_norm_weight, query_seqlens
-    inputs = [query, key, value, past_k, past_v, seqlens_k, longest, cos, sin, "", "", "", "", "", "", "", lengths]
+    inputs = [query, key, value, past_k, past_v, seqlens_k, longest, cos, sin, positions, bias, "", "", "", "", "",
+              lengths]
     attrs = dict(num_heads=a.num_q_heads, kv_num_heads=a.num_kv_heads, scale=a.attention_scale, do_rotary=1)
     gqa_outputs = [ctx.names.fresh(f"{node.name}/gqa"), present_k, present_v]
     out = g.op("GroupQueryAttention", inputs, outputs=gqa_outputs, domain="com.microsoft", **attrs)[0]
@@ -119,9 +141,35 @@ def _lower_in_place(node: onnx.NodeProto, ctx, a) -> list[onnx.NodeProto]:
     return g.nodes
 
 
-def _shared_prefix_inputs(ctx, qkv: str, past: str, lengths: str, rope: str, starts: str, group: int):
+def _tree_visible(g: GraphBuilder, mask: str, qkv: str, slots: str, starts64: str, new_base: str) -> str:
+    """bool `[B,S,T]` over `slots` (int64 `[T]`): slot t is visible to new token i of row b when it is in the row's
+    own prefix (`t < starts64[b]`), or it holds new token `j = t - new_base[b]` (`0 <= j < S`) with `j <= i` and
+    bit j of row i of the packed `attention_mask` set (contracts.md 3.1, step 6t)."""
+    seq = g.op("Shape", [qkv], start=1, end=2)  # [1] int64
+    zero, one = g.const(0, np.int64), g.const(1, np.int64)
+    steps = g.op("Range", [zero, g.op("Squeeze", [seq]), one])  # [S]
+    # unpack: word [B,S,W] & 2^k for k < 32 -> flags [B,S,W*32], the first S of them
+    powers = np.array([1 << k for k in range(TREE_MASK_BITS)], np.int64).astype(np.uint32).view(np.int32)
+    flags = g.op("BitwiseAnd", [g.op("Unsqueeze", [mask, g.ints(3)]), g.const(powers, np.int32)])
+    flags = g.op("Reshape", [g.op("Not", [g.op("Equal", [flags, g.const(0, np.int32)])]), g.ints(0, 0, -1)])
+    flags = g.op("Slice", [flags, g.ints(0), seq, g.ints(2)])  # [B,S,S]
+    earlier = g.op("LessOrEqual", [steps, g.op("Unsqueeze", [steps, g.ints(1)])])  # [S,S]: j <= i
+    tree = g.op("And", [flags, earlier])
+    # slot t -> new token j = t - new_base[b]
+    rel = g.op("Sub", [g.op("Unsqueeze", [slots, g.ints(0)]), g.op("Unsqueeze", [new_base, g.ints(1)])])  # [B,T]
+    is_new = g.op("And", [g.op("GreaterOrEqual", [rel, zero]), g.op("Less", [rel, seq])])
+    index = g.op("Clip", [rel, zero, g.op("Squeeze", [g.op("Sub", [seq, one])])])
+    batch = g.op("Shape", [mask], start=0, end=1)  # (rel has batch 1 when new_base is one shared offset)
+    index = g.op("Expand", [g.op("Unsqueeze", [index, g.ints(1)]), g.op("Concat", [batch, seq, g.ints(1)], axis=0)])
+    seen = g.op("And", [g.op("Unsqueeze", [is_new, g.ints(1)]), g.op("GatherElements", [tree, index], axis=2)])
+    own_prefix = g.op("Less", [g.op("Unsqueeze", [slots, g.ints(0)]), g.op("Unsqueeze", [starts64, g.ints(1)])])
+    return g.op("Or", [g.op("Unsqueeze", [own_prefix, g.ints(1)]), seen])
+
+
+def _shared_prefix_inputs(ctx, qkv: str, past: str, lengths: str, rope: str, starts: str, group: int,
+                          tree: tuple[str, ...] = ()):
     """Per-graph tensors of the prefix form: RoPE cos/sin rows [B,S,rd/2], the additive mask [B,1,G·S,P+S], valid
-    rows [B,S,1,1]."""
+    rows [B,S,1,1]; `tree` = (attention_mask, attention_pos_id) with tree attention."""
 
     def build():
         g = ctx.builder("attention_shared", ctx.pending)
@@ -130,26 +178,34 @@ def _shared_prefix_inputs(ctx, qkv: str, past: str, lengths: str, rope: str, sta
         zero, one = g.const(0, np.int64), g.const(1, np.int64)
         steps = g.op("Range", [zero, seq, one])  # [S]
         starts64 = g.op("Cast", [starts], to=TensorProto.INT64)
-        # RoPE rows at positions start + i, clamped into the table (padded rows only; their outputs are discarded)
-        positions = g.op("Add", [g.op("Unsqueeze", [starts64, g.ints(1)]), steps])  # [B,S]
+        # RoPE rows at positions start + i (tree: attention_pos_id), clamped into the table (padded rows only;
+        # their outputs are discarded)
+        if tree:
+            positions = g.op("Cast", [tree[1]], to=TensorProto.INT64)
+        else:
+            positions = g.op("Add", [g.op("Unsqueeze", [starts64, g.ints(1)]), steps])  # [B,S]
         table = g.op("Squeeze", [rope, g.ints(0)])  # [R, rd]
         last_row = g.op("Sub", [g.op("Shape", [table], start=0, end=1), one])
-        rows = g.op("Gather", [table, g.op("Min", [positions, last_row])], axis=0)  # [B,S,rd]
+        rows = g.op("Gather", [table, g.op("Clip", [positions, zero, g.op("Squeeze", [last_row])])], axis=0)
         cos, sin = g.op("Split", [rows], outputs=2, axis=-1, num_outputs=2)
         # mask over the slots t of [past ‖ new]
         slots = g.op("Range", [zero, g.op("Add", [seq, past_len]), one])  # [P+S]
-        own_prefix = g.op("Less", [slots, g.op("Unsqueeze", [starts64, g.ints(1, 2)])])  # [B,1,P+S]
-        new_slot = g.op("GreaterOrEqual", [slots, past_len])  # [P+S]
-        causal = g.op("LessOrEqual", [slots, g.op("Add", [g.op("Unsqueeze", [steps, g.ints(1)]), past_len])])  # [S,P+S]
-        visible = g.op("Unsqueeze", [g.op("Or", [own_prefix, g.op("And", [new_slot, causal])]), g.ints(1)])  # [B,1,S,P+S]
-        additive = g.op("Where", [visible, g.const(0.0, np.float32), g.const(-np.inf, np.float32)])
+        if tree:
+            new_base = g.op("Shape", [past], start=2, end=3)  # [1]: the new tokens follow the P prefix slots
+            visible = g.op("Unsqueeze", [_tree_visible(g, tree[0], qkv, slots, starts64, new_base), g.ints(1)])
+        else:
+            own_prefix = g.op("Less", [slots, g.op("Unsqueeze", [starts64, g.ints(1, 2)])])  # [B,1,P+S]
+            new_slot = g.op("GreaterOrEqual", [slots, past_len])  # [P+S]
+            causal = g.op("LessOrEqual", [slots, g.op("Add", [g.op("Unsqueeze", [steps, g.ints(1)]), past_len])])
+            visible = g.op("Unsqueeze", [g.op("Or", [own_prefix, g.op("And", [new_slot, causal])]), g.ints(1)])
+        additive = g.op("Where", [visible, g.const(0.0, np.float32), g.const(-np.inf, np.float32)])  # [B,1,S,P+S]
         mask = g.op("Tile", [additive, g.ints(1, 1, group, 1)])  # rows ordered (g, i), like the grouped queries
         lengths64 = g.op("Cast", [lengths], to=TensorProto.INT64)
         valid = g.op("Less", [steps, g.op("Unsqueeze", [lengths64, g.ints(1)])])  # [B,S]
         valid = g.op("Unsqueeze", [valid, g.ints(2, 3)])  # [B,S,1,1]
         return cos, sin, mask, valid
 
-    return ctx.shared_value(("attention_prefix", lengths, rope, starts, group), build)
+    return ctx.shared_value(("attention_prefix", lengths, rope, starts, group, *tree), build)
 
 
 def _lower_prefix_form(node: onnx.NodeProto, ctx, a, rotary_dim: int) -> list[onnx.NodeProto]:
@@ -157,7 +213,8 @@ def _lower_prefix_form(node: onnx.NodeProto, ctx, a, rotary_dim: int) -> list[on
     qkv, _, lengths, rope, starts = node.input[:5]
     hq, hkv, d, group = a.num_q_heads, a.num_kv_heads, a.head_size, a.group_size
     past_k, past_v, present_k, present_v = _cache_io(ctx, node, hkv, d, ("past_len", "seq_len"))
-    cos, sin, mask, valid = _shared_prefix_inputs(ctx, qkv, past_k, lengths, rope, starts, group)
+    tree = tuple(node.input[-2:]) if a.enable_tree_attention else ()
+    cos, sin, mask, valid = _shared_prefix_inputs(ctx, qkv, past_k, lengths, rope, starts, group, tree)
 
     g = ctx.builder(node.name or "attention")
     # 1-3: split, Qwen3 q/k norm, RoPE (q and k side by side as Hq+Hkv heads)

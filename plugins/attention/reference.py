@@ -1,4 +1,5 @@
-"""Torch reference of `AttentionPlugin`: the executable form of contracts.md section 3.1, steps 1-7.
+"""Torch reference of `AttentionPlugin`: the executable form of contracts.md section 3.1, steps 1-7 (and 3t/6t for
+tree attention).
 
 Full-cache semantics, as TensorRT runs it: `present` is `past` with this call's K/V written at each row's
 `[kvcache_start_index, kvcache_start_index + context_lengths)`. Written for clarity, not speed.
@@ -13,6 +14,7 @@ from onnx.reference.op_run import OpRun
 from contract.errors import InputError
 from contract.formats import to_fp8
 from plugins.attention.schema import AttentionAttrs, read_attrs
+from plugins.attention.tree_mask import unpack_tree_mask
 
 
 def rms_norm(x: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
@@ -39,10 +41,13 @@ def attention_reference(
     kvcache_start_index: torch.Tensor,
     q_norm_gamma: torch.Tensor | None = None,
     k_norm_gamma: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    attention_pos_id: torch.Tensor | None = None,
     *,
     attrs: AttentionAttrs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns `attn` fp16 `[B,S,Hq,D]` and `present` (dtype and shape of `past_key_value`)."""
+    """Returns `attn` fp16 `[B,S,Hq,D]` and `present` (dtype and shape of `past_key_value`). `attention_mask` (int32
+    `[B,S,W]`, bit-packed) and `attention_pos_id` (int32 `[B,S]`) are read only with `enable_tree_attention`."""
     b, s, _ = qkv.shape
     hq, hkv, d = attrs.num_q_heads, attrs.num_kv_heads, attrs.head_size
     capacity = past_key_value.shape[3]
@@ -58,9 +63,10 @@ def attention_reference(
     if attrs.enable_qk_norm:
         q = rms_norm(q, q_norm_gamma, attrs.rms_norm_eps)
         k = rms_norm(k, k_norm_gamma, attrs.rms_norm_eps)
-    # 3. RoPE at positions start + i (padded rows clamp into the table; their results are discarded)
-    positions = starts[:, None] + torch.arange(s)[None, :]
-    rows = rope_cos_sin[0, positions.clamp(max=rope_cos_sin.shape[1] - 1)].float()
+    # 3. RoPE at positions start + i (3t. tree attention: at attention_pos_id); padded rows clamp into the table,
+    # their results are discarded
+    positions = attention_pos_id.long() if attrs.enable_tree_attention else starts[:, None] + torch.arange(s)[None, :]
+    rows = rope_cos_sin[0, positions.clamp(0, rope_cos_sin.shape[1] - 1)].float()
     cos, sin = rows.chunk(2, dim=-1)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
@@ -85,7 +91,7 @@ def attention_reference(
     keys = keys.repeat_interleave(attrs.group_size, dim=1)  # [B,Hq,T,D]
     values = values.repeat_interleave(attrs.group_size, dim=1)
     scores = torch.einsum("bshd,bhtd->bhst", q.float(), keys) * attrs.attention_scale
-    visible = torch.arange(capacity)[None, None, :] <= positions[:, :, None]  # [B,S,T]
+    visible = visible_slots(starts, s, capacity, attention_mask if attrs.enable_tree_attention else None)
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     attn = torch.einsum("bhst,bhtd->bshd", scores.softmax(dim=-1), values)
 
@@ -95,16 +101,33 @@ def attention_reference(
     return attn.to(torch.float16), present
 
 
+def visible_slots(starts: torch.Tensor, seq_len: int, capacity: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """bool `[B,S,T]`: which cache slots new token i of row b attends to. Causal: slots `<= start + i`. Tree (6t):
+    the row's prefix (slots `< start`) plus new token j (slot `start + j`) when `j <= i` and bit j of row i is set."""
+    slots = torch.arange(capacity)[None, :] - starts[:, None]  # [B,T]: slot - start = index among the new tokens
+    steps = torch.arange(seq_len)
+    if attention_mask is None:
+        return slots[:, None, :] <= steps[None, :, None]
+    tree = torch.from_numpy(unpack_tree_mask(attention_mask.numpy(), seq_len))  # [B,S,S]
+    tree &= steps[None, :, None] >= steps[None, None, :]  # only earlier tokens (and itself) count
+    new = (slots >= 0) & (slots < seq_len)
+    index = slots.clamp(0, seq_len - 1)[:, None, :].expand(-1, seq_len, -1)
+    return (slots < 0)[:, None, :] | (new[:, None, :] & tree.gather(2, index))
+
+
 class AttentionPlugin(OpRun):
     """This reference as `trt_edgellm::AttentionPlugin` for `onnx.reference.ReferenceEvaluator(new_ops=[...])`, so the
     exported (un-lowered) graph can be run as TensorRT would run it. The evaluator matches ops by class name."""
 
     op_domain = "trt_edgellm"
 
-    def _run(self, qkv, past, context_lengths, rope, kvcache_start_index, q_norm=None, k_norm=None, **_attrs):
-        norms = [None if a is None else torch.from_numpy(np.array(a)) for a in (q_norm, k_norm)]
+    def _run(self, qkv, past, context_lengths, rope, kvcache_start_index, *optional, **_attrs):
+        attrs = read_attrs(self.onnx_node)
+        optional = [None if a is None else torch.from_numpy(np.array(a)) for a in optional]
+        norms = optional[:2] if attrs.enable_qk_norm else [None, None]
+        tree = optional[-2:] if attrs.enable_tree_attention else [None, None]
         attn, present = attention_reference(
             torch.from_numpy(qkv), torch.from_numpy(past), torch.from_numpy(context_lengths), torch.from_numpy(rope),
-            torch.from_numpy(kvcache_start_index), *norms, attrs=read_attrs(self.onnx_node),
+            torch.from_numpy(kvcache_start_index), *norms, *tree, attrs=attrs,
         )
         return attn.numpy(), present.numpy()

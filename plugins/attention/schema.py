@@ -23,6 +23,7 @@ OPSET = onnx.helper.make_opsetid(DOMAIN, 1)
 
 INPUTS = ("qkv", "past_key_value", "context_lengths", "rope_rotary_cos_sin", "kvcache_start_index")
 QK_NORM_INPUTS = ("q_norm_gamma", "k_norm_gamma")
+TREE_INPUTS = ("attention_mask", "attention_pos_id")  # with enable_tree_attention=1, after the qk-norm gammas
 OUTPUTS = ("attn", "present_key_value")
 
 
@@ -36,6 +37,13 @@ class AttentionAttrs:
     qkv_scales: tuple[float, float, float] = (1.0, 1.0, 1.0)
     enable_qk_norm: bool = False
     rms_norm_eps: float = 1e-6
+    enable_tree_attention: bool = False
+
+    @property
+    def num_inputs(self) -> int:
+        """Inputs of a node with these attributes (the optional groups of reference 2.5 that are on)."""
+        return (len(INPUTS) + (len(QK_NORM_INPUTS) if self.enable_qk_norm else 0)
+                + (len(TREE_INPUTS) if self.enable_tree_attention else 0))
 
     @property
     def kv_dtype(self) -> KvDtype:
@@ -60,10 +68,13 @@ def make_node(
     qkv_scales: tuple[float, float, float] = (1.0, 1.0, 1.0),
     enable_qk_norm: bool = False,
     rms_norm_eps: float = 1e-6,
+    enable_tree_attention: bool = False,
 ) -> onnx.NodeProto:
     """One attention layer: inputs `qkv, past_key_value, context_lengths, rope_rotary_cos_sin, kvcache_start_index`
-    (+ `q_norm_gamma, k_norm_gamma` with qk-norm); outputs `attn, present_key_value`."""
+    (+ `q_norm_gamma, k_norm_gamma` with qk-norm, + `attention_mask, attention_pos_id` with tree attention);
+    outputs `attn, present_key_value`."""
     expected = len(INPUTS) + (len(QK_NORM_INPUTS) if enable_qk_norm else 0)
+    expected += len(TREE_INPUTS) if enable_tree_attention else 0
     if len(inputs) != expected:
         raise ValueError(f"{name}: AttentionPlugin expects {expected} inputs, got {len(inputs)}")
     if len(outputs) != len(OUTPUTS):
@@ -85,7 +96,7 @@ def make_node(
         enable_qk_norm=int(enable_qk_norm),
         rms_norm_eps=float(rms_norm_eps),
         sliding_window_size=-1,
-        enable_tree_attention=0,
+        enable_tree_attention=int(enable_tree_attention),
     )
 
 
@@ -97,14 +108,13 @@ def attrs_from_fields(fields: Mapping[str, object], where: str) -> AttentionAttr
             raise InputError(f"{where}: expected attribute {key!r}, found none")
     if _int(fields, "sliding_window_size", -1, where) != -1:
         raise InputError(f"{where}: expected sliding_window_size -1 (off), found {fields['sliding_window_size']}")
-    if _int(fields, "enable_tree_attention", 0, where) != 0:
-        raise InputError(f"{where}: expected enable_tree_attention 0, found {fields['enable_tree_attention']}")
     hq, hkv, d = (_int(fields, key, None, where) for key in ("num_q_heads", "num_kv_heads", "head_size"))
     if hq <= 0 or hkv <= 0 or hq % hkv != 0:
         raise InputError(f"{where}: expected num_q_heads a multiple of num_kv_heads, found {hq} and {hkv}")
     if d <= 0:
         raise InputError(f"{where}: expected a positive head_size, found {d}")
-    flags = {key: _int(fields, key, 0, where) for key in ("enable_fp8_kv_cache", "enable_qk_norm")}
+    flags = {key: _int(fields, key, 0, where)
+             for key in ("enable_fp8_kv_cache", "enable_qk_norm", "enable_tree_attention")}
     for key, value in flags.items():
         if value not in (0, 1):
             raise InputError(f"{where}: expected {key} 0 or 1, found {value}")
@@ -124,6 +134,7 @@ def attrs_from_fields(fields: Mapping[str, object], where: str) -> AttentionAttr
         qkv_scales=scales,
         enable_qk_norm=bool(flags["enable_qk_norm"]),
         rms_norm_eps=_positive_float(fields, "rms_norm_eps", 1e-6, where),
+        enable_tree_attention=bool(flags["enable_tree_attention"]),
     )
 
 
@@ -131,10 +142,9 @@ def read_attrs(node: onnx.NodeProto) -> AttentionAttrs:
     """The node's attributes (checked by `attrs_from_fields`) and its input count."""
     where = f"AttentionPlugin node {node.name!r}"
     attrs = attrs_from_fields({a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}, where)
-    n_inputs = len(INPUTS) + (len(QK_NORM_INPUTS) if attrs.enable_qk_norm else 0)
-    if len(node.input) != n_inputs:
-        raise InputError(f"{where}: expected {n_inputs} inputs (enable_qk_norm={int(attrs.enable_qk_norm)}), "
-                         f"found {len(node.input)}")
+    if len(node.input) != attrs.num_inputs:
+        raise InputError(f"{where}: expected {attrs.num_inputs} inputs (enable_qk_norm={int(attrs.enable_qk_norm)}, "
+                         f"enable_tree_attention={int(attrs.enable_tree_attention)}), found {len(node.input)}")
     return attrs
 
 

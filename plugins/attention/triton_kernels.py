@@ -5,9 +5,12 @@ Three kernels, each in an FP16 and an FP8 variant chosen by the `FP8` constexpr:
 1. `_rope_kv_write_kernel`: Q/K RMSNorm (Qwen3), RoPE, then writes this call's K/V into the contiguous cache
    `[B,2,Hkv,T,D]` at `kvcache_start_index[b] + i` (i < context_lengths[b]) and Q into a scratch buffer. With FP8 the
    K/V and Q are quantized here (`fp8(clamp(x / scale, +-448))`), so the attention kernels only ever *load* FP8.
+   Tree attention (`TREE`): RoPE at `attention_pos_id[b, i]` instead of the slot's position.
 2. `_prefill_kernel`: flash attention, causal, GQA, keys read back from the cache (so a prefill that continues an
    existing cache works too). FP8: `q8 . k8` on FP8 tensor cores with `q_scale * k_scale` folded into the softmax
    scale; P stays fp16 and V is widened to fp16 (exact), `v_scale` is applied to the output. fp32 accumulation.
+   Tree attention (`TREE`): a new key j is visible to row i only when bit j of the row's packed `attention_mask` is
+   set too, so only the prefix runs unmasked; a tree call of any length (one token included) runs here.
 3. `_decode_kernel` + `_decode_reduce_kernel`: flash-decoding for one new token per row. The cache is split along T
    into chunks so a long context fills the GPU; each program handles one kv head and all its GQA query heads, and a
    second kernel merges the chunks' partial softmax results.
@@ -35,10 +38,10 @@ FP8_MAX = tl.constexpr(448.0)  # same as contract.formats.FP8_MAX; a kernel modu
 
 @triton.jit
 def _rope_kv_write_kernel(
-    qkv_ptr, cache_ptr, q_out_ptr, ctx_ptr, start_ptr, cos_sin_ptr, q_gamma_ptr, k_gamma_ptr,
+    qkv_ptr, cache_ptr, q_out_ptr, ctx_ptr, start_ptr, cos_sin_ptr, q_gamma_ptr, k_gamma_ptr, pos_id_ptr,
     S, T, q_scale, k_scale, v_scale, eps,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, ROT: tl.constexpr,
-    QK_NORM: tl.constexpr, FP8: tl.constexpr,
+    QK_NORM: tl.constexpr, FP8: tl.constexpr, TREE: tl.constexpr,
 ):
     """Grid (B, S, HQ + HKV): program (b, i, h) handles Q head h (h < HQ) or K and V of kv head h - HQ."""
     b = tl.program_id(0).to(tl.int64)
@@ -54,9 +57,13 @@ def _rope_kv_write_kernel(
             return
     elif i >= ctx:
         return
-    pos = tl.load(start_ptr + b) + i
+    slot = tl.load(start_ptr + b) + i
+    if TREE:  # RoPE at the tree position; the K/V still go to the next slot
+        pos = tl.load(pos_id_ptr + b * S + i)
+    else:
+        pos = slot
     if h >= HQ:
-        if pos >= T:  # never write past the cache capacity
+        if slot >= T:  # never write past the cache capacity
             return
     row = qkv_ptr + (b * S + i) * (HQ + 2 * HKV) * D + h * D
     half: tl.constexpr = ROT // 2
@@ -88,8 +95,8 @@ def _rope_kv_write_kernel(
             tl.store(q_dst, y, mask=in_head)
     else:
         kh = h - HQ
-        k_dst = cache_ptr + (((b * 2 + 0) * HKV + kh) * T + pos) * D + d
-        v_dst = cache_ptr + (((b * 2 + 1) * HKV + kh) * T + pos) * D + d
+        k_dst = cache_ptr + (((b * 2 + 0) * HKV + kh) * T + slot) * D + d
+        v_dst = cache_ptr + (((b * 2 + 1) * HKV + kh) * T + slot) * D + d
         v = tl.load(row + HKV * D + d, mask=in_head, other=0.0)  # V of kv head kh sits HKV heads after its K
         if FP8:
             kq = tl.clamp(tl.div_rn(y.to(tl.float32), k_scale), -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
@@ -123,10 +130,12 @@ def _attend_block(q, k_ptrs, v_ptrs, kv_ok, visible, m_i, l_i, acc, qk_scale, MA
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, cache_ptr, out_ptr, ctx_ptr, start_ptr, S, T, qk_scale, out_scale,
+    q_ptr, cache_ptr, out_ptr, ctx_ptr, start_ptr, mask_ptr, S, T, W, qk_scale, out_scale,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TREE: tl.constexpr,
 ):
-    """Grid (cdiv(S, BLOCK_M), B * HQ). Query row i sits at position start + i and sees keys j <= start + i."""
+    """Grid (cdiv(S, BLOCK_M), B * HQ). Query row i sits in slot start + i and sees keys j <= start + i; in a TREE
+    call a new key (j >= start) also needs bit j - start of row i of the packed mask `[B, S, W]` int32."""
     mb = tl.program_id(0)
     b = (tl.program_id(1) // HQ).to(tl.int64)
     h = tl.program_id(1) % HQ
@@ -146,8 +155,11 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    # keys before start + mb * BLOCK_M are visible to every row of the block: no mask in the main loop
-    unmasked_end = (start + mb * BLOCK_M) // BLOCK_N * BLOCK_N
+    # keys before start + mb * BLOCK_M (tree: before start) are visible to every row of the block: no mask there
+    if TREE:
+        unmasked_end = start // BLOCK_N * BLOCK_N
+    else:
+        unmasked_end = (start + mb * BLOCK_M) // BLOCK_N * BLOCK_N
     for lo in range(0, unmasked_end, BLOCK_N):
         offs = (lo + n)[:, None] * D + d[None, :]
         m_i, l_i, acc = _attend_block(q, k_base + offs, v_base + offs, n, n, m_i, l_i, acc, qk_scale, False)
@@ -157,6 +169,11 @@ def _prefill_kernel(
         keys = lo + n
         offs = keys[:, None] * D + d[None, :]
         visible = (keys[None, :] <= q_pos[:, None]) & (keys[None, :] < kv_end)
+        if TREE:
+            rel = tl.maximum(keys - start, 0)  # index of the key among this call's tokens
+            new = (keys >= start)[None, :] & visible & (rows[:, None] < ctx)
+            words = tl.load(mask_ptr + (b * S + rows[:, None]) * W + rel[None, :] // 32, mask=new, other=0)
+            visible = visible & ((keys < start)[None, :] | (((words >> (rel[None, :] % 32)) & 1) != 0))
         m_i, l_i, acc = _attend_block(
             q, k_base + offs, v_base + offs, keys < kv_end, visible, m_i, l_i, acc, qk_scale, True
         )
@@ -227,20 +244,24 @@ def _scales(attrs) -> tuple[float, float, float]:
     return tuple(float(s) for s in attrs.qkv_scales) if attrs.enable_fp8_kv_cache else (1.0, 1.0, 1.0)
 
 
-def rope_kv_write(qkv, past_key_value, context_lengths, rope_cos_sin, kvcache_start_index, q_norm_gamma, k_norm_gamma, attrs):
-    """Steps 1-5 of the contract: returns Q `[B,S,Hq,D]` after norm + RoPE (FP8 codes with FP8 KV, padding rows
-    zero) and writes this call's K/V into `past_key_value` in place."""
+def rope_kv_write(qkv, past_key_value, context_lengths, rope_cos_sin, kvcache_start_index, q_norm_gamma, k_norm_gamma, attrs,
+                  attention_pos_id=None):
+    """Steps 1-5 of the contract (3t with tree attention: RoPE at `attention_pos_id`): returns Q `[B,S,Hq,D]` after
+    norm + RoPE (FP8 codes with FP8 KV, padding rows zero) and writes this call's K/V into `past_key_value` in
+    place."""
     cache = past_key_value
     b, s, _ = qkv.shape
     hq, hkv, d = attrs.num_q_heads, attrs.num_kv_heads, attrs.head_size
     q_scale, k_scale, v_scale = _scales(attrs)
     q_out = torch.empty(b, s, hq, d, device=qkv.device, dtype=cache.dtype)
     gammas = (q_norm_gamma, k_norm_gamma) if attrs.enable_qk_norm else (qkv, qkv)  # unused pointers otherwise
+    tree = bool(attrs.enable_tree_attention)
     _rope_kv_write_kernel[(b, s, hq + hkv)](
         qkv, cache, q_out, context_lengths, kvcache_start_index, rope_cos_sin, *gammas,
+        attention_pos_id if tree else kvcache_start_index,  # an unused pointer otherwise
         s, cache.shape[3], q_scale, k_scale, v_scale, float(attrs.rms_norm_eps),
         HQ=hq, HKV=hkv, D=d, BLOCK_D=triton.next_power_of_2(d), ROT=rope_cos_sin.shape[-1],
-        QK_NORM=bool(attrs.enable_qk_norm), FP8=bool(attrs.enable_fp8_kv_cache),
+        QK_NORM=bool(attrs.enable_qk_norm), FP8=bool(attrs.enable_fp8_kv_cache), TREE=tree,
         enable_fp_fusion=False,  # no FMA: RoPE rounds like torch, FP8 codes match
     )
     return q_out
@@ -252,18 +273,25 @@ def _softmax_scales(attrs) -> tuple[float, float]:
     return float(attrs.attention_scale) * q_scale * k_scale * LOG2E, v_scale
 
 
-def prefill_attention(q, cache, context_lengths, kvcache_start_index, attrs, block_m=None, block_n=None, out=None):
-    """Causal GQA flash attention of Q `[B,S,Hq,D]` (fp16 or FP8 codes) over the cache -> fp16 `[B,S,Hq,D]`."""
+def prefill_attention(q, cache, context_lengths, kvcache_start_index, attrs, block_m=None, block_n=None, out=None,
+                      attention_mask=None):
+    """Causal GQA flash attention of Q `[B,S,Hq,D]` (fp16 or FP8 codes) over the cache -> fp16 `[B,S,Hq,D]`; with
+    tree attention, new keys are filtered by the packed `attention_mask` `[B,S,W]` int32 as well."""
     b, s, hq, d = q.shape
     on_gpu = q.is_cuda
+    tree = bool(attrs.enable_tree_attention)
+    if tree:  # the mask words take registers: 64 x 32 tiles on 4 warps keep a d-128 tile free of spills on Hopper
+        block_m, block_n = block_m or (64 if on_gpu else 16), block_n or (32 if on_gpu else 16)
     block_m = block_m or (128 if on_gpu and s >= 128 else 64 if on_gpu else 16)
     block_n = block_n or (64 if on_gpu else 16)
     out = torch.empty(b, s, hq, d, device=q.device, dtype=torch.float16) if out is None else out
     qk_scale, out_scale = _softmax_scales(attrs)
     extra = dict(num_warps=8 if block_m >= 128 else 4, num_stages=3) if on_gpu else {}
+    mask = attention_mask if tree else context_lengths  # an unused pointer otherwise
     _prefill_kernel[(triton.cdiv(s, block_m), b * hq)](
-        q, cache, out, context_lengths, kvcache_start_index, s, cache.shape[3], qk_scale, out_scale,
-        HQ=hq, HKV=attrs.num_kv_heads, D=d, BLOCK_M=block_m, BLOCK_N=block_n, enable_fp_fusion=True, **extra,
+        q, cache, out, context_lengths, kvcache_start_index, mask, s, cache.shape[3], mask.shape[-1] if tree else 1,
+        qk_scale, out_scale, HQ=hq, HKV=attrs.num_kv_heads, D=d, BLOCK_M=block_m, BLOCK_N=block_n, TREE=tree,
+        enable_fp_fusion=True, **extra,
     )
     return out
 
@@ -301,6 +329,21 @@ def decode_attention(q, cache, context_lengths, kvcache_start_index, attrs, num_
     return out
 
 
+def check_tree_inputs(qkv, attention_mask, attention_pos_id) -> None:
+    """The packed mask covers the call's tokens (`[B,S,>=ceil(S/32)]` int32) and the positions are `[B,S]` int32."""
+    b, s, _ = qkv.shape
+    words = -(-s // 32)
+    if attention_mask is None or attention_mask.dtype != torch.int32 or attention_mask.dim() != 3 \
+            or tuple(attention_mask.shape[:2]) != (b, s) or attention_mask.shape[2] < words:
+        found = None if attention_mask is None else f"{attention_mask.dtype} {list(attention_mask.shape)}"
+        raise InputError(f"attention_mask: expected int32 [{b},{s},>={words}], found {found}")
+    if attention_pos_id is None or attention_pos_id.dtype != torch.int32 or tuple(attention_pos_id.shape) != (b, s):
+        found = None if attention_pos_id is None else f"{attention_pos_id.dtype} {list(attention_pos_id.shape)}"
+        raise InputError(f"attention_pos_id: expected int32 [{b},{s}], found {found}")
+    if not (attention_mask.is_contiguous() and attention_pos_id.is_contiguous()):
+        raise InputError("attention_mask / attention_pos_id: expected contiguous tensors, found strided views")
+
+
 def check_inputs(qkv, past_key_value, attrs) -> None:
     """Shapes and dtypes the kernels rely on; an engine's bindings guarantee them, a direct caller may not."""
     hq, hkv, d = attrs.num_q_heads, attrs.num_kv_heads, attrs.head_size
@@ -318,15 +361,20 @@ def check_inputs(qkv, past_key_value, attrs) -> None:
 
 
 def attention_forward(
-    qkv, past_key_value, context_lengths, rope_cos_sin, kvcache_start_index, q_norm_gamma, k_norm_gamma, attrs, out=None
+    qkv, past_key_value, context_lengths, rope_cos_sin, kvcache_start_index, q_norm_gamma, k_norm_gamma, attrs, out=None,
+    attention_mask=None, attention_pos_id=None,
 ):
     """The whole AttentionPlugin on the GPU: `(attn [B,S,Hq,D] fp16, present)` where `present is past_key_value`,
-    updated in place. seq_len 1 runs the split-K decode kernel, longer inputs the prefill kernel. `out` (fp16
-    `[B,S,Hq,D]`) receives attn when given, e.g. a TensorRT output binding."""
+    updated in place. seq_len 1 runs the split-K decode kernel, longer inputs and every tree call the prefill kernel.
+    `out` (fp16 `[B,S,Hq,D]`) receives attn when given, e.g. a TensorRT output binding."""
     check_inputs(qkv, past_key_value, attrs)
-    q = rope_kv_write(qkv, past_key_value, context_lengths, rope_cos_sin, kvcache_start_index, q_norm_gamma, k_norm_gamma, attrs)
-    if qkv.shape[1] == 1:
+    if attrs.enable_tree_attention:
+        check_tree_inputs(qkv, attention_mask, attention_pos_id)
+    q = rope_kv_write(qkv, past_key_value, context_lengths, rope_cos_sin, kvcache_start_index, q_norm_gamma, k_norm_gamma, attrs,
+                      attention_pos_id)
+    if qkv.shape[1] == 1 and not attrs.enable_tree_attention:
         attn = decode_attention(q, past_key_value, context_lengths, kvcache_start_index, attrs, out=out)
     else:
-        attn = prefill_attention(q, past_key_value, context_lengths, kvcache_start_index, attrs, out=out)
+        attn = prefill_attention(q, past_key_value, context_lengths, kvcache_start_index, attrs, out=out,
+                                 attention_mask=attention_mask)
     return attn, past_key_value

@@ -1,0 +1,213 @@
+"""EAGLE3 speculative decoding on the CPU engine: acceptance and decode speed against plain greedy decoding.
+
+SmolLM2-135M-Instruct (the cached fp16 checkpoint) with an EAGLE3 draft (`--draft`, e.g. the one examples/eagle/
+trains), through the real pipeline: export (`--eagle-base --eagle-draft-dir`, the draft, and a vanilla export), one
+spec engine dir (`llm-build --specBase` + `--specDraft`) and one vanilla engine, both ONNX Runtime. Held-out prompts:
+WikiText-2 test passages (raw text, continued as text; the draft trains on other text) and general chat
+instructions (chat template). For every prompt, in one process and interleaved so that machine load hits all sides
+alike: plain greedy on the vanilla engine, then speculative decoding with each tree shape (batch 1, greedy).
+Reports per shape: mean tokens emitted per verification step, decode tokens/s and its ratio to plain decoding, and
+whether every output is token-identical to plain greedy. Plain decoding runs twice per prompt, with ONNX Runtime's
+default spinning worker threads and without (`EDGELLM_ORT_SPINNING=0`, what the spec engines use), and the faster of
+the two is the baseline: on a busy machine spinning threads lose, on an idle one they win, and the ratio must not
+come from the baseline's setting.
+
+    python -m benchmarks.eagle_cpu --draft DRAFT_DIR [--work work_out/eagle] [--new_tokens 128]
+        [--shapes 1x4x5,2x4x9,...]   # top_k x steps x verify_size
+
+Writes docs/eagle-cpu.json and prints the markdown table for docs/eagle-cpu.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
+CHAT = [
+    "Explain how a refrigerator keeps food cold.",
+    "Write a short email asking a colleague to move a meeting to Friday.",
+    "What are three good habits for staying healthy?",
+    "Describe the water cycle in simple terms.",
+    "Give me a recipe for a quick vegetable soup.",
+    "Why do leaves change color in the autumn?",
+    "Write a short story about a robot who learns to paint.",
+    "What is the difference between weather and climate?",
+    "List some tips for learning a new language.",
+    "How does a bicycle stay upright when it moves?",
+    "Summarize the plot of a typical detective novel.",
+    "Write a haiku about the ocean and explain it.",
+]
+
+
+def wikitext_prompts(tokenizer, path: Path, n: int, length: int) -> list[list[int]]:
+    """The first `length` tokens of the first `n` WikiText-2 test paragraphs that have at least twice as many."""
+    prompts = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("="):
+            continue
+        ids = tokenizer.encode(line)
+        if len(ids) >= 2 * length:
+            prompts.append(ids[:length])
+        if len(prompts) == n:
+            return prompts
+    return prompts
+
+
+def chat_prompt_ids(tokenizer, n: int) -> list[list[int]]:
+    from runtime.chat import format_prompt
+    from runtime.requests import Message
+
+    return [format_prompt(tokenizer, [Message("user", [{"type": "text", "text": q}])], True, True, False).token_ids
+            for q in CHAT[:n]]
+
+
+def interval(values: list[float]) -> float:
+    """Half-width of a normal 95% interval of the mean over prompts (1.96 sd / sqrt(n))."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return 1.96 * (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 / n ** 0.5
+
+
+def parse_shapes(text: str):
+    from runtime.eagle_tree import TreeShape
+
+    return [TreeShape(*(int(x) for x in part.split("x"))) for part in text.split(",")]
+
+
+def build_engines(draft: Path, work: Path, shapes, capacity: int) -> tuple[Path, Path]:
+    """(spec engine dir, vanilla engine dir), reused when already built."""
+    from builder.cli import build
+    from llm_loader.export_all_cli import export
+    from llm_loader.gguf_convert import smollm2_checkpoint
+
+    ckpt = smollm2_checkpoint()
+    spec, vanilla = work / "spec-engine", work / "vanilla-engine"
+    limits = dict(backend="onnxruntime", max_batch_size=1, max_input_len=256, max_kv_cache_capacity=capacity)
+    verify = max(s.verify_size for s in shapes)
+    drafted = max(max(s.draft_tokens, 1) for s in shapes)
+    if not (spec / "draft_config.json").exists():
+        base_onnx = export(ckpt, work / "base-onnx", eagle_base=True, eagle_draft_dir=draft)
+        build(base_onnx, spec, spec_base=True, max_verify_tree_size=verify, **limits)
+        build(export(draft, work / "draft-onnx"), spec, spec_draft=True, max_draft_tree_size=drafted, **limits)
+    if not (vanilla / "config.json").exists():
+        build(export(ckpt, work / "vanilla-onnx"), vanilla, **limits)
+    return spec, vanilla
+
+
+def machine() -> str:
+    from benchmarks.e2e_cpu import machine as describe
+
+    return describe()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--draft", "draft", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="EAGLE3 draft checkpoint for SmolLM2-135M-Instruct (plain or quantized).")
+@click.option("--work", type=click.Path(path_type=Path), default=ROOT / "work_out" / "eagle", show_default=True,
+              help="Where exports and engines go (reused when present).")
+@click.option("--new_tokens", default=128, show_default=True, help="Greedy tokens per prompt.")
+@click.option("--text_prompts", default=8, show_default=True, help="WikiText-2 test passages.")
+@click.option("--chat_prompts", default=8, show_default=True, help="Chat instructions (at most 12).")
+@click.option("--prompt_tokens", default=64, show_default=True, help="Tokens of each WikiText-2 prompt.")
+@click.option("--shapes", default="1x4x5,1x6x7,2x4x9,3x4x12,4x5x16,10x6x60", show_default=True,
+              help="Tree shapes top_k x steps x verify_size, comma-separated.")
+@click.option("--wikitext", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=WIKITEXT,
+              show_default=True, help="The WikiText-2 raw test split.")
+@click.option("--out", "out_json", type=click.Path(path_type=Path), default=ROOT / "docs" / "eagle-cpu.json",
+              show_default=True)
+def main(draft: Path, work: Path, new_tokens: int, text_prompts: int, chat_prompts: int, prompt_tokens: int,
+         shapes: str, wikitext: Path, out_json: Path) -> None:
+    """Acceptance and decode speed of EAGLE3 speculative decoding against plain greedy on the CPU engine."""
+    from runtime.chat import load_tokenizer
+    from runtime.engine import Engine
+    from runtime.generate import Job, generate
+    from runtime.sampling import SamplingParams
+    from runtime.spec_decode import SpecEngines, generate_spec
+
+    tree_shapes = parse_shapes(shapes)
+    work.mkdir(parents=True, exist_ok=True)
+    spec_dir, vanilla_dir = build_engines(draft, work, tree_shapes, capacity=512)
+    tokenizer = load_tokenizer(vanilla_dir)
+    engines, vanilla = SpecEngines.load(spec_dir), Engine.load(vanilla_dir)
+    os.environ["EDGELLM_ORT_SPINNING"] = "0"
+    vanilla_quiet = Engine.load(vanilla_dir)  # the same engine, its threads sleeping between runs
+    del os.environ["EDGELLM_ORT_SPINNING"]
+    for shape in tree_shapes:
+        engines.check_shape(shape)
+    greedy = SamplingParams(top_k=1)
+    prompts = [("text", p) for p in wikitext_prompts(tokenizer, wikitext, text_prompts, prompt_tokens)]
+    prompts += [("chat", p) for p in chat_prompt_ids(tokenizer, chat_prompts)]
+
+    warm = [Job(prompts[0][1], greedy)]
+    generate(vanilla, tokenizer, warm, 8)
+    generate(vanilla_quiet, tokenizer, warm, 8)
+    for shape in tree_shapes:
+        generate_spec(engines, tokenizer, warm, 8, shape)
+
+    rows = []
+    for kind, ids in tqdm(prompts, desc="prompts", unit="prompt", file=sys.stderr):
+        job = [Job(ids, greedy)]
+        (plain,), timing = generate(vanilla, tokenizer, job, new_tokens)
+        (quiet,), quiet_timing = generate(vanilla_quiet, tokenizer, job, new_tokens)
+        assert quiet.token_ids == plain.token_ids
+        record = {"kind": kind, "plain_tokens": timing.decode_tokens, "plain_spinning_s": timing.decode_s,
+                  "plain_quiet_s": quiet_timing.decode_s, "shapes": {}}
+        for shape in tree_shapes:
+            t0 = time.perf_counter()
+            (got,), spec_timing = generate_spec(engines, tokenizer, job, new_tokens, shape)
+            record["shapes"][f"{shape.top_k}x{shape.steps}x{shape.verify_size}"] = {
+                "tokens": spec_timing.decode_tokens, "decode_s": spec_timing.decode_s,
+                "steps": spec_timing.spec_steps, "emitted": spec_timing.spec_tokens,
+                "identical": got.token_ids == plain.token_ids, "wall_s": time.perf_counter() - t0}
+        rows.append(record)
+
+    summary = []
+    for shape in tree_shapes:
+        key = f"{shape.top_k}x{shape.steps}x{shape.verify_size}"
+        line = {"shape": key, "top_k": shape.top_k, "steps": shape.steps, "verify_size": shape.verify_size}
+        for kind in ("text", "chat", "all"):
+            sel = [r for r in rows if kind == "all" or r["kind"] == kind]
+            steps = sum(r["shapes"][key]["steps"] for r in sel)
+            emitted = sum(r["shapes"][key]["emitted"] for r in sel)
+            spec_tps = sum(r["shapes"][key]["tokens"] for r in sel) / sum(r["shapes"][key]["decode_s"] for r in sel)
+            plain_tps = sum(r["plain_tokens"] for r in sel) / min(sum(r["plain_spinning_s"] for r in sel),
+                                                                   sum(r["plain_quiet_s"] for r in sel))
+            tokens = sum(r["plain_tokens"] for r in sel)
+            per_prompt = [r["shapes"][key]["emitted"] / r["shapes"][key]["steps"] for r in sel if r["shapes"][key]["steps"]]
+            line[kind] = {"accepted_per_step": emitted / steps if steps else 0.0,
+                          "accepted_per_step_95ci": interval(per_prompt), "spec_tokens_per_s": spec_tps,
+                          "plain_tokens_per_s": plain_tps, "speedup": spec_tps / plain_tps,
+                          "plain_spinning_tokens_per_s": tokens / sum(r["plain_spinning_s"] for r in sel),
+                          "plain_quiet_tokens_per_s": tokens / sum(r["plain_quiet_s"] for r in sel),
+                          "identical": sum(r["shapes"][key]["identical"] for r in sel), "prompts": len(sel)}
+        summary.append(line)
+
+    result = {"machine": machine(), "draft": str(draft), "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
+              "summary": summary, "prompts": rows}
+    out_json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"machine: {result['machine']}\n")
+    print("| tree (top_k x steps x verify) | accepted/step text | chat | spec tok/s | plain tok/s | speedup "
+          "(text / chat / all) | identical |")
+    print("|---|---|---|---|---|---|---|")
+    for line in summary:
+        a = line["all"]
+        print(f"| {line['shape']} | {line['text']['accepted_per_step']:.2f} ± {line['text']['accepted_per_step_95ci']:.2f} "
+              f"| {line['chat']['accepted_per_step']:.2f} ± {line['chat']['accepted_per_step_95ci']:.2f} "
+              f"| {a['spec_tokens_per_s']:.1f} | {a['plain_tokens_per_s']:.1f} | {line['text']['speedup']:.2f}x / "
+              f"{line['chat']['speedup']:.2f}x / {a['speedup']:.2f}x | {a['identical']}/{a['prompts']} |")
+    print(f"\nwrote {out_json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Torch fake-quantization of a linear's weight and input in each weight format, for the searches (smoothing scales,
+NVFP4 scales, mixed-precision sensitivities): what the engine computes, in fp32, from `contract.formats` (NVFP4 as
+plugins/nvfp4/reference.py without its final fp16 roundings). The engines' own semantics are tested in
+tests/test_quantized_export.py; tests/test_quantization_methods.py checks these against the writer and the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from contract import formats
+
+
+def weight_qdq(fmt: str, w: torch.Tensor) -> torch.Tensor:
+    """fp32 weight ``[out, in]`` as the format stores it (amax scales)."""
+    if fmt == "fp16":
+        return w.float()
+    if fmt == "fp8":
+        q, s = formats.quantize_fp8_per_tensor(w)
+        return q.float() * s
+    if fmt == "fp8_pc":
+        q, s = formats.quantize_fp8_per_channel(w)
+        return q.float() * s[:, None]
+    if fmt == "fp8_block":
+        return formats.dequantize_fp8_block(*formats.quantize_fp8_block(w))
+    if fmt == "nvfp4":  # = dequantize_nvfp4(*quantize_nvfp4(w)), without packing the codes
+        global_scale = formats.nvfp4_global_scale(w.float().abs().amax())
+        return _nvfp4_qdq(w.float(), formats.nvfp4_block_scales(w, global_scale).float() * global_scale)
+    raise ValueError(f"unknown format {fmt}")
+
+
+def _nvfp4_qdq(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``e2m1(x / step) * step`` per block of 16 (`step` ``[..., K/16]``; a zero step gives zeros)."""
+    blocks = x.unflatten(-1, (-1, formats.NVFP4_GROUP))
+    safe = torch.where(step > 0, step, torch.ones_like(step))[..., None]
+    return (formats.e2m1_round(blocks / safe) * step[..., None]).flatten(-2)
+
+
+def input_qdq(fmt: str, x: torch.Tensor, amax: float | None = None) -> torch.Tensor:
+    """fp32 input ``[..., in]`` as the engine quantizes it; `amax` is the static amax (fp8, nvfp4), default x's."""
+    if fmt == "fp16":
+        return x.float()
+    if fmt in ("fp8", "nvfp4"):
+        amax = float(x.abs().amax()) if amax is None else amax
+        if amax <= 0:
+            return x.float()
+        if fmt == "fp8":
+            scale = amax / formats.FP8_MAX
+            return formats.to_fp8(x, scale).float() * scale
+        # plugins/nvfp4/reference.py without its final fp16 roundings (a search needs the fp32 error only)
+        input_scale = amax / (formats.E2M1_MAX * formats.FP8_MAX)
+        blocks = x.float().unflatten(-1, (-1, formats.NVFP4_GROUP))
+        block_scale = (blocks.abs().amax(-1) / formats.E2M1_MAX / input_scale).clamp(max=formats.FP8_MAX)
+        return _nvfp4_qdq(x.float(), block_scale.to(formats.FP8_DTYPE).float() * input_scale)
+    block = x.shape[-1] if fmt == "fp8_pc" else formats.WEIGHT_BLOCK
+    nblocks = -(-x.shape[-1] // block)
+    padded = torch.nn.functional.pad(x.float(), (0, nblocks * block - x.shape[-1]))
+    amax = padded.unflatten(-1, (nblocks, block)).abs().amax(-1).clamp_min(formats.MIN_BLOCK_AMAX)
+    scale = formats.expand_row_block_scale(amax / formats.FP8_MAX, x.shape[-1], block)
+    return formats.to_fp8(x, scale).float() * scale
