@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from contract.stage import is_eagle3_config
 from examples.eagle.draft_model import draft_logprobs, draft_step, unrolled_forward
 from examples.eagle.spec_decode import causal, spec_generate
 from examples.eagle.train_draft import draft_config, save_draft
@@ -362,7 +363,7 @@ def test_saved_draft_round_trips_through_quantization_eagle3(tmp_path):
     t2d[ids] = True
     save_draft(draft, config, d2t, t2d, {"note": "test"}, tmp_path / "draft")
     loaded_config = eagle3.read_draft_config(tmp_path / "draft")
-    assert eagle3.is_eagle3_config(loaded_config)
+    assert is_eagle3_config(loaded_config)
     assert eagle3.target_layer_ids(loaded_config, LAYERS) == LAYER_IDS
     tensors = eagle3.read_draft_tensors(tmp_path / "draft")
     assert torch.equal(tensors["d2t"], d2t) and torch.equal(tensors["t2d"], t2d)

@@ -28,7 +28,8 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from contract.errors import InputError, run_cli
+from contract.cli import run_cli
+from contract.errors import InputError
 from contract.jsonfile import read_json
 from examples.eagle.selfdistill import chat_prompt
 from examples.eagle.spec_decode import spec_generate
@@ -168,4 +169,4 @@ def main(base_model_dir, draft_dir, trees, wikitext, num_wikitext, prompt_tokens
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, None, "python -m examples.eagle.acceptance"))
+    sys.exit(run_cli(main))

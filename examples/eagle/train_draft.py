@@ -32,7 +32,8 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from contract.atomic import staged_dir
-from contract.errors import InputError, run_cli
+from contract.cli import run_cli
+from contract.errors import InputError
 from contract.jsonfile import read_json
 from examples.eagle import selfdistill
 from examples.eagle.training import (
@@ -101,7 +102,7 @@ def generate_data(base, tokenizer, o: dict, layer_ids: list[int], data_dir: Path
 def save_draft(draft, config: dict, d2t: torch.Tensor, t2d: torch.Tensor, report: dict, output_dir: Path) -> None:
     tensors = {k: v.detach().half().contiguous() for k, v in draft.state_dict().items() if not k.startswith("rotary")}
     tensors.update({"d2t": d2t.to(torch.int64), "t2d": t2d})
-    with staged_dir(output_dir) as tmp:
+    with staged_dir(output_dir, kind="EAGLE3 draft", flag="--output_dir") as tmp:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -219,4 +220,4 @@ def main(**o) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, None, "python -m examples.eagle.train_draft"))
+    sys.exit(run_cli(main))
