@@ -4,6 +4,7 @@ for ANY draft, so random ones do), the draft vocabulary, and a trained draft's r
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -13,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from contract.stage import is_eagle3_config
 from examples.eagle.draft_model import draft_logprobs, draft_step, unrolled_forward
 from examples.eagle.spec_decode import causal, spec_generate
-from examples.eagle.train_draft import draft_config, save_draft
+from examples.eagle.train_draft import continues, draft_config, save_draft
 from examples.eagle.training import (
     Sequences,
     TrainOptions,
@@ -336,6 +337,24 @@ def test_training_lowers_the_loss_and_resumes(trained):
     assert train(again, data, idx, idx, target_to_draft(t2d), base.get_input_embeddings(), TRAIN, state) == history
     for a, b in zip(again.state_dict().values(), draft.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_raising_epochs_continues_a_finished_run(trained, tmp_path):
+    base, data, draft, d2t, (history, state, t2d) = trained
+    settings = {"epochs": 4, "lr": 1e-3, "text_prompts": 512}
+    assert continues(settings, {**settings, "epochs": 8}) and continues(settings, settings)
+    assert not continues(settings, {**settings, "epochs": 3}) and not continues(settings, {**settings, "lr": 2e-3})
+    copy = tmp_path / "state.pt"
+    copy.write_bytes(state.read_bytes())
+    more = init_draft(draft_config(base.config.to_dict(), 80, LAYER_IDS), base, d2t, 3 * HIDDEN, 0)
+    idx = list(range(len(data)))
+    longer = train(more, data, idx, idx, target_to_draft(t2d), base.get_input_embeddings(),
+                   dataclasses.replace(TRAIN, epochs=TRAIN.epochs + 2), copy)
+    # the earlier steps are kept, two more epochs of steps follow, and the draft moved on from the checkpoint
+    assert longer["train"][: len(history["train"])] == history["train"]
+    assert len(longer["train"]) == len(history["train"]) * (TRAIN.epochs + 2) // TRAIN.epochs
+    assert [e["epoch"] for e in longer["eval"]] == [e["epoch"] for e in history["eval"]] + [TRAIN.epochs, TRAIN.epochs + 1]
+    assert any(not torch.equal(a, b) for a, b in zip(more.state_dict().values(), draft.state_dict().values()))
 
 
 def test_collate_aligns_features_tokens_and_targets():

@@ -1,6 +1,7 @@
 """Train an EAGLE3 draft for SmolLM2-135M-Instruct on CPU from the bundled text, by self-distillation.
 
     python -m examples.eagle.train_draft            # about half an hour on 2 cores; resumes when killed
+    python -m examples.eagle.train_draft --epochs 8 # then: 4 more epochs on the same data (how the cached draft was made)
 
 1. Data: prompts from the bundled tinyshakespeare (raw passages, and chat instructions about its passages, lines
    and words rendered with the model's chat template), greedily continued by the base itself; the base's 3-layer
@@ -72,6 +73,14 @@ def draft_config(base_config: dict, draft_vocab: int, layer_ids: list[int]) -> d
         "eagle_config": {"eagle_aux_hidden_state_layer_ids": layer_ids},
     })
     return config
+
+
+def continues(earlier: dict, settings: dict) -> bool:
+    """Whether a work dir written with `earlier` options may be resumed with `settings`: the same options, except that
+    --epochs may grow (training then continues from the checkpoint; the cosine schedule is recomputed for the new
+    total, so the learning rate restarts where the longer schedule would be)."""
+    same = {**earlier, "epochs": None} == {**settings, "epochs": None}
+    return same and settings["epochs"] >= earlier.get("epochs", settings["epochs"])
 
 
 def generate_data(base, tokenizer, o: dict, layer_ids: list[int], data_dir: Path) -> list[Path]:
@@ -162,9 +171,9 @@ def main(**o) -> None:
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in o.items() if k not in ("output_dir", "work_dir")}
     settings_path = work / "settings.json"
-    if settings_path.exists() and read_json(settings_path, "the work dir's settings.json") != settings:
-        raise InputError(f"{work}: expected a work dir of a run with the same options, found one with other options "
-                         f"({settings_path}); pass another --work_dir or delete it")
+    if settings_path.exists() and not continues(read_json(settings_path, "the work dir's settings.json"), settings):
+        raise InputError(f"{work}: expected a work dir of a run with the same options (--epochs may grow), found "
+                             f"one with other options ({settings_path}); pass another --work_dir or delete it")
     work.mkdir(parents=True, exist_ok=True)
     settings_path.write_text(json.dumps(settings, indent=2) + "\n")
 
