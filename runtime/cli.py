@@ -141,10 +141,10 @@ def run_test_cases(engine, tokenizer, cases: TestCases, batch_size: int | None =
               help="Draft candidates kept per expanded node [default: 10 on TensorRT, as the reference; 2 on the "
                    "CPU engine, see docs/eagle.md].")
 @click.option("--specDraftStep", "spec_steps", type=int, default=None,
-              help="Tree depth: draft proposal steps per verification [default: 6 on TensorRT; 3 on the CPU engine].")
+              help="Tree depth: draft proposal steps per verification [default: 6 on TensorRT; 2 on the CPU engine].")
 @click.option("--specVerifySize", "--specVerifyTreeSize", "spec_verify_size", type=int, default=None,
               help="Tree nodes (the root included) verified per base call, at most the base's --maxVerifyTreeSize "
-                   "[default: 60 on TensorRT; 6 on the CPU engine].")
+                   "[default: 60 on TensorRT; 4 on the CPU engine].")
 def cli(engine_dir: Path, input_file: Path, output_file: Path, batch_size: int | None,
         max_generate_length: int | None, warmup: int, quiet: bool, dump_profile: bool, spec_decode: bool,
         spec_top_k: int | None, spec_steps: int | None, spec_verify_size: int | None) -> None:

@@ -67,7 +67,7 @@ class TreeShape:
                              "max_draft_tree_size)")
 
 
-CPU_TREE = TreeShape(2, 3, 6)  # the CPU engine's default tree: benchmarks/eagle_cpu.py, docs/eagle.md
+CPU_TREE = TreeShape(2, 2, 4)  # the CPU engine's default tree: benchmarks/eagle_cpu.py, docs/eagle.md
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
