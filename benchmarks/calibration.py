@@ -52,8 +52,8 @@ FUSED_WEIGHT_SCALES = {"fp8": True, "nvfp4": False}  # the module docstring: fp8
 
 def record_amax(model, batches, names: list[str]) -> tuple[dict[str, torch.Tensor], float, float, int]:
     """({linear: [samples, 2] amax over tokens [0, 256) and [256, ...)}, wall s, CPU s, tokens) of one pass.
-    The records are allocated before the pass: thousands of small tensors kept from inside it fragmented the heap
-    until the process held 19 GB at 128 samples."""
+    The records are allocated before the pass: keeping thousands of small tensors made inside it grew the process
+    to 19 GB at 128 samples (heap fragmentation, presumably) and the OOM killer stopped it."""
     modules = dict(model.named_modules())
     records = {n: torch.zeros(sum(len(b.input_ids) for b in batches), 2) for n in names}
     state = {}
