@@ -26,17 +26,23 @@ DAMP = 0.01  # fraction of the mean diagonal added to H, as the GPTQ reference d
 FORMATS = ("nvfp4", "fp8")  # the per-linear formats GPTQ rounds
 
 
+def _damped(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H in fp64 with 1 on the diagonal of dead input channels and DAMP of its mean diagonal added, dead mask)."""
+    H = hessian.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    H += DAMP * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    return H, dead
+
+
 def _gptq(w: torch.Tensor, hessian: torch.Tensor, round_column: Callable[[torch.Tensor, int, int], torch.Tensor]
           ) -> torch.Tensor:
     """The GPTQ loop: fp32 rounded weight ``[out, in]``. ``round_column(W1, i, col)`` rounds column ``i`` of the
     current lazy block ``W1`` (input column ``col``), which holds the error-updated weights of the block."""
     n = w.shape[1]
     W = w.float().clone()
-    H = hessian.double().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    H, dead = _damped(hessian)
     W[:, dead] = 0
-    H += DAMP * torch.diag(H).mean() * torch.eye(n, dtype=H.dtype)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     Q = torch.zeros_like(W)
     for b0 in range(0, n, BLOCK):
@@ -58,7 +64,7 @@ def gptq_nvfp4(w: torch.Tensor, hessian: torch.Tensor, global_scale: torch.Tenso
     """(fp32 dequantized weight ``[out, in]``, FP8 block scales ``[out, in/16]``) for `w` given H ``[in, in]``."""
     out, n = w.shape
     group = formats.NVFP4_GROUP
-    diag = torch.diag(hessian).float()
+    diag = torch.diag(_damped(hessian)[0]).float()  # the block-scale search weighs columns by the damped H
     gs = global_scale.float().reshape(())
     scales = torch.zeros(out, n // group, dtype=formats.FP8_DTYPE)
     step = torch.ones(out)
