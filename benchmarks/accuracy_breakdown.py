@@ -13,7 +13,6 @@ Writes docs/accuracy-breakdown.md: KL against the fp32 model, top-1 and perplexi
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 
 import click
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from benchmarks import stats
+from benchmarks.accuracy import machine
 from contract import formats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,7 +147,7 @@ def main(n_windows: int, window_len: int, per_kind: bool) -> None:
              f"raw test, one kind of tensor fake-quantized at a time (amax scales, no methods), against the "
              f"unquantized fp32 model on the same windows. KL in nats per token; 95% bootstrap intervals "
              f"over the windows (`benchmarks/stats.py`); a perplexity change whose interval contains 0 is no "
-             f"difference. Machine: {platform.machine()}, {platform.system()}.", "",
+             f"difference. Machine: {machine()}.", "",
              "| fake-quantized | KL mean | top-1 | perplexity | ppl change |", "|---|---|---|---|---|"]
     for label, sc in rows:
         f = stats.summary(sc, base, idx)

@@ -250,6 +250,28 @@ def test_gptq_lowers_the_output_error_and_stays_plain_nvfp4():
     assert torch.equal(formats.dequantize_nvfp4(*stored), q)
 
 
+def test_gptq_fp8_lowers_the_output_error_and_stays_on_the_per_tensor_grid():
+    from quantization.gptq import gptq_fp8
+
+    g = torch.Generator().manual_seed(0)
+    n, out, tokens = 64, 32, 2048
+    mix = torch.randn(n, n, generator=g) / n ** 0.5 + torch.eye(n)  # correlated input channels
+    x = torch.randn(tokens, n, generator=g) @ mix * (torch.rand(n, generator=g) * 3)
+    w = torch.randn(out, n, generator=g)
+    h = x.T @ x / tokens
+    scale = w.abs().amax() / 448 * 1.5  # a shared scale larger than this tensor's own, as q/k/v get
+    q = gptq_fp8(w, h, scale)
+    nearest = (w / scale).to(torch.float8_e4m3fn).float() * scale  # nearest rounding (torch float8 cast)
+
+    def error(wq):
+        return float(((x @ w.T - x @ wq.T) ** 2).sum())
+
+    assert error(q) < 0.8 * error(nearest)
+    # what the checkpoint writer stores from it (codes from this scale) dequantizes to the same weights
+    codes, s = formats.quantize_fp8_per_tensor(q, scale)
+    assert torch.equal(codes.float() * s, q)
+
+
 def test_calibration_second_moment_matrix_matches_hooks(tiny_checkpoint):
     model = load(tiny_checkpoint("llama"))
     names = [f"model.layers.0.self_attn.{n}_proj" for n in "qkv"] + ["model.layers.1.mlp.down_proj"]
