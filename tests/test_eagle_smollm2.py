@@ -2,8 +2,8 @@
 decoding of a batch of chat prompts of different lengths must give the same text as plain greedy decoding on the
 vanilla engine, and the trained draft must win tokens (more than one emitted per verification step).
 
-The draft is the one examples/eagle trains (`~/.cache/edgellm-toolchain/SmolLM2-135M-eagle3-draft`, or the directory
-in EDGELLM_EAGLE_DRAFT); without it the test is skipped.
+The draft is the one examples/eagle trains (`SmolLM2-135M-eagle3-draft` in $EDGELLM_CACHE, default
+~/.cache/edgellm-toolchain, or the directory in EDGELLM_EAGLE_DRAFT); without it the test is skipped.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from llm_loader.gguf_convert import default_cache_dir
+
 pytestmark = pytest.mark.slow
 
-DRAFT = Path(os.environ.get("EDGELLM_EAGLE_DRAFT")
-             or Path.home() / ".cache" / "edgellm-toolchain" / "SmolLM2-135M-eagle3-draft")
+DRAFT = Path(os.environ.get("EDGELLM_EAGLE_DRAFT") or default_cache_dir() / "SmolLM2-135M-eagle3-draft")
 CASES = {"batch_size": 2, "top_k": 1, "max_generate_length": 32, "requests": [
     {"messages": [{"role": "user", "content": "What is the capital of France?"}]},
     {"messages": [{"role": "user", "content": "Explain in two sentences why the sky looks blue during the day."}]},

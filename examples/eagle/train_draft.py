@@ -173,7 +173,7 @@ def main(**o) -> None:
     settings_path = work / "settings.json"
     if settings_path.exists() and not continues(read_json(settings_path, "the work dir's settings.json"), settings):
         raise InputError(f"{work}: expected a work dir of a run with the same options (--epochs may grow), found "
-                             f"one with other options ({settings_path}); pass another --work_dir or delete it")
+                         f"one with other options ({settings_path}); pass another --work_dir or delete it")
     work.mkdir(parents=True, exist_ok=True)
     settings_path.write_text(json.dumps(settings, indent=2) + "\n")
 
