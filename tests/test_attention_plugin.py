@@ -45,12 +45,14 @@ def make_attrs(fp8: bool, qk_norm: bool) -> schema.AttentionAttrs:
     return schema.read_attrs(node)
 
 
-def make_node(fp8: bool, qk_norm: bool) -> onnx.NodeProto:
+def make_node(fp8: bool, qk_norm: bool, tree: bool = False) -> onnx.NodeProto:
     inputs = ["qkv", "past", "context_lengths", "rope_rotary_cos_sin", "kvcache_start_index"]
+    inputs += ["q_norm", "k_norm"] if qk_norm else []
+    inputs += ["attention_mask", "attention_pos_id"] if tree else []
     return schema.make_node(
-        inputs + (["q_norm", "k_norm"] if qk_norm else []), ["attn", "present"], name="layer0",
-        num_q_heads=HQ, num_kv_heads=HKV, head_size=D, enable_fp8_kv_cache=fp8,
-        qkv_scales=SCALES if fp8 else (1.0, 1.0, 1.0), enable_qk_norm=qk_norm, rms_norm_eps=1e-6,
+        inputs, ["attn", "present"], name="layer0", num_q_heads=HQ, num_kv_heads=HKV, head_size=D,
+        enable_fp8_kv_cache=fp8, qkv_scales=SCALES if fp8 else (1.0, 1.0, 1.0), enable_qk_norm=qk_norm,
+        rms_norm_eps=1e-6, enable_tree_attention=tree,
     )
 
 
@@ -138,7 +140,8 @@ def test_reference_matches_plain_loop(case, fp8, qk_norm, rotary_dim):
         assert not attn[row, n:].any()
 
 
-def single_node_model(fp8: bool, qk_norm: bool, rotary_dim: int) -> onnx.ModelProto:
+def single_node_model(fp8: bool, qk_norm: bool, rotary_dim: int, tree: bool = False) -> onnx.ModelProto:
+    """One AttentionPlugin node as a model (with the tree inputs when `tree`)."""
     kv_type = TensorProto.FLOAT8E4M3FN if fp8 else TensorProto.FLOAT16
     vi = helper.make_tensor_value_info
     inputs = [
@@ -148,8 +151,10 @@ def single_node_model(fp8: bool, qk_norm: bool, rotary_dim: int) -> onnx.ModelPr
         vi("rope_rotary_cos_sin", TensorProto.FLOAT, [1, "rope_len", rotary_dim]),
         vi("kvcache_start_index", TensorProto.INT32, ["batch"]),
     ] + ([vi("q_norm", TensorProto.FLOAT16, [D]), vi("k_norm", TensorProto.FLOAT16, [D])] if qk_norm else [])
+    inputs += [vi("attention_mask", TensorProto.INT32, ["batch", "seq_len", "mask_words"]),
+               vi("attention_pos_id", TensorProto.INT32, ["batch", "seq_len"])] if tree else []
     outputs = [vi("attn", TensorProto.FLOAT16, ["batch", "seq_len", HQ, D]), vi("present", kv_type, ["batch", 2, HKV, "kv_len", D])]
-    graph = helper.make_graph([make_node(fp8, qk_norm)], "attention", inputs, outputs)
+    graph = helper.make_graph([make_node(fp8, qk_norm, tree)], "attention", inputs, outputs)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), schema.OPSET])
 
 

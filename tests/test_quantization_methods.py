@@ -228,23 +228,28 @@ def test_search_fake_quant_matches_the_writer_and_the_reference():
     torch.testing.assert_close(input_qdq("nvfp4", x.half().float(), amax), ref, rtol=2e-3, atol=1e-3)
 
 
+def gptq_problem(n: int = 64, out: int = 32, tokens: int = 2048) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs [tokens, n] with correlated channels of different scales, a weight [out, n], H = E[x x^T])."""
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(n, n, generator=g) / n ** 0.5 + torch.eye(n)
+    x = torch.randn(tokens, n, generator=g) @ mix * (torch.rand(n, generator=g) * 3)
+    w = torch.randn(out, n, generator=g)
+    return x, w, x.T @ x / tokens
+
+
+def output_error(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor) -> float:
+    return float(((x @ w.T - x @ wq.T) ** 2).sum())
+
+
 def test_gptq_lowers_the_output_error_and_stays_plain_nvfp4():
     from quantization.gptq import gptq_nvfp4
 
-    g = torch.Generator().manual_seed(0)
-    n, out, tokens = 64, 32, 2048
-    mix = torch.randn(n, n, generator=g) / n ** 0.5 + torch.eye(n)  # correlated input channels
-    x = torch.randn(tokens, n, generator=g) @ mix * (torch.rand(n, generator=g) * 3)
-    w = torch.randn(out, n, generator=g)
-    h = x.T @ x / tokens
+    x, w, h = gptq_problem()
     gs = formats.nvfp4_global_scale(w.abs().amax())
     q, block_scales = gptq_nvfp4(w, h, gs, search=False)
     nearest = formats.dequantize_nvfp4(*formats.quantize_nvfp4(w, global_scale=gs))
 
-    def error(wq):
-        return float(((x @ w.T - x @ wq.T) ** 2).sum())
-
-    assert error(q) < 0.8 * error(nearest)  # measured 0.72 here (0.42 with 256 channels)
+    assert output_error(x, w, q) < 0.8 * output_error(x, w, nearest)  # measured 0.72 here (0.42 with 256 channels)
     # what the checkpoint writer stores from it (codes from these scales) dequantizes to the same weights
     stored = formats.quantize_nvfp4(q, block_scale=block_scales, global_scale=gs)
     assert torch.equal(formats.dequantize_nvfp4(*stored), q)
@@ -253,20 +258,12 @@ def test_gptq_lowers_the_output_error_and_stays_plain_nvfp4():
 def test_gptq_fp8_lowers_the_output_error_and_stays_on_the_per_tensor_grid():
     from quantization.gptq import gptq_fp8
 
-    g = torch.Generator().manual_seed(0)
-    n, out, tokens = 64, 32, 2048
-    mix = torch.randn(n, n, generator=g) / n ** 0.5 + torch.eye(n)  # correlated input channels
-    x = torch.randn(tokens, n, generator=g) @ mix * (torch.rand(n, generator=g) * 3)
-    w = torch.randn(out, n, generator=g)
-    h = x.T @ x / tokens
+    x, w, h = gptq_problem()
     scale = w.abs().amax() / 448 * 1.5  # a shared scale larger than this tensor's own, as q/k/v get
     q = gptq_fp8(w, h, scale)
     nearest = (w / scale).to(torch.float8_e4m3fn).float() * scale  # nearest rounding (torch float8 cast)
 
-    def error(wq):
-        return float(((x @ w.T - x @ wq.T) ** 2).sum())
-
-    assert error(q) < 0.8 * error(nearest)
+    assert output_error(x, w, q) < 0.8 * output_error(x, w, nearest)
     # what the checkpoint writer stores from it (codes from this scale) dequantizes to the same weights
     codes, s = formats.quantize_fp8_per_tensor(q, scale)
     assert torch.equal(codes.float() * s, q)

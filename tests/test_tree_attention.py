@@ -7,11 +7,15 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper
-from test_attention_plugin import SCALES, lowered_session, rope_table, run_lowered
+from test_attention_plugin import (
+    lowered_session,
+    make_node,
+    rope_table,
+    run_lowered,
+    single_node_model,
+)
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from contract.formats import to_fp8
@@ -61,15 +65,6 @@ def random_inputs(batch: int, seq: int, capacity: int, fp8: bool, rotary_dim: in
 
 def attrs(fp8: bool = False, qk_norm: bool = False, tree: bool = True) -> schema.AttentionAttrs:
     return schema.read_attrs(make_node(fp8, qk_norm, tree))
-
-
-def make_node(fp8: bool, qk_norm: bool, tree: bool = True) -> onnx.NodeProto:
-    inputs = ["qkv", "past", "context_lengths", "rope_rotary_cos_sin", "kvcache_start_index"]
-    inputs += ["q_norm", "k_norm"] if qk_norm else []
-    inputs += ["attention_mask", "attention_pos_id"] if tree else []
-    return schema.make_node(inputs, ["attn", "present"], name="layer0", num_q_heads=HQ, num_kv_heads=HKV, head_size=D,
-                            enable_fp8_kv_cache=fp8, qkv_scales=SCALES if fp8 else (1.0, 1.0, 1.0),
-                            enable_qk_norm=qk_norm, rms_norm_eps=1e-6, enable_tree_attention=tree)
 
 
 def test_packed_mask_follows_the_bit_convention():
@@ -142,24 +137,6 @@ def test_causal_mask_is_ordinary_attention():
     assert torch.equal(tree[0], plain[0]) and torch.equal(tree[1], plain[1])
 
 
-def tree_model(fp8: bool, qk_norm: bool, rotary_dim: int) -> onnx.ModelProto:
-    kv_type = TensorProto.FLOAT8E4M3FN if fp8 else TensorProto.FLOAT16
-    vi = helper.make_tensor_value_info
-    inputs = [
-        vi("qkv", TensorProto.FLOAT16, ["batch", "seq_len", (HQ + 2 * HKV) * D]),
-        vi("past", kv_type, ["batch", 2, HKV, "kv_len", D]),
-        vi("context_lengths", TensorProto.INT32, ["batch"]),
-        vi("rope_rotary_cos_sin", TensorProto.FLOAT, [1, "rope_len", rotary_dim]),
-        vi("kvcache_start_index", TensorProto.INT32, ["batch"]),
-        vi("attention_mask", TensorProto.INT32, ["batch", "seq_len", "mask_words"]),
-        vi("attention_pos_id", TensorProto.INT32, ["batch", "seq_len"]),
-    ] + ([vi("q_norm", TensorProto.FLOAT16, [D]), vi("k_norm", TensorProto.FLOAT16, [D])] if qk_norm else [])
-    outputs = [vi("attn", TensorProto.FLOAT16, ["batch", "seq_len", HQ, D]),
-               vi("present", kv_type, ["batch", 2, HKV, "kv_len", D])]
-    graph = helper.make_graph([make_node(fp8, qk_norm)], "attention", inputs, outputs)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), schema.OPSET])
-
-
 def big_tree(rng, size: int) -> list[int]:
     return [-1] + [int(rng.integers(max(0, i - 8), i)) for i in range(1, size)]
 
@@ -180,7 +157,7 @@ def test_ort_lowering_matches_reference(fp8, qk_norm, rotary_dim, shape):
     norms = gammas if qk_norm else (None, None)
     attn, present = attention_reference(qkv, past, lengths, rope, st, *norms, mask, pos, attrs=attrs(fp8, qk_norm))
 
-    session = lowered_session(tree_model(fp8, qk_norm, rotary_dim))
+    session = lowered_session(single_node_model(fp8, qk_norm, rotary_dim, tree=True))
     feeds = {"qkv": qkv, "context_lengths": lengths, "rope_rotary_cos_sin": rope, "kvcache_start_index": st,
              "attention_mask": mask, "attention_pos_id": pos}
     if qk_norm:
@@ -202,7 +179,7 @@ def test_ort_lowering_matches_reference(fp8, qk_norm, rotary_dim, shape):
 
 
 def test_node_input_count_follows_the_tree_flag():
-    node = make_node(False, False)
+    node = make_node(False, False, tree=True)
     assert list(node.input[-2:]) == ["attention_mask", "attention_pos_id"] and attrs().enable_tree_attention
     del node.input[-1]
     with pytest.raises(Exception, match="enable_tree_attention=1"):
