@@ -71,11 +71,10 @@ def llm_inputs(embeds, context_lengths: np.ndarray, kvcache_start_index: np.ndar
             stage.KVCACHE_START_INDEX: kvcache_start_index, stage.LAST_TOKEN_IDS: last_token_ids}
 
 
-def causal_tree_inputs(starts: np.ndarray, seq_len: int) -> dict:
-    """The tree inputs of an ordinary causal call (contracts.md 2.2): every earlier token visible, positions
-    start + i; with them an EAGLE3 engine computes exactly what a vanilla one does."""
-    positions = (starts[:, None] + np.arange(seq_len)[None, :]).astype(np.int32)
-    return {stage.ATTENTION_MASK: causal_mask(len(starts), seq_len), stage.ATTENTION_POS_ID: positions}
+def causal_tree(starts: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(attention_mask, attention_pos_id) of an ordinary causal call (contracts.md 2.2): every earlier token
+    visible, positions start + i; with them an EAGLE3 engine computes exactly what a vanilla one does."""
+    return causal_mask(len(starts), seq_len), (starts[:, None] + np.arange(seq_len)[None, :]).astype(np.int32)
 
 
 def tree_inputs(embeds: np.ndarray, context_lengths: np.ndarray, kvcache_start_index: np.ndarray,
@@ -164,7 +163,8 @@ class Engine:
         ids = self._checked_ids(np.where(valid, ids, 0))  # padding may hold any value; only real tokens are checked
         inputs = llm_inputs(self.backend.embed(ids), ctx, cache.lengths.copy(), last)
         if self.tree:  # a base engine decodes plainly with the causal mask
-            inputs.update(causal_tree_inputs(cache.lengths, ids.shape[1]))
+            mask, pos = causal_tree(cache.lengths, ids.shape[1])
+            inputs.update({stage.ATTENTION_MASK: mask, stage.ATTENTION_POS_ID: pos})
         outputs = self.backend.run(cache.storage, inputs, (stage.LOGITS,))
         logits = self.backend.to_numpy(outputs[stage.LOGITS])
         cache.lengths += ctx

@@ -30,9 +30,8 @@ from contract import stage
 from contract.engine_dir import check_spec_pair, spec_roles
 from contract.errors import InputError
 from llm_loader.eagle3_draft import read_d2t_targets
-from plugins.attention.tree_mask import causal_mask
 from runtime.eagle_tree import CandidateTree, TreeShape, log_softmax
-from runtime.engine import Engine
+from runtime.engine import Engine, causal_tree
 from runtime.generate import Generation, Job, Timing, decode_plain, new_rows
 
 OUTPUTS = (stage.LOGITS, stage.HIDDEN_STATES)
@@ -74,10 +73,6 @@ class SpecEngines:
         shape.check(self.base.tree_size, self.draft.tree_size, len(self.targets))
 
 
-def _causal_feeds(starts: np.ndarray, seq: int) -> tuple[np.ndarray, np.ndarray]:
-    return causal_mask(len(starts), seq), (starts[:, None] + np.arange(seq)[None, :]).astype(np.int32)
-
-
 class _TreeCall:
     """The inputs of one tree call for a batch; rows that sit it out keep context length 0 and zeros."""
 
@@ -104,7 +99,7 @@ def generate_spec(engines: SpecEngines, tokenizer, jobs: list[Job], max_generate
 
     start = time.perf_counter()
     base_cache, draft_cache = base.new_cache(batch), draft.new_cache(batch)
-    mask, pos = _causal_feeds(np.zeros(batch, np.int32), longest)
+    mask, pos = causal_tree(np.zeros(batch, np.int32), longest)
     out = base.forward_tree(base_cache, base.embed(ids), lengths, (lengths - 1)[:, None], mask, pos, outputs=OUTPUTS)
     roots = np.array([row.step(out[stage.LOGITS][b, 0]) for b, row in enumerate(rows)], np.int32)
     # the draft's prefill: entry p pairs x[p+1] (the base's first token closes each prompt) with the base's f[p]
@@ -155,7 +150,7 @@ def _draft_commit(engines: SpecEngines, cache, token_ids: np.ndarray, counts: np
     causal, committed. Returns each row's log-probs (draft vocab) and hidden state at its last new entry."""
     draft = engines.draft
     batch, seq = token_ids.shape
-    mask, pos = _causal_feeds(cache.lengths.copy(), seq)
+    mask, pos = causal_tree(cache.lengths.copy(), seq)
     last = np.maximum(counts - 1, 0).astype(np.int64)
     zero = np.zeros((batch, seq, draft.hidden_size), draft.backend.hidden_dtype)
     out = draft.forward_tree(cache, engines.base.embed(np.where(np.arange(seq) < counts[:, None], token_ids, 0)),
