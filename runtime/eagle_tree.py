@@ -70,12 +70,6 @@ class TreeShape:
 CPU_TREE = TreeShape(2, 2, 4)  # the CPU engine's default tree: benchmarks/eagle_cpu.py, docs/eagle.md
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = np.asarray(logits, dtype=np.float64)
-    shifted = x - x.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
 def top_k(logp: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, values) of the k largest entries of each row of a 2-D array, largest first; ties go to the smaller id
     (so a draft with flat log-probs proposes its first ids, deterministically)."""

@@ -52,9 +52,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """float64 log-probabilities over the last axis (one row, or every row of a batch)."""
     x = np.asarray(logits, dtype=np.float64)
-    shifted = x - np.max(x)
-    return shifted - np.log(np.exp(shifted).sum())
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:

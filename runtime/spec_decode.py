@@ -30,9 +30,10 @@ from contract import stage
 from contract.engine_dir import check_spec_pair, spec_roles
 from contract.errors import InputError
 from llm_loader.eagle3_draft import read_d2t_targets
-from runtime.eagle_tree import CandidateTree, TreeShape, log_softmax
+from runtime.eagle_tree import CandidateTree, TreeShape
 from runtime.engine import Engine, causal_tree
 from runtime.generate import Generation, Job, Timing, decode_plain, new_rows
+from runtime.sampling import log_softmax
 
 OUTPUTS = (stage.LOGITS, stage.HIDDEN_STATES)
 

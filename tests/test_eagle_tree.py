@@ -7,7 +7,8 @@ import pytest
 
 from contract.errors import InputError
 from plugins.attention.tree_mask import ancestors_mask, unpack_tree_mask
-from runtime.eagle_tree import CandidateTree, TreeShape, VerifyTree, log_softmax, top_k
+from runtime.eagle_tree import CandidateTree, TreeShape, VerifyTree, top_k
+from runtime.sampling import log_softmax
 
 DRAFT_VOCAB = 50
 
