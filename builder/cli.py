@@ -22,7 +22,7 @@ from contract import stage
 from contract.atomic import staged_dir
 from contract.cli import CONTEXT_SETTINGS, example, run_cli
 from contract.errors import InputError
-from contract.jsonfile import read_json
+from contract.paths import checked_file
 from contract.stage import CPU_WEIGHTS, ROLE_BASE, ROLE_DRAFT, ROLE_LLM, KvDtype
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
@@ -76,10 +76,9 @@ def other_spec_side(engine_dir: Path, role: str, found, backend: str) -> dict | 
         raise InputError(f"--engineDir {engine_dir}: expected an empty dir or an EAGLE3 engine dir, found a vanilla "
                          "engine (config.json); build the spec engines into another dir")
     other = ROLE_DRAFT if role == ROLE_BASE else ROLE_BASE
-    path = engine_dir / engine_dir_mod.CONFIG_FILES[other]
-    if not path.exists():
+    if other not in engine_dir_mod.spec_roles(engine_dir):
         return None
-    config = read_json(path, f"the EAGLE3 {other} engine config")
+    config = engine_dir_mod.load_engine_config(engine_dir, other)  # complete, inside ENG, and checked
     mine = {**found.config, "builder_config": {"backend": backend}}
     base, draft = (mine, config) if role == ROLE_BASE else (config, mine)
     engine_dir_mod.check_spec_pair(base, draft, f"{engine_dir} ({other} engine there) and --onnxDir {found.onnx_dir}")
@@ -94,8 +93,8 @@ def keep_other_side(engine_dir: Path, out: Path, role: str) -> None:
         return
     other = ROLE_DRAFT if role == ROLE_BASE else ROLE_BASE
     for name in sorted(engine_dir_mod.role_files(other)):
-        source = engine_dir / name
-        if source.is_file():
+        source = checked_file(engine_dir, name, f"a file of the EAGLE3 {other} engine", required=False)
+        if source is not None:
             try:
                 os.link(source, out / name)
             except OSError:

@@ -134,6 +134,7 @@ def check_runtime_config(config: dict, where: str) -> None:
                                             for e in eos):
         raise InputError(f"{where}: eos_token_id: expected a list of token ids in [0, {vocab}), found {eos!r:.60}")
     check_weight_formats(config, where)
+    check_spec_config(config, where)
 
 
 # --- the KV cache dtype and its forms -----------------------------------------------------------------------------
@@ -317,8 +318,36 @@ def check_weight_formats(config: dict, where: str) -> None:
 
 SPEC_NONE, SPEC_EAGLE3 = "none", "eagle3"  # config.json `spec_decode_type`
 ROLE_LLM, ROLE_BASE, ROLE_DRAFT = "llm", "base", "draft"  # config.json `engine_role`
+ENGINE_ROLES = (ROLE_LLM, ROLE_BASE, ROLE_DRAFT)
 D2T_FILE, D2T_TENSOR = "d2t.safetensors", "d2t"  # the draft's draft-vocab -> base-vocab map (int32 [draft_vocab])
 DEFAULT_TREE_SIZE = 60  # --maxVerifyTreeSize / --maxDraftTreeSize: tree tokens per call in the generation profile
+
+
+def _layer_ids(value, num_layers: int) -> bool:
+    """A list of hidden-state indices of a model of `num_layers` layers (HF `output_hidden_states`: 0..N)."""
+    return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= num_layers
+                                           for i in value)
+
+
+def check_spec_config(config: dict, where: str) -> None:
+    """The EAGLE3 fields of a runtime config.json (section 1.1) by type, for its `engine_role`: a base names the
+    layers its hidden_states output concatenates, a draft its vocabulary, the width of the base hidden states it
+    reads and (optionally) their layers."""
+    role = config.get("engine_role", ROLE_LLM)
+    if role not in ENGINE_ROLES:
+        raise InputError(f"{where}: engine_role: expected one of {list(ENGINE_ROLES)}, found {role!r:.60}")
+    layers = config["num_hidden_layers"]
+    if role == ROLE_BASE and not _layer_ids(config.get("eagle_hidden_state_layers"), layers):
+        raise InputError(f"{where}: eagle_hidden_state_layers: expected a list of layer indices in [0, {layers}], "
+                         f"found {config.get('eagle_hidden_state_layers')!r:.60}")
+    if role == ROLE_DRAFT:
+        positive_int(config, "draft_vocab_size", where)
+        positive_int(config, "base_model_hidden_size", where)
+        eagle3 = config.get("eagle3_config", {})
+        ids = eagle3.get("target_layer_ids") if isinstance(eagle3, dict) else None
+        if not isinstance(eagle3, dict) or not (ids is None or _layer_ids(ids, 10 ** 6)):
+            raise InputError(f"{where}: eagle3_config: expected an object whose target_layer_ids (if any) is a list "
+                             f"of layer indices, found {eagle3!r:.60}")
 
 
 def is_eagle3_config(config: dict) -> bool:

@@ -190,3 +190,42 @@ def test_tensorrt_tree_bindings_fit_the_graph_and_profile(exports, which, batch,
         assert onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)) == value.type.tensor_type.elem_type, value.name
         lo, _, hi = profile.shapes[value.name]
         assert all(a <= n <= b for a, n, b in zip(lo, array.shape, hi, strict=True)), (value.name, array.shape)
+
+
+@pytest.mark.parametrize("onnx_key, field, value, fragment", [
+    ("base", "eagle_hidden_state_layers", 5, "eagle_hidden_state_layers: expected a list of layer indices"),
+    ("base", "eagle_hidden_state_layers", [2, 99], "in [0, 6]"),
+    ("draft", "base_model_hidden_size", None, "base_model_hidden_size: expected a positive integer"),
+    ("draft", "draft_vocab_size", "8", "draft_vocab_size: expected a positive integer"),
+    ("draft", "eagle3_config", [1], "eagle3_config: expected an object"),
+    ("base", "engine_role", "verifier", "engine_role: expected one of"),
+])
+def test_tampered_eagle_fields_are_one_line_errors(exports, tmp_path, onnx_key, field, value, fragment):
+    """In the ONNX dir being built, and in the other role's config already in ENG (read before pairing)."""
+    onnx_dir = Path(shutil.copytree(exports[onnx_key], tmp_path / "llm"))
+    config = json.loads((onnx_dir / "config.json").read_text())
+    (onnx_dir / "config.json").write_text(json.dumps({**config, field: value}))
+    flag = "--specBase" if onnx_key == "base" else "--specDraft"
+    assert_one_line_error(run_build(onnx_dir, tmp_path / "eng", flag), fragment)
+    assert not (tmp_path / "eng").exists()
+    if field == "engine_role":
+        return
+    eng = tmp_path / "eng2"
+    assert run_build(exports[onnx_key], eng, flag).exit_code == 0
+    name = engine_dir_mod.CONFIG_FILES[onnx_key]
+    (eng / name).write_text(json.dumps({**json.loads((eng / name).read_text()), field: value}))
+    other, other_flag = ("draft", "--specDraft") if onnx_key == "base" else ("base", "--specBase")
+    before = sorted(p.name for p in eng.iterdir())
+    assert_one_line_error(run_build(exports[other], eng, other_flag), fragment)
+    assert sorted(p.name for p in eng.iterdir()) == before
+
+
+def test_other_side_file_that_leaves_the_engine_dir_is_refused(exports, tmp_path):
+    eng = tmp_path / "eng"
+    assert run_build(exports["draft"], eng, "--specDraft").exit_code == 0
+    outside = tmp_path / "elsewhere.bin"
+    outside.write_bytes(b"not yours")
+    (eng / "d2t.safetensors").unlink()
+    (eng / "d2t.safetensors").symlink_to(outside)
+    assert_one_line_error(run_build(exports["base"], eng, "--specBase"), "d2t.safetensors")
+    assert (eng / "d2t.safetensors").is_symlink() and outside.read_bytes() == b"not yours"
