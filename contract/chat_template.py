@@ -72,6 +72,7 @@ def _count(value) -> None:
 
 
 _PRINTF_SPEC = re.compile(r"%[-+ #0]*(\d*)(?:\.(\d*))?[a-zA-Z%]")  # '%999999999s': width, precision
+_PRINTF_STAR = re.compile(r"%[-+ #0]*(\*|\d*\.\*)")  # '%*s', '%.*s': a width or precision from the arguments
 _FORMAT_SPEC = re.compile(r"\{[^{}]*:([^{}]*)\}")  # '{:>999999999}': the spec after the colon
 
 
@@ -220,6 +221,9 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
                 raise TemplateLimit(f"it raises {left} to the power {right}")
         elif operator == "%" and isinstance(left, str):
             _widths(left)
+            if _PRINTF_STAR.search(left):  # '%*s' % (999999999, x): the width comes from the arguments
+                for value in right if isinstance(right, tuple) else (right,):
+                    _count(value)
         return _sized(super().call_binop(context, operator, left, right))
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (Jinja's own signature)

@@ -809,6 +809,8 @@ def test_templates_render_as_apply_chat_template(tmp_path, smollm2_checkpoint, t
     ("{{ 'x' | indent(100000000) }}", "a count of 100000000"),
     ("{{ '%999999999s' % 'a' }}", "a width of 999999999"),
     ("{{ '{:>999999999}'.format('a') }}", "a width of 999999999"),
+    ("{{ '%*s' % (999999999, 'a') }}", "a count of 999999999"),
+    ("{{ '%.*f' % (999999999, 1.5) }}", "a count of 999999999"),
     ("{% set s = 'x' * 5000 %}{{ s.replace('x', s) }}", "a replace would build more than"),
     ("{% set s = 'x' * 5000 %}{{ s | replace('x', s) }}", "a replace would build more than"),
     ("{% set s = 'x' * 5000 %}{{ s.join(s | list) }}", "a join would build more than"),
