@@ -187,7 +187,7 @@ def build(onnx_dir: str | Path, engine_dir: str | Path, *, max_batch_size: int =
     lines = [summary_lines.weights_line(found.weight_format, storage)]
     if backend == "onnxruntime":
         embedding = summary_lines.embedding_bytes(sidecar) if sidecar is not None else 0
-        lines.append(summary_lines.memory_line(weight_bytes, summary_lines.kv_cache_bytes(found, limits, backend),
+        lines.append(summary_lines.memory_line(weight_bytes, summary_lines.kv_cache_bytes(found, limits),
                                                embedding, limits))
     click.echo("\n".join(lines) + f"\n[llm-build] wrote {engine_dir}", err=True)
     return engine_dir

@@ -24,10 +24,9 @@ def profile_line(limits: Limits) -> str:
             f"KV cache {limits.max_kv_cache_capacity} tokens per row")
 
 
-def kv_cache_bytes(found: Detection, limits: Limits, backend: str) -> int:
-    """The engine's KV cache at the profile's limits: the CPU engine holds an fp16 cache in fp32 (`KvDtype.numpy`)."""
-    kv = KvDtype(found.kv_cache_dtype)
-    itemsize = kv.numpy.itemsize if backend == "onnxruntime" else (2 if kv is KvDtype.FP16 else 1)
+def kv_cache_bytes(found: Detection, limits: Limits) -> int:
+    """The CPU engine's KV cache at the profile's limits (it holds an fp16 cache in fp32: `KvDtype.numpy`)."""
+    itemsize = KvDtype(found.kv_cache_dtype).numpy.itemsize
     return (limits.max_batch_size * found.num_layers * 2 * found.num_kv_heads * limits.max_kv_cache_capacity
             * found.head_dim * itemsize)
 

@@ -39,11 +39,6 @@ def tensorrt_missing() -> str | None:
     return None if torch.cuda.is_available() else "no CUDA GPU is visible"
 
 
-def tensorrt_available() -> bool:
-    """True when `import tensorrt` works and a CUDA GPU is visible (what `--backend auto` needs)."""
-    return tensorrt_missing() is None
-
-
 def build_engine(model: onnx.ModelProto, model_path: Path, engine_path: Path, profiles: list[Profile]) -> None:
     """Parse `model` into a strongly typed network and serialize an engine with `profiles` to `engine_path`.
 

@@ -11,10 +11,10 @@ None and the caller's own message stands. The kinds (contracts.md 1, 5, 6):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from contract.errors import InputError
+from contract.jsonfile import read_json
 from contract.paths import checked_file
 
 HF_CHECKPOINT, ONNX_DIR, EXPORT_ROOT, ENGINE_DIR = "checkpoint", "onnx dir", "export root", "engine dir"
@@ -25,10 +25,9 @@ def _config(path: Path) -> dict | None:
     """config.json of `path` when it is a readable JSON object inside it (contract.paths), else None."""
     try:
         file = checked_file(path, "config.json", "a config", required=False)
-        config = json.loads(file.read_text(encoding="utf-8")) if file is not None else None
-    except (InputError, OSError, ValueError, RecursionError):
+        return read_json(file, "a config") if file is not None else None
+    except InputError:
         return None
-    return config if isinstance(config, dict) else None
 
 
 def dir_kind(path: str | Path) -> str | None:

@@ -35,8 +35,8 @@ def runtime_config(cfg: ModelConfig, hf_config: dict, checkpoint_dir: Path, kv_c
         eos = []
     config = {
         "model": cfg.model_type,
-        "spec_decode_type": "none",
-        "engine_role": "llm",
+        "spec_decode_type": stage.SPEC_NONE,
+        "engine_role": stage.ROLE_LLM,
         "edgellm_version": stage.EDGELLM_VERSION,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,

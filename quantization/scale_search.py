@@ -17,9 +17,7 @@ from __future__ import annotations
 import torch
 
 from contract import formats
-from quantization.choices import SCALE_SEARCHES
 
-SEARCHES = SCALE_SEARCHES
 BLOCK_STEPS = (0, -1, -2, -3, 1)  # FP8 codes tried around the amax block scale (one code is 6-12%)
 GLOBAL_FACTORS = (1.0, 2 ** -0.25, 2 ** -0.5, 2 ** -0.75)  # x the amax global scale: shifts the FP8 grid by 1/4 octave
 FP8_MAX_CODE = 0x7E  # 448; 0x7F is NaN in E4M3FN

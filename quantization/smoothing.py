@@ -23,10 +23,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from quantization.choices import SMOOTHING_METHODS
 from quantization.fake_quant import input_qdq, weight_qdq
 
-METHODS = SMOOTHING_METHODS
 ALPHAS = tuple(i / 5 for i in range(6))  # half as fine as ModelOpt awq_lite's 0.1 steps: a CPU search in minutes
 SEARCH_TOKENS = 512  # calibration tokens (sampled from the search samples) each group is searched on
 

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from contract.errors import InputError
+from contract.stage import tree_mask_words
 
 LOG2E = 1.4426950408889634
 FP8_MAX = tl.constexpr(448.0)  # same as contract.formats.FP8_MAX; a kernel module stays free of other project imports
@@ -332,7 +333,7 @@ def decode_attention(q, cache, context_lengths, kvcache_start_index, attrs, num_
 def check_tree_inputs(qkv, attention_mask, attention_pos_id) -> None:
     """The packed mask covers the call's tokens (`[B,S,>=ceil(S/32)]` int32) and the positions are `[B,S]` int32."""
     b, s, _ = qkv.shape
-    words = -(-s // 32)
+    words = tree_mask_words(s)
     if attention_mask is None or attention_mask.dtype != torch.int32 or attention_mask.dim() != 3 \
             or tuple(attention_mask.shape[:2]) != (b, s) or attention_mask.shape[2] < words:
         found = None if attention_mask is None else f"{attention_mask.dtype} {list(attention_mask.shape)}"
