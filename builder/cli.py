@@ -142,14 +142,13 @@ def build(onnx_dir: str | Path, engine_dir: str | Path, *, max_batch_size: int =
                      tree=role != ROLE_LLM, draft_hidden_input=found.config.get("base_model_hidden_size")
                      if role == ROLE_DRAFT else None)
     if backend == "onnxruntime":
-        from builder.onnxruntime_backend import weight_storage
         from plugins.attention.ort_lowering import kv_io_form
 
         kv_io = kv_io_form(KvDtype(found.kv_cache_dtype), found.rotary_dim)
-        storage = weight_storage(found.weight_format, cpu_weights or stage.WEIGHTS_FP32)
+        storage = stage.weight_storage(found.weight_format, cpu_weights or stage.WEIGHTS_FP32)
     else:
         kv_io = stage.KV_IN_PLACE  # the plugin's present output aliases its past input
-        storage = stage.WEIGHTS_FP16 if found.weight_format == "fp16" else stage.WEIGHTS_QUANTIZED
+        storage = stage.weight_storage(found.weight_format)
     builder_config = engine_dir_mod.make_builder_config(
         backend=backend, max_batch_size=max_batch_size, max_input_len=max_input_len,
         max_kv_cache_capacity=max_kv_cache_capacity, kv_cache_dtype=found.kv_cache_dtype,

@@ -79,12 +79,6 @@ def lower_llm(model: onnx.ModelProto, weight_storage: str = stage.WEIGHTS_FP32) 
     return model
 
 
-def weight_storage(weight_format: str, cpu_weights: str) -> str:
-    """builder_config.weight_storage of an ORT engine: fp16 for an unquantized model (`--cpuWeights` changes
-    nothing there), else what `--cpuWeights` asks for."""
-    return stage.WEIGHTS_FP16 if weight_format == "fp16" else cpu_weights
-
-
 def _bytes(tensor: onnx.TensorProto) -> int:
     if tensor.raw_data:
         return len(tensor.raw_data)

@@ -91,7 +91,7 @@ def weight_storage(builder_config: dict) -> str:
     as exported (the only form then)."""
     if "weight_storage" in builder_config:
         return builder_config["weight_storage"]
-    return stage.WEIGHTS_FP16 if builder_config.get("weight_format", "fp16") == "fp16" else stage.WEIGHTS_QUANTIZED
+    return stage.weight_storage(builder_config.get("weight_format", "fp16"))
 
 
 def write_config_and_copies(onnx_dir: Path, out: Path, onnx_config: dict, builder_config: dict,

@@ -216,6 +216,12 @@ WEIGHT_STORAGE_FORMS = (WEIGHTS_FP16, WEIGHTS_FP32, WEIGHTS_QUANTIZED)
 CPU_WEIGHTS = (WEIGHTS_FP32, WEIGHTS_QUANTIZED)  # the choices of `llm-build --cpuWeights`
 
 
+def weight_storage(weight_format: str, quantized_form: str = WEIGHTS_QUANTIZED) -> str:
+    """`weight_storage` of an engine of `weight_format`: fp16 for an unquantized model (whatever form was asked),
+    else `quantized_form` (TensorRT, and engines built before the field existed: as exported)."""
+    return WEIGHTS_FP16 if weight_format == "fp16" else quantized_form
+
+
 # --- the embedding sidecar formats (contracts.md section 4) --------------------------------------------------------
 
 EMBEDDING_FP16 = "fp16"
