@@ -316,6 +316,30 @@ def test_lowered_fp4_activation_matches_reference(tiny_checkpoint, tmp_path):
         np.testing.assert_array_equal(y, nvfp4_activation_qdq(x, input_scale).numpy())
 
 
+def test_fp4_activation_with_another_reader_is_refused():
+    """A TRT_FP4DynamicQuantize whose block scales' DQ has a second reader is not the pattern of contracts.md 2.1."""
+    from onnx import helper
+
+    from llm_loader.onnx_graph import FP16
+    from plugins.lowering import lower_for_onnxruntime
+    from plugins.nvfp4 import schema
+
+    nodes = [
+        helper.make_node(schema.OP_TYPE, ["x", "s"], ["xq", "sq"], domain=schema.DOMAIN, **schema.attrs(16)),
+        helper.make_node("Cast", ["s"], ["s16"], to=FP16),
+        helper.make_node("DequantizeLinear", ["sq", "s16"], ["sdq"]),
+        helper.make_node("DequantizeLinear", ["xq", "sdq"], ["y"], axis=-1, block_size=16),
+        helper.make_node("Identity", ["sdq"], ["z"]),
+    ]
+    graph = helper.make_graph(nodes, "fp4", [helper.make_tensor_value_info("x", FP16, [2, None, 64])],
+                              [helper.make_tensor_value_info("y", FP16, [2, None, 64]),
+                               helper.make_tensor_value_info("z", FP16, None)],
+                              [onnx.numpy_helper.from_array(np.array(0.0625, np.float32), "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), schema.OPSET], ir_version=11)
+    with pytest.raises(InputError, match="found another use"):
+        lower_for_onnxruntime(model)
+
+
 def test_missing_kv_scale_is_an_export_error(tiny_checkpoint, tmp_path):
     qckpt = quantize(tiny_checkpoint("llama"), tmp_path / "q", "fp8", kv=True)
     for file in qckpt.glob("*.safetensors"):

@@ -115,15 +115,16 @@ def _float_type(name: str, inits: dict, producers: dict) -> int:
     raise ValueError(f"cannot tell the dtype of DQ scale {name} (made by {node.op_type})")
 
 
-def _activation_pattern(graph: onnx.GraphProto, quantize: onnx.NodeProto) -> tuple[onnx.NodeProto, onnx.NodeProto]:
+def _activation_pattern(readers: dict[str, list[onnx.NodeProto]], quantize: onnx.NodeProto
+                        ) -> tuple[onnx.NodeProto, onnx.NodeProto]:
     """The two DequantizeLinear of contracts.md 2.1 that read a TRT_FP4DynamicQuantize: (DQ of its block scales, the
-    blocked DQ of its values by that DQ's output); InputError for any other use of its outputs."""
-    readers = {name: [n for n in graph.node if name in n.input] for name in [*quantize.output]}
-    values, scales = readers[quantize.output[0]], readers[quantize.output[1]]
+    blocked DQ of its values by that DQ's output); InputError for any other use of its outputs. `readers`: the nodes
+    reading each value of the graph."""
+    values, scales = readers.get(quantize.output[0], []), readers.get(quantize.output[1], [])
     if len(scales) == 1 and scales[0].op_type == "DequantizeLinear" and len(values) == 1:
         dq_scale, dq = scales[0], values[0]
         if (dq.op_type == "DequantizeLinear" and list(dq.input[:2]) == [quantize.output[0], dq_scale.output[0]]
-                and [n for n in graph.node if dq_scale.output[0] in n.input] == [dq]):
+                and readers.get(dq_scale.output[0]) == [dq]):
             return dq_scale, dq
     raise InputError(f"node {quantize.name!r}: expected its outputs read by DequantizeLinear(block scales) and the "
                      "blocked DequantizeLinear of its values by that (contracts.md 2.1), found another use")
@@ -134,10 +135,14 @@ def lower_fp4(graph: onnx.GraphProto, ctx) -> None:
     a FLOAT4E2M1 tensor."""
     inits = {t.name: t for t in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in dict.fromkeys(node.input):  # a node reading a value twice counts once
+            readers.setdefault(name, []).append(node)
     patterns = {}  # the blocked DQ of an activation -> (its quantize node, the DQ of the block scales)
     for node in graph.node:
         if (node.domain, node.op_type) == (schema.DOMAIN, schema.OP_TYPE):
-            dq_scale, dq = _activation_pattern(graph, node)
+            dq_scale, dq = _activation_pattern(readers, node)
             patterns[dq.name or dq.output[0]] = (node, dq_scale)
     replaced = {n.output[0] for q, d in patterns.values() for n in (q, d)}
     nodes = []
