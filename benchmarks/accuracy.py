@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import click
 import numpy as np
 
 from benchmarks import stats
+from benchmarks.e2e_cpu import machine
 from quantization.report import describe_methods
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -321,17 +321,6 @@ def target_verdict(r: Recipe, f: dict[str, stats.Interval]) -> str:
     return f"{what}: undecided"
 
 
-def machine() -> str:
-    """The CPU, its cores and the load the run shared them with (timings and quantize times depend on it)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [ln.split(":", 1)[1].strip() for ln in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
-             if ln.startswith("model name")]
-    load = os.getloadavg()
-    return (f"{names[0] if names else platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"{platform.system()}, shared with other jobs (load average {load[0]:.1f} over the last minute, "
-            f"{load[2]:.1f} over 15 minutes when the report was written)")
-
-
 def write_report(rows: list[dict], chosen: list[Recipe], n_windows: int, window_len: int) -> None:
     docs = ROOT / "docs"
     (docs / "accuracy.json").write_text(json.dumps(rows, indent=2))
@@ -356,7 +345,7 @@ def write_report(rows: list[dict], chosen: list[Recipe], n_windows: int, window_
         "[quantization.md](quantization.md#accuracy-through-the-engines-targets-what-was-tried-what-it-gave); the "
         "paired comparisons below are the measured part of it.",
         "",
-        f"Machine: {machine()}. "
+        f"Machine: {machine(with_load=True)}. "
         f"Produced by `python -m benchmarks.accuracy {' '.join(shlex.quote(a) for a in sys.argv[1:])}`; the "
         f"quantization flags of each recipe are listed below the table.",
         "",

@@ -12,7 +12,6 @@ Writes docs/accuracy-breakdown.md: KL against the fp32 model, top-1 and perplexi
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -20,11 +19,11 @@ import numpy as np
 import torch
 
 from benchmarks import stats
-from benchmarks.accuracy import machine
+from benchmarks.accuracy import WIKITEXT
+from benchmarks.e2e_cpu import machine
 from contract import formats
 
 ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = Path(os.environ.get("EDGELLM_DATA_DIR") or ROOT.parent / "shared" / "data") / "wikitext-2-raw-test.txt"
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -147,7 +146,7 @@ def main(n_windows: int, window_len: int, per_kind: bool) -> None:
              f"raw test, one kind of tensor fake-quantized at a time (amax scales, no methods), against the "
              f"unquantized fp32 model on the same windows. KL in nats per token; 95% bootstrap intervals "
              f"over the windows (`benchmarks/stats.py`); a perplexity change whose interval contains 0 is no "
-             f"difference. Machine: {machine()}.", "",
+             f"difference. Machine: {machine(with_load=True)}.", "",
              "| fake-quantized | KL mean | top-1 | perplexity | ppl change |", "|---|---|---|---|---|"]
     for label, sc in rows:
         f = stats.summary(sc, base, idx)

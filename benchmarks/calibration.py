@@ -6,8 +6,8 @@ One forward pass of SmolLM2-135M-Instruct (fp32, CPU, as `llm-quantize` runs it)
 and over the rest (a causal model computes the first 256 tokens the same whether or not the sample goes on). A size
 "n x L" is then the first n samples cut at L tokens: its static scales are the max of those records, exactly what
 calibrating on those tokens gives. For each size and method the quantizer's own writer makes the checkpoint:
-- fp8: `llm-quantize --quantization fp8` as it runs by default (amax input scales, shared q/k/v and gate/up weight
-  scales);
+- fp8: `llm-quantize --quantization fp8 --no-gptq` (amax input scales, shared q/k/v and gate/up weight scales; the
+  default until FP8 GPTQ, whose Hessian also comes from the calibration data, was turned on: not measured here);
 - nvfp4: the amax-scale recipe, "nvfp4 (amax)" on docs/accuracy.md. The default's AWQ search, MSE scale search and
   GPTQ use calibration statistics of their own and take hours on the shared machine: not measured here.
 Each checkpoint is exported, built (the default CPU engine) and scored on WikiText-2 windows against the FP16 engine

@@ -30,8 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT_SHORT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 
 
-def machine() -> str:
-    """CPU model, whether it has AMX (torch's bf16 fast path), cores and OS."""
+def machine(with_load: bool = False) -> str:
+    """CPU model, whether it has AMX (torch's bf16 fast path), cores and OS; `with_load` adds the load average the
+    run shared the cores with (timings depend on it)."""
     model = platform.processor() or platform.machine()
     try:
         info = Path("/proc/cpuinfo").read_text()
@@ -40,7 +41,12 @@ def machine() -> str:
             model += " with AMX-BF16"
     except (OSError, StopIteration):
         pass
-    return f"{model}, {os.cpu_count()} cores, {platform.system()}"
+    where = f"{model}, {os.cpu_count()} cores, {platform.system()}"
+    if with_load:
+        load = os.getloadavg()
+        where += (f", shared with other jobs (load average {load[0]:.1f} over the last minute, {load[2]:.1f} over 15 "
+                  "minutes when the report was written)")
+    return where
 
 
 def child_peak_rss(cmd: list[str]) -> tuple[float, int]:

@@ -29,8 +29,10 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from benchmarks.accuracy import WIKITEXT
+from benchmarks.e2e_cpu import machine
+
 ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
 CHAT = [
     "Explain how a refrigerator keeps food cold.",
     "Write a short email asking a colleague to move a meeting to Friday.",
@@ -103,12 +105,6 @@ def build_engines(draft: Path, work: Path, shapes, capacity: int) -> tuple[Path,
     if not (vanilla / "config.json").exists():
         build(export(ckpt, work / "vanilla-onnx"), vanilla, **limits)
     return spec, vanilla
-
-
-def machine() -> str:
-    from benchmarks.e2e_cpu import machine as describe
-
-    return describe()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 REPORT_FILE = "quantization_report.json"
 # --calibration: (samples, tokens per sample). "full" is the reference's default (TensorRT-Edge-LLM's quantizer and
 # ModelOpt: 512 x 512); "quick", the default here, takes minutes on a CPU for a small model and measured no less
-# accurate than up to 4x its tokens for fp8 and amax-scaled nvfp4 (docs/quantization.md, "Calibration size").
+# accurate than up to 4x its tokens for fp8 and nvfp4 with amax scales and no GPTQ (docs/quantization.md,
+# "Calibration size").
 CALIBRATION_PRESETS = {"quick": (64, 256), "full": (512, 512)}
 
 
