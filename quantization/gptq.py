@@ -35,13 +35,14 @@ def _damped(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return H, dead
 
 
-def _gptq(w: torch.Tensor, hessian: torch.Tensor, round_column: Callable[[torch.Tensor, int, int], torch.Tensor]
-          ) -> torch.Tensor:
-    """The GPTQ loop: fp32 rounded weight ``[out, in]``. ``round_column(W1, i, col)`` rounds column ``i`` of the
-    current lazy block ``W1`` (input column ``col``), which holds the error-updated weights of the block."""
+def _gptq(w: torch.Tensor, damped: tuple[torch.Tensor, torch.Tensor],
+          round_column: Callable[[torch.Tensor, int, int], torch.Tensor]) -> torch.Tensor:
+    """The GPTQ loop on `damped` = `_damped(H)`: fp32 rounded weight ``[out, in]``. ``round_column(W1, i, col)``
+    rounds column ``i`` of the current lazy block ``W1`` (input column ``col``), which holds the error-updated weights
+    of the block."""
     n = w.shape[1]
     W = w.float().clone()
-    H, dead = _damped(hessian)
+    H, dead = damped
     W[:, dead] = 0
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     Q = torch.zeros_like(W)
@@ -64,7 +65,8 @@ def gptq_nvfp4(w: torch.Tensor, hessian: torch.Tensor, global_scale: torch.Tenso
     """(fp32 dequantized weight ``[out, in]``, FP8 block scales ``[out, in/16]``) for `w` given H ``[in, in]``."""
     out, n = w.shape
     group = formats.NVFP4_GROUP
-    diag = torch.diag(_damped(hessian)[0]).float()  # the block-scale search weighs columns by the damped H
+    damped = _damped(hessian)
+    diag = torch.diag(damped[0]).float()  # the block-scale search weighs columns by the damped H
     gs = global_scale.float().reshape(())
     scales = torch.zeros(out, n // group, dtype=formats.FP8_DTYPE)
     step = torch.ones(out)
@@ -80,13 +82,13 @@ def gptq_nvfp4(w: torch.Tensor, hessian: torch.Tensor, global_scale: torch.Tenso
         safe = torch.where(step > 0, step, torch.ones_like(step))
         return formats.e2m1_round(W1[:, i] / safe) * step
 
-    return _gptq(w, hessian, round_column), scales
+    return _gptq(w, damped, round_column), scales
 
 
 def gptq_fp8(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """fp32 dequantized weight ``[out, in]`` on the per-tensor FP8 grid of `scale`, for `w` given H ``[in, in]``."""
     scale = scale.float().reshape(())
-    return _gptq(w, hessian, lambda W1, i, col: formats.to_fp8(W1[:, i], scale).float() * scale)
+    return _gptq(w, _damped(hessian), lambda W1, i, col: formats.to_fp8(W1[:, i], scale).float() * scale)
 
 
 def apply(state_dict: dict[str, torch.Tensor], plan: dict[str, str], scales: dict[str, dict[str, torch.Tensor]],
