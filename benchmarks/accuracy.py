@@ -358,8 +358,7 @@ def write_report(rows: list[dict], chosen: list[Recipe], n_windows: int, window_
 
     for row in rows:
         inc = stats.Interval(*row["ppl_increase"])
-        change = "(reference)" if row["recipe"] == "fp16" else (
-            f"no difference ({inc.fmt('+.1f', 100, '%')})" if inc.contains(0.0) else inc.fmt("+.1f", 100, "%"))
+        change = "(reference)" if row["recipe"] == "fp16" else stats.compare(inc, "+.1f", 100, "%")
         lines.append(
             f"| {row['recipe']} | {iv(row, 'kl', '.4f')} | {iv(row, 'kl_p99', '.3f')} | "
             f"{iv(row, 'top1', '.1f', 100, '%')} | {iv(row, 'ppl', '.2f')} | {change} | {row['target']} | "

@@ -151,8 +151,7 @@ def main(n_windows: int, window_len: int, per_kind: bool) -> None:
     for label, sc in rows:
         f = stats.summary(sc, base, idx)
         inc = f["ppl_increase"]
-        change = "(reference)" if sc is base else (f"no difference ({inc.fmt('+.1f', 100, '%')})" if inc.contains(0)
-                                                   else inc.fmt("+.1f", 100, "%"))
+        change = "(reference)" if sc is base else stats.compare(inc, "+.1f", 100, "%")
         lines.append(f"| {label} | {f['kl'].fmt('.4f')} | {f['top1'].fmt('.1f', 100, '%')} | {f['ppl'].fmt('.2f')} "
                      f"| {change} |")
     (ROOT / "docs" / "accuracy-breakdown.md").write_text("\n".join(lines) + "\n")

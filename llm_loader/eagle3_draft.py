@@ -84,12 +84,16 @@ def draft_facts(ckpt: Checkpoint, cfg: ModelConfig, quant: QuantizedCheckpoint |
     return DraftFacts(draft_vocab, base_total, count, ids)
 
 
+def _check_d2t(d2t: torch.Tensor, draft_vocab_size: int, where) -> None:
+    if d2t.dtype not in (torch.int32, torch.int64) or tuple(d2t.shape) != (draft_vocab_size,):
+        raise InputError(f"{where}: tensor d2t: expected int32/int64 [{draft_vocab_size}] (draft_vocab_size), found "
+                         f"{d2t.dtype} {list(d2t.shape)}")
+
+
 def read_d2t(ckpt: Checkpoint, facts: DraftFacts, vocab_size: int) -> torch.Tensor:
     """The checkpoint's `d2t` as int32 `[draft_vocab]`, checked: every draft id maps into the base vocabulary."""
     d2t = ckpt.tensor("d2t")
-    if d2t.dtype not in (torch.int32, torch.int64) or tuple(d2t.shape) != (facts.draft_vocab_size,):
-        raise InputError(f"{ckpt.path}: tensor d2t: expected int32/int64 [{facts.draft_vocab_size}] "
-                         f"(draft_vocab_size), found {d2t.dtype} {list(d2t.shape)}")
+    _check_d2t(d2t, facts.draft_vocab_size, ckpt.path)
     targets = torch.arange(len(d2t)) + d2t.long()
     if not ((targets >= 0) & (targets < vocab_size)).all():
         bad = int(torch.nonzero((targets < 0) | (targets >= vocab_size))[0])
@@ -153,9 +157,7 @@ def read_d2t_targets(path: Path, vocab_size: int, draft_vocab_size: int) -> torc
         raise
     except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
         raise InputError(f"{path}: expected a safetensors file, found an unreadable one ({e})") from e
-    if d2t.dtype not in (torch.int32, torch.int64) or tuple(d2t.shape) != (draft_vocab_size,):
-        raise InputError(f"{path}: tensor d2t: expected int32 [{draft_vocab_size}] (draft_vocab_size), found "
-                         f"{d2t.dtype} {list(d2t.shape)}")
+    _check_d2t(d2t, draft_vocab_size, path)
     if form not in (None, D2T_OFFSET, D2T_DIRECT):
         raise InputError(f"{path}: metadata form: expected {D2T_OFFSET!r} or {D2T_DIRECT!r}, found {form!r}")
     readings = {D2T_OFFSET: torch.arange(draft_vocab_size) + d2t.long(), D2T_DIRECT: d2t.long()}

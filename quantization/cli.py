@@ -291,7 +291,7 @@ def quantize_llm(o: LlmOptions) -> dict:
         else:
             state_dict.pop("lm_head.weight", None)
     scales, method_report["weight_scales"] = scale_search.weight_scales(
-        state_dict, plan, calib.input_sq, o.scale_search == "mse", o.fuse_scales)
+        state_dict, plan, calib.input_sq, o.scale_search == "mse", o.fuse_scales, measure=not o.gptq)
     if o.gptq:
         method_report["gptq"] = gptq.apply(state_dict, fits, scales, calib.hessian, o.scale_search == "mse")
     kv_scales = {i: a for i, a in calib.qkv_amax.items() if i not in o.kv_cache_fp16_layers} if kv_fp8 else {}

@@ -52,9 +52,7 @@ def input_qdq(fmt: str, x: torch.Tensor, amax: float | None = None) -> torch.Ten
         blocks = x.float().unflatten(-1, (-1, formats.NVFP4_GROUP))
         block_scale = (blocks.abs().amax(-1) / formats.E2M1_MAX / input_scale).clamp(max=formats.FP8_MAX)
         return _nvfp4_qdq(x.float(), block_scale.to(formats.FP8_DTYPE).float() * input_scale)
+    # dynamic per token (fp8_pc) or per token and 128 channels (fp8_block): the row-block format on 2-D rows
     block = x.shape[-1] if fmt == "fp8_pc" else formats.WEIGHT_BLOCK
-    nblocks = -(-x.shape[-1] // block)
-    padded = torch.nn.functional.pad(x.float(), (0, nblocks * block - x.shape[-1]))
-    amax = padded.unflatten(-1, (nblocks, block)).abs().amax(-1).clamp_min(formats.MIN_BLOCK_AMAX)
-    scale = formats.expand_row_block_scale(amax / formats.FP8_MAX, x.shape[-1], block)
-    return formats.to_fp8(x, scale).float() * scale
+    rows = x.reshape(-1, x.shape[-1])
+    return formats.dequantize_fp8_row_block(*formats.quantize_fp8_row_block(rows, block), block).reshape(x.shape)

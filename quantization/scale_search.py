@@ -89,11 +89,12 @@ def fp8_group_scale(weights: dict[str, torch.Tensor]) -> dict[str, dict[str, tor
 
 
 def weight_scales(state_dict: dict[str, torch.Tensor], plan: dict[str, str], input_sq: dict[str, torch.Tensor],
-                  search: bool, fuse: bool) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+                  search: bool, fuse: bool, measure: bool = True) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     """Scales for the NVFP4 and per-tensor FP8 linears of `plan` (module -> format), and a summary for the report.
 
     `fuse`: one global / per-tensor scale per fusion group whose linears share the format; `search`: NVFP4 scales by
-    output error (the module docstring)."""
+    output error (the module docstring); `measure`: report the searched block scales' error against amax scales
+    (pointless when GPTQ chooses the block scales again, keeping only the global ones)."""
     scales, searched_err, amax_err = {}, 0.0, 0.0
     names = [n for n, f in plan.items() if f in ("nvfp4", "fp8") and f"{n}.weight" in state_dict]
     groups = fusion_groups(names) if fuse else [[n] for n in names]
@@ -110,7 +111,7 @@ def weight_scales(state_dict: dict[str, torch.Tensor], plan: dict[str, str], inp
                 continue
             found = nvfp4_group_scales(weights, input_sq, search)
             scales.update(found)
-            if search:
+            if search and measure:
                 for n, w in weights.items():
                     h = input_sq.get(n)
                     amax_gs = formats.nvfp4_global_scale(w.float().abs().amax())
