@@ -10,7 +10,7 @@ tokens, and each engine's greedy answers to `examples/greedy_batch.json` are che
 form gave the same figures within their intervals (paired KL difference fp8 0.0000 [-0.0011, 0.0013], nvfp4 0.0019
 [-0.0078, 0.0110]), only the greedy answers take longer.
 
-    python -m benchmarks.accuracy [--windows 8] [--window_len 512] [--work work_out/accuracy]
+    python -m benchmarks.accuracy [--windows 8] [--window_len 512] [--work work_out/accuracy] [--update]
 
 The data are the project's shared/data (WikiText-2 for evaluation only, tinyshakespeare for calibration), found next
 to the checkout or at EDGELLM_DATA_DIR. `--modelopt_python` adds NVIDIA ModelOpt's checkpoints of the same recipes
@@ -256,7 +256,11 @@ def plot(rows: list[dict], path: Path) -> bool:
               help="Recipes whose greedy answers to the example cases are generated and checked for loops.")
 @click.option("--modelopt_python", default=None,
               help="A Python with nvidia-modelopt installed (and this repo importable): adds the ModelOpt rows.")
-def main(n_windows: int, window_len: int, work: str, recipes: str, greedy: str, modelopt_python: str | None) -> None:
+@click.option("--update", is_flag=True,
+              help="Keep the rows of docs/accuracy.json that this run does not score (same windows and FP16 engine; "
+                   "each row names the run that scored it, and paired differences are only within one run).")
+def main(n_windows: int, window_len: int, work: str, recipes: str, greedy: str, modelopt_python: str | None,
+         update: bool) -> None:
     """KL, top-1 agreement and perplexity of each recipe against the FP16 engine, through our engines."""
     from llm_loader.gguf_convert import smollm2_checkpoint
 
@@ -270,13 +274,16 @@ def main(n_windows: int, window_len: int, work: str, recipes: str, greedy: str, 
     wins = windows(ckpt, n_windows, window_len)
     fp16_engine = build_recipe(RECIPES[0], ckpt, work_dir)
     ref = reference(fp16_engine, work_dir / "fp16" / "reference", wins)
+    run_info = {"command": "python -m benchmarks.accuracy " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+                "machine": machine(with_load=True), "windows": [n_windows, window_len]}
     scores, rows = {}, []
     for r in chosen:
         engine = build_recipe(r, ckpt, work_dir, modelopt_python)
         folder = work_dir / slug(r.name)
         scores[r.name] = score_recipe(engine, ref, wins, folder / f"scores_{n_windows}x{window_len}.npz")
         answers = greedy_answers(engine, folder) if r.name in greedy.split(",") else []
-        rows.append({"recipe": r.name, "answers": answers, **memory_bytes(engine), **quant_facts(folder)})
+        rows.append({"recipe": r.name, "answers": answers, **memory_bytes(engine), **quant_facts(folder),
+                     "run": run_info})
 
     idx = stats.draws(n_windows)
     base = scores["fp16"]
@@ -294,7 +301,20 @@ def main(n_windows: int, window_len: int, work: str, recipes: str, greedy: str, 
                 d_top1 = stats.interval(stats.difference(stats.top1(s), stats.top1(b)), idx)
                 row["vs"].append(f"vs {name}: KL {stats.compare(d_kl)}, "
                                  f"top-1 {stats.compare(d_top1, '+.2f', 100, '%')}")
-    write_report(rows, chosen, n_windows, window_len)
+    if update:
+        rows = merged(rows, ROOT / "docs" / "accuracy.json", n_windows, window_len)
+    write_report(rows, n_windows, window_len)
+
+
+def merged(rows: list[dict], path: Path, n_windows: int, window_len: int) -> list[dict]:
+    """This run's rows and the earlier ones of `path` (docs/accuracy.json) that it did not score, in RECIPES order."""
+    earlier = json.loads(path.read_text()) if path.is_file() else []
+    if any(row["run"]["windows"] != [n_windows, window_len] for row in earlier):
+        raise click.UsageError(f"--update: {path} holds rows scored on other windows than {n_windows} x {window_len}")
+    new = {row["recipe"] for row in rows}
+    order = [r.name for r in RECIPES]
+    rows = rows + [row for row in earlier if row["recipe"] not in new]
+    return sorted(rows, key=lambda row: order.index(row["recipe"]))
 
 
 def target_text(r: Recipe) -> str:
@@ -321,12 +341,13 @@ def target_verdict(r: Recipe, f: dict[str, stats.Interval]) -> str:
     return f"{what}: undecided"
 
 
-def write_report(rows: list[dict], chosen: list[Recipe], n_windows: int, window_len: int) -> None:
+def write_report(rows: list[dict], n_windows: int, window_len: int) -> None:
     docs = ROOT / "docs"
     (docs / "accuracy.json").write_text(json.dumps(rows, indent=2))
     has_plot = plot(rows, docs / "accuracy.png")
     mib = 2**20
-    by_name = {r.name: r for r in chosen}
+    by_name = {r.name: r for r in RECIPES}
+    runs = list({row["run"]["command"]: row["run"] for row in rows}.values())
     lines = [
         "# Accuracy of the quantization recipes (measured through our engines)",
         "",
@@ -345,12 +366,15 @@ def write_report(rows: list[dict], chosen: list[Recipe], n_windows: int, window_
         "[quantization.md](quantization.md#accuracy-through-the-engines-targets-what-was-tried-what-it-gave); the "
         "paired comparisons below are the measured part of it.",
         "",
-        f"Machine: {machine(with_load=True)}. "
-        f"Produced by `python -m benchmarks.accuracy {' '.join(shlex.quote(a) for a in sys.argv[1:])}`; the "
-        f"quantization flags of each recipe are listed below the table.",
+        "Produced by " + ("this run" if len(runs) == 1 else f"{len(runs)} runs, each row by the one it names in the "
+                          "last column (same windows, same FP16 engine; paired differences only within a run)")
+        + "; the quantization flags of each recipe are listed below the table.",
         "",
-        "| recipe | KL mean | KL p99 | top-1 | perplexity | ppl change | target | weights MiB | emb MiB | KV@4k MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *[f"{i}. `{run['command']}`. Machine: {run['machine']}." for i, run in enumerate(runs, 1)],
+        "",
+        "| recipe | KL mean | KL p99 | top-1 | perplexity | ppl change | target | weights MiB | emb MiB | KV@4k MiB "
+        "| run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def iv(row, key, spec, scale=1.0, suffix=""):
@@ -362,13 +386,15 @@ def write_report(rows: list[dict], chosen: list[Recipe], n_windows: int, window_
         lines.append(
             f"| {row['recipe']} | {iv(row, 'kl', '.4f')} | {iv(row, 'kl_p99', '.3f')} | "
             f"{iv(row, 'top1', '.1f', 100, '%')} | {iv(row, 'ppl', '.2f')} | {change} | {row['target']} | "
-            f"{row['weights'] / mib:.1f} | {row['embedding'] / mib:.1f} | {row['kv_cache_4096'] / mib:.1f} |")
+            f"{row['weights'] / mib:.1f} | {row['embedding'] / mib:.1f} | {row['kv_cache_4096'] / mib:.1f} | "
+            f"{runs.index(row['run']) + 1} |")
     lines += ["", "![accuracy](accuracy.png)"] if has_plot else []
     lines += ["", "## Against each recipe's baseline (paired differences)", ""]
     lines += [f"- **{row['recipe']}** {vs}" for row in rows for vs in row["vs"]]
-    missing = [r for r in RECIPES if r not in chosen and (r.target_kl is not None or r.target_top1 is not None)]
+    scored = {row["recipe"] for row in rows}
+    missing = [r for r in RECIPES if r.name not in scored and (r.target_kl is not None or r.target_top1 is not None)]
     if missing:
-        lines += ["", "Recipes with a target that this run did not score (`--recipes`): " + ", ".join(
+        lines += ["", "Recipes with a target that no run scored (`--recipes`): " + ", ".join(
             f"{r.name} ({target_text(r)})" for r in missing) + "."]
     lines += ["", "## Recipes", "", "| recipe | `python -m quantization llm` flags | quantize time (s) | methods |",
               "|---|---|---|---|"]
