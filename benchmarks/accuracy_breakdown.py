@@ -54,6 +54,38 @@ def nvfp4_act(x: torch.Tensor) -> torch.Tensor:
     return nvfp4_activation_qdq(x.float(), input_scale).to(x.dtype)
 
 
+def fp8_act_static(amax: dict[str, float]):
+    """FP8 activation QDQ with one static per-tensor scale per linear (`amax[name] / 448`): the `fp8` format's input."""
+    def qdq(name: str, x: torch.Tensor) -> torch.Tensor:
+        scale = amax[name] / formats.FP8_MAX
+        return formats.to_fp8(x, scale).float() * scale
+
+    return qdq
+
+
+def calibrated_amax(model, ckpt: Path, names: list[str]) -> dict[str, float]:
+    """Input amax of `names` from the quantizer's own default calibration (`--calibration quick` on tinyshakespeare)."""
+    from quantization.calibrate import calibrate
+    from quantization.cli import LlmOptions, calibration_data
+
+    options = LlmOptions(model_dir=ckpt, output_dir=ckpt / "unused")
+    return calibrate(model, calibration_data(ckpt, options)[0], names, kv=False).input_amax
+
+
+def observed_amax(model, windows: list[torch.Tensor], linears: dict) -> dict[str, float]:
+    """Input amax of each linear over the scored windows themselves (an oracle: no calibration mismatch)."""
+    amax = dict.fromkeys(linears, 0.0)
+
+    def record(name: str, x: torch.Tensor) -> None:
+        amax[name] = max(amax[name], float(x.abs().amax()))
+
+    hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: record(n, args[0])) for n, m in linears.items()]
+    log_probs(model, windows)
+    for h in hooks:
+        h.remove()
+    return amax
+
+
 def log_probs(model, windows: list[torch.Tensor]) -> list[np.ndarray]:
     """Teacher-forced fp32 log-probabilities ``[len - 1, V]`` of each window."""
     with torch.no_grad():
@@ -115,7 +147,7 @@ def main(n_windows: int, window_len: int, per_kind: bool) -> None:
             if weight_fn:
                 m.weight.data = weight_fn(originals[n])
             if act_fn:
-                hooks.append(m.register_forward_pre_hook(lambda mod, args: (act_fn(args[0]),)))
+                hooks.append(m.register_forward_pre_hook(lambda mod, args, n=n: (act_fn(n, args[0]),)))
         score(label)
         for h in hooks:
             h.remove()
@@ -125,16 +157,20 @@ def main(n_windows: int, window_len: int, per_kind: bool) -> None:
     score("none (fp32 HF)")
     run("all weights FP8 per-tensor", KINDS, weight_fn=fp8_weight_per_tensor)
     run("all weights FP8 per-channel", KINDS, weight_fn=fp8_weight_per_channel)
-    run("all activations FP8 per-token", KINDS, act_fn=fp8_act_per_token)
+    run("all activations FP8 per-token", KINDS, act_fn=lambda _n, x: fp8_act_per_token(x))
+    run("all activations FP8 per-tensor, static (calibrated amax: the `fp8` format)", KINDS,
+        act_fn=fp8_act_static(calibrated_amax(model, ckpt, list(linears))))
+    run("all activations FP8 per-tensor, static (the windows' own amax)", KINDS,
+        act_fn=fp8_act_static(observed_amax(model, windows, linears)))
     run("all weights NVFP4", KINDS, weight_fn=nvfp4_weight)
-    run("all activations NVFP4", KINDS, act_fn=nvfp4_act)
+    run("all activations NVFP4", KINDS, act_fn=lambda _n, x: nvfp4_act(x))
     for which, label in (("kv", "K and V FP8 per-tensor (post-RoPE)"), ("q", "Q FP8 per-tensor (post-RoPE)")):
         AttentionInterface.register(f"fp8_{which}", fp8_qkv_attention(which))
         model.set_attn_implementation(f"fp8_{which}")
         score(label)
     model.set_attn_implementation("sdpa")
     for kind in KINDS if per_kind else ():
-        run(f"{kind} activations FP8 per-token", (kind,), act_fn=fp8_act_per_token)
+        run(f"{kind} activations FP8 per-token", (kind,), act_fn=lambda _n, x: fp8_act_per_token(x))
     for kind in KINDS if per_kind else ():
         run(f"{kind} weights FP8 per-channel", (kind,), weight_fn=fp8_weight_per_channel)
 
