@@ -86,8 +86,7 @@ def gptq_nvfp4(w: torch.Tensor, h: Damped, global_scale: torch.Tensor, search: b
                 block, gs)
             scales[:, col // group] = s[:, 0]
             step = s[:, 0].float() * gs
-        safe = torch.where(step > 0, step, torch.ones_like(step))
-        return formats.e2m1_round(W1[:, i] / safe) * step
+        return formats.e2m1_qdq(W1[:, i], step)
 
     return _gptq(w, h, round_column), scales
 

@@ -40,9 +40,7 @@ def _blocks(w: torch.Tensor) -> torch.Tensor:
 
 
 def _dequant(blocks: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
-    step = block_scale.float() * global_scale
-    safe = torch.where(step > 0, step, torch.ones_like(step))
-    return formats.e2m1_round(blocks / safe[..., None]) * step[..., None]
+    return formats.e2m1_qdq(blocks, (block_scale.float() * global_scale)[..., None])
 
 
 def search_block_scales(w: torch.Tensor, global_scale: torch.Tensor, h: torch.Tensor | None):
