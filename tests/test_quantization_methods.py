@@ -306,3 +306,5 @@ def test_report_prints_what_the_methods_did():
                   "gptq: output error x0.70"):
         assert words in text, text
     assert describe_methods({"smoothing": {"method": "none"}, "weight_scales": {"linears": 0, "shared_scales": True}}) == ""
+    with_gptq = {"weight_scales": {"linears": 5, "nvfp4_scales": "mse", "nvfp4_block_scales": "gptq"}}
+    assert describe_methods(with_gptq) == "nvfp4 scale search: global scales (gptq chose the block scales)"
