@@ -8,8 +8,9 @@ and over the rest (a causal model computes the first 256 tokens the same whether
 calibrating on those tokens gives. For each size and method the quantizer's own writer makes the checkpoint:
 - fp8: `llm-quantize --quantization fp8 --no-gptq` (amax input scales, shared q/k/v and gate/up weight scales; the
   default until FP8 GPTQ, whose Hessian also comes from the calibration data, was turned on: not measured here);
-- nvfp4: the amax-scale recipe, "nvfp4 (amax)" on docs/accuracy.md. The default's AWQ search, MSE scale search and
-  GPTQ use calibration statistics of their own and take hours on the shared machine: not measured here.
+- nvfp4: the amax-scale recipe, "nvfp4 (amax)" on docs/accuracy.md (`--smoothing none --scale_search amax
+  --no-fuse_scales --no-gptq`). The default's AWQ search, MSE scale search and GPTQ use calibration statistics of
+  their own and take hours on the shared machine: not measured here.
 Each checkpoint is exported, built (the default CPU engine) and scored on WikiText-2 windows against the FP16 engine
 with `benchmarks/accuracy.py`'s scoring and `benchmarks/stats.py`'s intervals, the same as the accuracy page: KL(FP16
 engine || recipe) per token and top-1 agreement with 95% bootstrap intervals over the windows, the perplexity change
@@ -47,7 +48,10 @@ from benchmarks.e2e_cpu import machine
 
 WINDOW = 256  # the record splits each sample at this many tokens
 MAX_LEN = 2 * WINDOW  # longest calibration sample, and the engines' input length and KV capacity
-FUSED_WEIGHT_SCALES = {"fp8": True, "nvfp4": False}  # the module docstring: fp8 as default, nvfp4 with amax scales
+# llm-quantize's recipe flags per method (the module docstring): nothing here needs calibration statistics besides
+# the input amax (no smoothing, scale search or GPTQ)
+RECIPES = {"fp8": dict(quantization="fp8", gptq=False),  # --no-gptq
+           "nvfp4": dict(quantization="nvfp4", smoothing="none", scale_search="amax", fuse_scales=False, gptq=False)}
 
 
 def record_amax(model, batches, names: list[str]) -> tuple[dict[str, torch.Tensor], float, float, int]:
@@ -113,26 +117,14 @@ def measure_pass(ckpt: Path, model, samples: int, work_dir: Path) -> dict:
     return measured
 
 
-def write_checkpoint(model, ckpt: Path, out: Path, method: str, amax: dict[str, float]) -> None:
-    """The checkpoint `llm-quantize llm --quantization METHOD` writes from these input amax values."""
-    from contract.jsonfile import read_json
-    from quantization import checkpoint_writer as writer
+def write_checkpoint(model, ckpt: Path, out: Path, method: str, amax: dict[str, float], data: dict) -> None:
+    """The checkpoint `llm-quantize llm` with METHOD's recipe flags (`RECIPES`) writes from these input amax values,
+    through the quantizer's own tail (`quantization.cli.write_llm`); `data` is what the size holds, for its report."""
     from quantization.calibrate import Calibration
-    from quantization.cli import LlmOptions, quantization_plan, write_quantized
-    from quantization.report import build_report
-    from quantization.scale_search import weight_scales
+    from quantization.cli import LlmOptions, quantization_plan, write_llm
 
-    plan = quantization_plan(model, LlmOptions(model_dir=ckpt, output_dir=out, quantization=method))
-    state_dict = {k: v.detach().float() for k, v in model.state_dict().items()}
-    config = read_json(ckpt / "config.json", "the model config")
-    if config.get("tie_word_embeddings"):
-        state_dict.pop("lm_head.weight", None)
-    scales, _ = weight_scales(state_dict, plan, {}, search=False, fuse=FUSED_WEIGHT_SCALES[method])
-    qt = writer.quantize_state_dict(state_dict, plan, amax, {}, weight_scales=scales)
-    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    report = build_report(Calibration(input_amax=amax), method, False, [], qt.excluded, 0)
-    write_quantized(qt, config, linears, report, method, False, [], source_dir=ckpt, output_dir=out,
-                    max_shard_bytes=writer.DEFAULT_MAX_SHARD_BYTES)
+    o = LlmOptions(model_dir=ckpt, output_dir=out, **RECIPES[method])
+    write_llm(model, o, quantization_plan(model, o), Calibration(input_amax=amax), data, {})
 
 
 def build(src: Path, folder: Path) -> Path:
@@ -189,7 +181,7 @@ def main(samples: int, sizes: str, methods: str, n_windows: int, window_len: int
     from quantization.cli import CALIBRATION_PRESETS
 
     size_list, method_list = parse_sizes(sizes, samples), methods.split(",")
-    unknown = set(method_list) - set(FUSED_WEIGHT_SCALES)
+    unknown = set(method_list) - set(RECIPES)
     if unknown:
         raise click.BadParameter(f"expected fp8 or nvfp4, found {sorted(unknown)}", param_hint="--methods")
     started = time.perf_counter()
@@ -216,7 +208,8 @@ def main(samples: int, sizes: str, methods: str, n_windows: int, window_len: int
             tokens = int(measured["lengths"][:n].clamp(max=length).sum())
             folder = work_dir / f"{method}-{size}"
             if not (folder / "ckpt" / "config.json").exists():
-                write_checkpoint(model, ckpt, folder / "ckpt", method, amax)
+                write_checkpoint(model, ckpt, folder / "ckpt", method, amax,
+                                 {"samples": n, "max_seq_len": length, "tokens": tokens, "warnings": []})
             s = scores[method, (n, length)] = score_recipe(build(folder / "ckpt", folder), ref, wins,
                                                            folder / f"scores_{n_windows}x{window_len}.npz")
             figures = stats.summary(s, base, idx)

@@ -27,8 +27,10 @@ import time
 from pathlib import Path
 
 import click
+import numpy as np
 from tqdm import tqdm
 
+from benchmarks import stats
 from benchmarks.accuracy import WIKITEXT
 from benchmarks.e2e_cpu import machine
 
@@ -72,13 +74,17 @@ def chat_prompt_ids(tokenizer, n: int) -> list[list[int]]:
             for q in CHAT[:n]]
 
 
-def interval(values: list[float]) -> float:
-    """Half-width of a normal 95% interval of the mean over prompts (1.96 sd / sqrt(n))."""
-    n = len(values)
-    if n < 2:
-        return 0.0
-    mean = sum(values) / n
-    return 1.96 * (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 / n ** 0.5
+def acceptance(sel: list[dict], key: str) -> stats.Interval:
+    """Tokens emitted per verification step of tree `key` over the prompts `sel` (all emitted / all steps), with the
+    95% bootstrap interval over prompts (`benchmarks.stats`, as the other benchmarks)."""
+    emitted = np.array([r["shapes"][key]["emitted"] for r in sel], dtype=float)
+    steps = np.array([r["shapes"][key]["steps"] for r in sel], dtype=float)
+
+    def per_step(i: np.ndarray) -> float:
+        total = steps[i].sum()
+        return float(emitted[i].sum() / total) if total else 0.0
+
+    return stats.interval(per_step, stats.draws(len(sel)))
 
 
 def parse_shapes(text: str):
@@ -105,6 +111,29 @@ def build_engines(draft: Path, work: Path, shapes, capacity: int) -> tuple[Path,
     if not (vanilla / "config.json").exists():
         build(export(ckpt, work / "vanilla-onnx"), vanilla, **limits)
     return spec, vanilla
+
+
+def summarize(rows: list[dict], tree_shapes) -> list[dict]:
+    """Per tree shape and prompt kind (text, chat, all): acceptance with its interval, decode speeds, identity."""
+    summary = []
+    for shape in tree_shapes:
+        key = f"{shape.top_k}x{shape.steps}x{shape.verify_size}"
+        line = {"shape": key, "top_k": shape.top_k, "steps": shape.steps, "verify_size": shape.verify_size}
+        for kind in ("text", "chat", "all"):
+            sel = [r for r in rows if kind == "all" or r["kind"] == kind]
+            spec_tps = sum(r["shapes"][key]["tokens"] for r in sel) / sum(r["shapes"][key]["decode_s"] for r in sel)
+            plain_tps = sum(r["plain_tokens"] for r in sel) / min(sum(r["plain_spinning_s"] for r in sel),
+                                                                   sum(r["plain_quiet_s"] for r in sel))
+            tokens = sum(r["plain_tokens"] for r in sel)
+            accepted = acceptance(sel, key)
+            line[kind] = {"accepted_per_step": accepted.value, "accepted_per_step_95ci": [accepted.lo, accepted.hi],
+                          "spec_tokens_per_s": spec_tps,
+                          "plain_tokens_per_s": plain_tps, "speedup": spec_tps / plain_tps,
+                          "plain_spinning_tokens_per_s": tokens / sum(r["plain_spinning_s"] for r in sel),
+                          "plain_quiet_tokens_per_s": tokens / sum(r["plain_quiet_s"] for r in sel),
+                          "identical": sum(r["shapes"][key]["identical"] for r in sel), "prompts": len(sel)}
+        summary.append(line)
+    return summary
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -168,27 +197,7 @@ def main(draft: Path, work: Path, new_tokens: int, text_prompts: int, chat_promp
                 "identical": got.token_ids == plain.token_ids, "wall_s": time.perf_counter() - t0}
         rows.append(record)
 
-    summary = []
-    for shape in tree_shapes:
-        key = f"{shape.top_k}x{shape.steps}x{shape.verify_size}"
-        line = {"shape": key, "top_k": shape.top_k, "steps": shape.steps, "verify_size": shape.verify_size}
-        for kind in ("text", "chat", "all"):
-            sel = [r for r in rows if kind == "all" or r["kind"] == kind]
-            steps = sum(r["shapes"][key]["steps"] for r in sel)
-            emitted = sum(r["shapes"][key]["emitted"] for r in sel)
-            spec_tps = sum(r["shapes"][key]["tokens"] for r in sel) / sum(r["shapes"][key]["decode_s"] for r in sel)
-            plain_tps = sum(r["plain_tokens"] for r in sel) / min(sum(r["plain_spinning_s"] for r in sel),
-                                                                   sum(r["plain_quiet_s"] for r in sel))
-            tokens = sum(r["plain_tokens"] for r in sel)
-            per_prompt = [r["shapes"][key]["emitted"] / r["shapes"][key]["steps"] for r in sel if r["shapes"][key]["steps"]]
-            line[kind] = {"accepted_per_step": emitted / steps if steps else 0.0,
-                          "accepted_per_step_95ci": interval(per_prompt), "spec_tokens_per_s": spec_tps,
-                          "plain_tokens_per_s": plain_tps, "speedup": spec_tps / plain_tps,
-                          "plain_spinning_tokens_per_s": tokens / sum(r["plain_spinning_s"] for r in sel),
-                          "plain_quiet_tokens_per_s": tokens / sum(r["plain_quiet_s"] for r in sel),
-                          "identical": sum(r["shapes"][key]["identical"] for r in sel), "prompts": len(sel)}
-        summary.append(line)
-
+    summary = summarize(rows, tree_shapes)
     result = {"machine": machine(), "draft": str(draft), "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
               "summary": summary, "prompts": rows}
     out_json.write_text(json.dumps(result, indent=2) + "\n")
@@ -198,10 +207,11 @@ def main(draft: Path, work: Path, new_tokens: int, text_prompts: int, chat_promp
     print("|---|---|---|---|---|---|---|")
     for line in summary:
         a = line["all"]
-        print(f"| {line['shape']} | {line['text']['accepted_per_step']:.2f} ± {line['text']['accepted_per_step_95ci']:.2f} "
-              f"| {line['chat']['accepted_per_step']:.2f} ± {line['chat']['accepted_per_step_95ci']:.2f} "
-              f"| {a['spec_tokens_per_s']:.1f} | {a['plain_tokens_per_s']:.1f} | {line['text']['speedup']:.2f}x / "
-              f"{line['chat']['speedup']:.2f}x / {a['speedup']:.2f}x | {a['identical']}/{a['prompts']} |")
+        accepted = [stats.Interval(line[k]["accepted_per_step"], *line[k]["accepted_per_step_95ci"]).fmt(".2f")
+                    for k in ("text", "chat")]
+        print(f"| {line['shape']} | {accepted[0]} | {accepted[1]} | {a['spec_tokens_per_s']:.1f} "
+              f"| {a['plain_tokens_per_s']:.1f} | {line['text']['speedup']:.2f}x / {line['chat']['speedup']:.2f}x / "
+              f"{a['speedup']:.2f}x | {a['identical']}/{a['prompts']} |")
     print(f"\nwrote {out_json}")
 
 

@@ -270,12 +270,11 @@ def detect(onnx_dir: str | Path) -> Detection:
                          f"outputs say {found_role!r}")
     check_graph(onnx_dir, graph, config)
     weights, counts = graph_weight_format(graph)
-    mixed = weights == stage.MIXED_WEIGHTS
-    said = (config.get("weight_format", "fp16"), config.get(stage.WEIGHT_FORMAT_COUNTS) if mixed else None)
-    if (weights, counts if mixed else None) != said:
+    said = stage.weight_format_fields(config.get("weight_format", "fp16"), config.get(stage.WEIGHT_FORMAT_COUNTS))
+    if stage.weight_format_fields(weights, counts) != said:
         raise InputError(f"{onnx_dir}: weight format disagrees: model.onnx initializers and DequantizeLinear nodes "
                          f"say {describe_weights(weights, counts)}, config.json weight_format says "
-                         f"{describe_weights(said[0], said[1] or {})}")
+                         f"{describe_weights(said['weight_format'], said.get(stage.WEIGHT_FORMAT_COUNTS) or {})}")
     if role == ROLE_DRAFT:
         embedding_format = None
         read_d2t_targets(checked_file(onnx_dir, stage.D2T_FILE, "the draft vocabulary map"), config["vocab_size"],

@@ -24,11 +24,9 @@ from contract.onnxfile import load_model
 from contract.paths import checked_file
 from contract.stage import (
     CONTRACT_VERSION,
-    MIXED_WEIGHTS,
     ROLE_BASE,
     ROLE_DRAFT,
     ROLE_LLM,
-    WEIGHT_FORMAT_COUNTS,
     KvDtype,
 )
 from contract.tokenizer_files import copy_checked
@@ -70,15 +68,14 @@ def make_builder_config(*, backend: str, max_batch_size: int, max_input_len: int
     """The `builder_config` block of contracts.md 5.1; `kv_io` is how the LLM engine takes its cache
     (`stage.KV_IO_FORMS`; a TensorRT engine is always in place), `weight_storage` what it holds its weights in at
     rest (`stage.WEIGHT_STORAGE_FORMS`). A spec base records `max_verify_tree_size`, a draft `max_draft_tree_size`
-    (`tree_size`, the generation profile's tokens per call); `weight_formats` (linears per format) only with
-    weight_format "mixed"."""
+    (`tree_size`, the generation profile's tokens per call); `weight_formats` (linears per format) as
+    `stage.weight_format_fields` writes it."""
     config = {"backend": backend, "max_batch_size": max_batch_size, "max_input_len": max_input_len,
               "max_kv_cache_capacity": max_kv_cache_capacity, "spec_base": role == ROLE_BASE,
               "spec_draft": role == ROLE_DRAFT, "max_lora_rank": 0, "kv_cache_dtype": kv_cache_dtype,
               "embedding_format": embedding_format, "weight_format": weight_format, "kv_io": kv_io,
               "weight_storage": weight_storage, "contract_version": CONTRACT_VERSION}
-    if weight_format == MIXED_WEIGHTS:
-        config[WEIGHT_FORMAT_COUNTS] = weight_formats
+    config.update(stage.weight_format_fields(weight_format, weight_formats))
     if role == ROLE_BASE:
         config["max_verify_tree_size"] = tree_size
     elif role == ROLE_DRAFT:

@@ -141,6 +141,13 @@ def e2m1_round(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.signbit(x.float()), -value, value)
 
 
+def e2m1_qdq(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """fp32 ``e2m1(x / step) * step``, `step` (block scale x global scale) broadcast against `x`; a zero step gives
+    zeros: the values NVFP4 stores for `x`, as the searches and GPTQ need them (no codes, no packing)."""
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    return e2m1_round(x / safe) * step
+
+
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     """``[..., n]`` 4-bit codes -> uint8 ``[..., n/2]``; the even index goes in the low nibble."""
     codes = codes.to(torch.uint8)

@@ -298,6 +298,15 @@ def summarize_weight_formats(per_linear) -> tuple[str, dict[str, int]]:
     return (next(iter(counts)) if len(counts) == 1 else MIXED_WEIGHTS), counts
 
 
+def weight_format_fields(weight_format: str, counts: dict[str, int] | None) -> dict:
+    """The config fields that say a model's weight formats (config.json, builder_config): `weight_format`, and the
+    quantized linears per format (`WEIGHT_FORMAT_COUNTS`) only when it is `MIXED_WEIGHTS`."""
+    fields: dict = {"weight_format": weight_format}
+    if weight_format == MIXED_WEIGHTS:
+        fields[WEIGHT_FORMAT_COUNTS] = counts
+    return fields
+
+
 def weight_format(name, where: str) -> WeightFormat:
     """The registered format called `name`; InputError naming `where` otherwise."""
     if name not in WEIGHT_FORMATS:

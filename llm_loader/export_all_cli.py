@@ -37,7 +37,6 @@ from contract.dir_kinds import checkpoint_mistake
 from contract.errors import InputError
 from contract.jsonfile import read_json
 from contract.paths import checked_file
-from contract.stage import MIXED_WEIGHTS
 from llm_loader.model_config import ModelConfig, model_config_from_dict
 from llm_loader.runtime_config import runtime_config
 from llm_loader.tokenizer_files import copy_tokenizer_files
@@ -143,7 +142,7 @@ def export(checkpoint_dir: Path, out_dir: Path, fp8_embedding: bool = False, dty
     layers = eagle_layers(cfg, eagle_draft_dir) if eagle_base else None
     weight_format, counts = weight_formats(quant)
     formats = {"kv_cache_dtype": kv_cache_dtype(quant).value, "weight_format": weight_format,
-               "weight_format_counts": counts if weight_format == MIXED_WEIGHTS else None}
+               "weight_format_counts": counts}
     final = Path(out_dir) / "llm"
     with staged_dir(final, kind="ONNX dir", flag="OUT", inputs=[ckpt.path]) as llm:
         copy_tokenizer_files(ckpt.path, llm)
@@ -177,8 +176,7 @@ def _export_draft(ckpt: Checkpoint, out: Path) -> Path:
     with staged_dir(final, kind="ONNX dir", flag="OUT", inputs=[ckpt.path]) as llm:
         weight_format, counts = weight_formats(quant)
         config = runtime_config(cfg, ckpt.config, ckpt.path, kv_cache_dtype=stage.KvDtype.FP16.value,
-                                weight_format=weight_format,
-                                weight_format_counts=counts if weight_format == MIXED_WEIGHTS else None)
+                                weight_format=weight_format, weight_format_counts=counts)
         config.update(eagle3_draft.draft_config_keys(facts))
         (llm / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         eagle3_draft.write_d2t(llm / stage.D2T_FILE, d2t)

@@ -24,7 +24,8 @@ def _eos_list(value, where: str) -> list[int]:
 
 def runtime_config(cfg: ModelConfig, hf_config: dict, checkpoint_dir: Path, kv_cache_dtype: str = "fp16",
                    weight_format: str = "fp16", weight_format_counts: dict[str, int] | None = None) -> dict:
-    """The runtime config dict; `eos_token_id` comes from config.json, else from generation_config.json."""
+    """The runtime config dict; `eos_token_id` comes from config.json, else from generation_config.json; the weight
+    format fields as `stage.weight_format_fields` writes them."""
     gen_path = checked_file(checkpoint_dir, "generation_config.json", "the generation config", required=False)
     generation_config = read_json(gen_path, "the generation config") if gen_path else {}
     if hf_config.get("eos_token_id") is not None:
@@ -58,6 +59,5 @@ def runtime_config(cfg: ModelConfig, hf_config: dict, checkpoint_dir: Path, kv_c
         "weight_format": weight_format,
         "generation_config": generation_config,
     }
-    if weight_format_counts is not None:  # weight_format "mixed": quantized linears per format
-        config[stage.WEIGHT_FORMAT_COUNTS] = weight_format_counts
+    config.update(stage.weight_format_fields(weight_format, weight_format_counts))  # counts last, when mixed
     return config

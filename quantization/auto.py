@@ -12,6 +12,7 @@ included) averaged over the decoder linears being at most B. A Lagrange multipli
 
 from __future__ import annotations
 
+import torch
 from tqdm import tqdm
 
 from contract.stage import WEIGHT_FORMATS
@@ -29,6 +30,8 @@ def sensitivities(model, batches, linears: list[str], formats=CANDIDATES) -> dic
     qweights = {n: {f: weight_qdq(f, modules[n].weight.detach().float()) for f in formats if f != "fp16"}
                 for n in linears}
     scores = {n: dict.fromkeys(formats, 0.0) for n in linears}
+    group_of = {n: i for i, g in enumerate(fusion_groups(linears)) for n in g}  # q/k/v, gate/up: one input
+    qinputs: dict[int, dict[str, torch.Tensor]] = {}  # group -> format -> its input fake-quantized (current batch)
     handles = []
     for name in linears:
         def forward_hook(_m, args, out, name=name):
@@ -36,8 +39,11 @@ def sensitivities(model, batches, linears: list[str], formats=CANDIDATES) -> dic
 
             def on_grad(g, x=x):
                 y = x @ modules[name].weight.detach().float().T
+                shared = qinputs.setdefault(group_of[name], {})
                 for f, wq in qweights[name].items():
-                    delta = input_qdq(f, x) @ wq.T - y
+                    if f not in shared:
+                        shared[f] = input_qdq(f, x)
+                    delta = shared[f] @ wq.T - y
                     scores[name][f] += float((delta * g.float()).pow(2).sum())
 
             out.register_hook(on_grad)
@@ -54,6 +60,7 @@ def sensitivities(model, batches, linears: list[str], formats=CANDIDATES) -> dic
             embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # so backward hooks fire
             loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
             loss.backward()
+            qinputs.clear()
     finally:
         for h in handles:
             h.remove()

@@ -21,13 +21,16 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from quantization.datasets import Batch
+from quantization.scale_search import fusion_groups
 
 ATTN_IMPL = "edgellm_calibration"
 
 
 @dataclass
 class Calibration:
-    """amax per linear input (module name -> float) and per layer post-RoPE q/k/v (layer -> (q, k, v))."""
+    """amax per linear input (module name -> float) and per layer post-RoPE q/k/v (layer -> (q, k, v)). The input
+    statistics of the searches are per input: the linears of one fusion group (q/k/v, gate/up) read one input and
+    share one tensor."""
 
     input_amax: dict[str, float] = field(default_factory=dict)
     input_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # mean x^2 per input channel (NVFP4 scale search)
@@ -42,9 +45,8 @@ class _Observer:
     def __init__(self) -> None:
         self.mask: torch.Tensor | None = None  # bool [B, S]
         self.input_amax: dict[str, torch.Tensor] = {}
-        self.input_sq: dict[str, torch.Tensor] = {}  # sum of x^2 per channel over real tokens
-        self.hessian: dict[str, torch.Tensor] = {}  # sum of x x^T over real tokens
-        self.last: tuple = (None,) * 4  # (input tensor, its real tokens, their sum x^2, x^T x) of the latest hook
+        self.input_sq: dict[str, torch.Tensor] = {}  # per fusion group: sum of x^2 per channel over real tokens
+        self.hessian: dict[str, torch.Tensor] = {}  # per fusion group: sum of x x^T over real tokens
         self.qkv_amax: dict[int, torch.Tensor] = {}
 
     def tokens_amax(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,26 +71,25 @@ AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
 
 
 @contextmanager
-def _observing(model, linear_names: Iterable[str], observer: _Observer, kv: bool, square_names: set[str],
-               hessian_names: set[str]):
-    """Install the hooks (and the recording attention) for the duration of the block, then restore the model."""
+def _observing(model, linear_names: list[str], observer: _Observer, kv: bool, square_names: set[str],
+               hessian_names: set[str], groups: list[list[str]]):
+    """Install the hooks (and the recording attention) for the duration of the block, then restore the model. The
+    statistics of the input that the linears of one of `groups` read are kept once, under the group's first."""
     modules = dict(model.named_modules())
+    first = {g[0]: g for g in groups}
     handles = []
     for name in linear_names:
+        group = first.get(name, ())
+        squares, hessian = bool(square_names.intersection(group)), bool(hessian_names.intersection(group))
 
-        def hook(_module, args, name=name):
+        def hook(_module, args, name=name, squares=squares, hessian=hessian):
             observer.update(observer.input_amax, name, observer.tokens_amax(args[0]))
-            if name in square_names or name in hessian_names:
-                if observer.last[0] is not args[0]:  # q/k/v (gate/up) read one tensor: its statistics once
-                    x = args[0][observer.mask].detach().float()
-                    observer.last = (args[0], x, x.pow(2).sum(0), None)
-                tensor, x, sq, xtx = observer.last
-                observer.input_sq[name] = observer.input_sq.get(name, 0) + sq
-                if name in hessian_names:
-                    if xtx is None:
-                        xtx = x.T @ x
-                        observer.last = (tensor, x, sq, xtx)
-                    observer.hessian[name] = observer.hessian.get(name, 0) + xtx
+            if squares or hessian:
+                x = args[0][observer.mask].detach().float()
+                if squares:
+                    observer.input_sq[name] = observer.input_sq.get(name, 0) + x.pow(2).sum(0)
+                if hessian:
+                    observer.hessian[name] = observer.hessian.get(name, 0) + x.T @ x
 
         handles.append(modules[name].register_forward_pre_hook(hook))
     attention = [m for m in modules.values() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")] if kv else []
@@ -113,23 +114,32 @@ def calibrate(model, batches: list[Batch], linear_names: Iterable[str], kv: bool
               square_names: Iterable[str] = (), hessian_names: Iterable[str] = ()) -> Calibration:
     """Run `batches` through `model` (no KV cache) and return the amax of the named linears' inputs and of q/k/v,
     the mean x^2 per input channel of `square_names` and the mean x x^T of `hessian_names` (both subsets of
-    `linear_names`)."""
+    `linear_names`; one tensor per fusion group, which its named members share)."""
     observer = _Observer()
     device = next(model.parameters()).device
     num_tokens = 0
     linear_names = list(linear_names)
     # the decoder alone unless the lm_head is calibrated: logits are a fifth of a small model's work, and unused here
     forward = model if any(n == "lm_head" or n.endswith(".lm_head") for n in linear_names) else model.base_model
-    with _observing(model, linear_names, observer, kv, set(square_names), set(hessian_names)):
+    square_names, hessian_names = set(square_names), set(hessian_names)
+    wanted = square_names | hessian_names
+    groups = fusion_groups([n for n in linear_names if n in wanted])  # the linears that read one input
+    with _observing(model, linear_names, observer, kv, square_names, hessian_names, groups):
         for batch in tqdm(batches, desc="calibrating", unit="batch"):
             observer.mask = batch.attention_mask.to(device).bool()
             num_tokens += int(observer.mask.sum())
             forward(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                     use_cache=False)
+
+    def per_linear(sums: dict[str, torch.Tensor], names: set[str]) -> dict[str, torch.Tensor]:
+        """The group sums as means, one tensor per group that its members in `names` share."""
+        means = {first: (v / max(num_tokens, 1)).cpu() for first, v in sums.items()}
+        return {n: means[g[0]] for g in groups for n in g if n in names}
+
     return Calibration(
         input_amax={k: float(v) for k, v in observer.input_amax.items()},
-        input_sq={k: (v / max(num_tokens, 1)).cpu() for k, v in observer.input_sq.items()},
-        hessian={k: (v / max(num_tokens, 1)).cpu() for k, v in observer.hessian.items()},
+        input_sq=per_linear(observer.input_sq, square_names),
+        hessian=per_linear(observer.hessian, hessian_names),
         qkv_amax={k: tuple(float(x) for x in v) for k, v in sorted(observer.qkv_amax.items())},
         num_tokens=num_tokens,
     )

@@ -231,7 +231,7 @@ def quantize_llm(o: LlmOptions) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from quantization import auto, gptq, scale_search
+    from quantization import auto, gptq
     from quantization import smoothing as smoothing_mod
     from quantization.calibrate import Calibration, calibrate
 
@@ -282,6 +282,18 @@ def quantize_llm(o: LlmOptions) -> dict:
         calib = calibrate(model, batches, sorted({*static_inputs(plan), *squares, *hessians}), kv=kv_fp8,
                           square_names=squares, hessian_names=hessians)
 
+    return write_llm(model, o, plan, calib, data, method_report)
+
+
+def write_llm(model, o: LlmOptions, plan: dict[str, str], calib, data: dict, method_report: dict) -> dict:
+    """The tail of `llm` on a (smoothed) model and its calibration: weight scales (shared per fusion group, NVFP4
+    searched), GPTQ, the quantized tensors, the report, the directory. Returns the report; `data` is what the
+    calibration held (`calibration_data`), `method_report` what the earlier steps did."""
+    import torch
+
+    from quantization import gptq, scale_search
+
+    kv_fp8 = o.kv_cache_quantization == "fp8"
     state_dict = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     config = read_json(o.model_dir / "config.json", "the model config")
     lm_head = [m for m in plan if m.endswith("lm_head")]
@@ -291,9 +303,10 @@ def quantize_llm(o: LlmOptions) -> dict:
         else:
             state_dict.pop("lm_head.weight", None)
     scales, method_report["weight_scales"] = scale_search.weight_scales(
-        state_dict, plan, calib.input_sq, o.scale_search == "mse", o.fuse_scales, measure=not o.gptq)
+        state_dict, plan, calib.input_sq, o.scale_search == "mse", o.fuse_scales, gptq_blocks=o.gptq)
     if o.gptq:
-        method_report["gptq"] = gptq.apply(state_dict, fits, scales, calib.hessian, o.scale_search == "mse")
+        # (the linears whose format does not fit them have no scales, so GPTQ leaves them alone)
+        method_report["gptq"] = gptq.apply(state_dict, plan, scales, calib.hessian, o.scale_search == "mse")
     kv_scales = {i: a for i, a in calib.qkv_amax.items() if i not in o.kv_cache_fp16_layers} if kv_fp8 else {}
     qt = writer.quantize_state_dict(state_dict, plan, calib.input_amax, kv_scales, weight_scales=scales)
 
@@ -301,7 +314,7 @@ def quantize_llm(o: LlmOptions) -> dict:
     report = with_calibration(build_report(calib, o.quantization, kv_fp8, o.kv_cache_fp16_layers, qt.excluded,
                                            data["samples"]), data)
     report["methods"] = method_report
-    if is_auto:
+    if "auto" in method_report:
         report["effective_bits"] = method_report["auto"]["effective_bits"]
     write_quantized(qt, config, all_linears, report, o.quantization, kv_fp8, o.kv_cache_fp16_layers,
                     source_dir=o.model_dir, output_dir=o.output_dir, max_shard_bytes=o.max_shard_bytes)

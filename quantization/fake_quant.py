@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from contract import formats
+from plugins.nvfp4.reference import nvfp4_block_scales
 
 
 def weight_qdq(fmt: str, w: torch.Tensor) -> torch.Tensor:
@@ -30,10 +31,8 @@ def weight_qdq(fmt: str, w: torch.Tensor) -> torch.Tensor:
 
 
 def _nvfp4_qdq(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """``e2m1(x / step) * step`` per block of 16 (`step` ``[..., K/16]``; a zero step gives zeros)."""
-    blocks = x.unflatten(-1, (-1, formats.NVFP4_GROUP))
-    safe = torch.where(step > 0, step, torch.ones_like(step))[..., None]
-    return (formats.e2m1_round(blocks / safe) * step[..., None]).flatten(-2)
+    """`formats.e2m1_qdq` per block of 16 along the last axis (`step` ``[..., K/16]``)."""
+    return formats.e2m1_qdq(x.unflatten(-1, (-1, formats.NVFP4_GROUP)), step[..., None]).flatten(-2)
 
 
 def input_qdq(fmt: str, x: torch.Tensor, amax: float | None = None) -> torch.Tensor:
@@ -49,9 +48,7 @@ def input_qdq(fmt: str, x: torch.Tensor, amax: float | None = None) -> torch.Ten
             return formats.to_fp8(x, scale).float() * scale
         # plugins/nvfp4/reference.py without its final fp16 roundings (a search needs the fp32 error only)
         input_scale = amax / (formats.E2M1_MAX * formats.FP8_MAX)
-        blocks = x.float().unflatten(-1, (-1, formats.NVFP4_GROUP))
-        block_scale = (blocks.abs().amax(-1) / formats.E2M1_MAX / input_scale).clamp(max=formats.FP8_MAX)
-        return _nvfp4_qdq(x.float(), block_scale.to(formats.FP8_DTYPE).float() * input_scale)
+        return _nvfp4_qdq(x.float(), nvfp4_block_scales(x, input_scale).float() * input_scale)
     # dynamic per token (fp8_pc) or per token and 128 channels (fp8_block): the row-block format on 2-D rows
     block = x.shape[-1] if fmt == "fp8_pc" else formats.WEIGHT_BLOCK
     rows = x.reshape(-1, x.shape[-1])

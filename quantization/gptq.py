@@ -13,38 +13,47 @@ dequantized values that the plain quantizer with the returned scales reproduces 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 from contract import formats
-from quantization.scale_search import search_block_scales
+from quantization.scale_search import fusion_groups, search_block_scales
 
 BLOCK = 128  # columns updated lazily together (a multiple of the NVFP4 group)
 DAMP = 0.01  # fraction of the mean diagonal added to H, as the GPTQ reference does
 FORMATS = ("nvfp4", "fp8")  # the per-linear formats GPTQ rounds
 
 
-def _damped(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H in fp64 with 1 on the diagonal of dead input channels and DAMP of its mean diagonal added, dead mask)."""
+@dataclass(frozen=True)
+class Damped:
+    """H = E[x x^T] of one input, damped, as the GPTQ loop uses it: computed once per input and shared by the linears
+    that read it (q/k/v, gate/up), since the Cholesky factorization costs more than a small linear's loop."""
+
+    diag: torch.Tensor  # fp32 diagonal of the damped H (the NVFP4 block-scale search weighs columns by it)
+    dead: torch.Tensor  # bool: input channels that were never nonzero
+    hinv: torch.Tensor  # fp32 upper Cholesky factor of the inverse of the damped H
+
+
+def damped(hessian: torch.Tensor) -> Damped:
+    """H in fp64 with 1 on the diagonal of dead input channels and DAMP of its mean diagonal added, factored."""
     H = hessian.double().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     H += DAMP * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
-    return H, dead
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    return Damped(torch.diag(H).float(), dead, hinv)
 
 
-def _gptq(w: torch.Tensor, damped: tuple[torch.Tensor, torch.Tensor],
-          round_column: Callable[[torch.Tensor, int, int], torch.Tensor]) -> torch.Tensor:
-    """The GPTQ loop on `damped` = `_damped(H)`: fp32 rounded weight ``[out, in]``. ``round_column(W1, i, col)``
-    rounds column ``i`` of the current lazy block ``W1`` (input column ``col``), which holds the error-updated weights
-    of the block."""
+def _gptq(w: torch.Tensor, h: Damped, round_column: Callable[[torch.Tensor, int, int], torch.Tensor]) -> torch.Tensor:
+    """The GPTQ loop: fp32 rounded weight ``[out, in]``. ``round_column(W1, i, col)`` rounds column ``i`` of the
+    current lazy block ``W1`` (input column ``col``), which holds the error-updated weights of the block."""
     n = w.shape[1]
     W = w.float().clone()
-    H, dead = damped
-    W[:, dead] = 0
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    W[:, h.dead] = 0
+    Hinv = h.hinv
     Q = torch.zeros_like(W)
     for b0 in range(0, n, BLOCK):
         b1 = min(b0 + BLOCK, n)
@@ -60,13 +69,11 @@ def _gptq(w: torch.Tensor, damped: tuple[torch.Tensor, torch.Tensor],
     return Q
 
 
-def gptq_nvfp4(w: torch.Tensor, hessian: torch.Tensor, global_scale: torch.Tensor, search: bool
+def gptq_nvfp4(w: torch.Tensor, h: Damped, global_scale: torch.Tensor, search: bool
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 dequantized weight ``[out, in]``, FP8 block scales ``[out, in/16]``) for `w` given H ``[in, in]``."""
+    """(fp32 dequantized weight ``[out, in]``, FP8 block scales ``[out, in/16]``) for `w` given its input's `h`."""
     out, n = w.shape
     group = formats.NVFP4_GROUP
-    damped = _damped(hessian)
-    diag = torch.diag(damped[0]).float()  # the block-scale search weighs columns by the damped H
     gs = global_scale.float().reshape(())
     scales = torch.zeros(out, n // group, dtype=formats.FP8_DTYPE)
     step = torch.ones(out)
@@ -75,42 +82,44 @@ def gptq_nvfp4(w: torch.Tensor, hessian: torch.Tensor, global_scale: torch.Tenso
         nonlocal step
         if col % group == 0:
             block = W1[:, i:i + group]
-            s = search_block_scales(block, gs, diag[col:col + group])[0] if search else formats.nvfp4_block_scales(
+            s = search_block_scales(block, gs, h.diag[col:col + group])[0] if search else formats.nvfp4_block_scales(
                 block, gs)
             scales[:, col // group] = s[:, 0]
             step = s[:, 0].float() * gs
-        safe = torch.where(step > 0, step, torch.ones_like(step))
-        return formats.e2m1_round(W1[:, i] / safe) * step
+        return formats.e2m1_qdq(W1[:, i], step)
 
-    return _gptq(w, damped, round_column), scales
+    return _gptq(w, h, round_column), scales
 
 
-def gptq_fp8(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """fp32 dequantized weight ``[out, in]`` on the per-tensor FP8 grid of `scale`, for `w` given H ``[in, in]``."""
+def gptq_fp8(w: torch.Tensor, h: Damped, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 dequantized weight ``[out, in]`` on the per-tensor FP8 grid of `scale`, for `w` given its input's `h`."""
     scale = scale.float().reshape(())
-    return _gptq(w, _damped(hessian), lambda W1, i, col: formats.to_fp8(W1[:, i], scale).float() * scale)
+    return _gptq(w, h, lambda W1, i, col: formats.to_fp8(W1[:, i], scale).float() * scale)
 
 
 def apply(state_dict: dict[str, torch.Tensor], plan: dict[str, str], scales: dict[str, dict[str, torch.Tensor]],
           hessians: dict[str, torch.Tensor], search: bool) -> dict:
     """Round every NVFP4 and per-tensor FP8 linear of `plan` that has a calibrated H with GPTQ, in place: its weight
     in `state_dict` becomes the rounded values (and an NVFP4 `weight_scale` in `scales` the chosen block scales).
+    The linears of a fusion group read one input and share its H (`calibrate`): it is damped and factored once.
     Returns the report entry: the output error sum((W - Q) H (W - Q)^T) over those linears against plain rounding
     with the same scales."""
     ours, plain = 0.0, 0.0
     names = [n for n, f in plan.items() if f in FORMATS and n in hessians and n in scales]
-    for name in tqdm(names, desc="gptq", unit="linear"):
-        w, h = state_dict[f"{name}.weight"].float(), hessians[name].float()
-        if plan[name] == "nvfp4":
-            gs = scales[name]["weight_scale_2"]
-            q, block_scales = gptq_nvfp4(w, h, gs, search)
-            rtn = formats.dequantize_nvfp4(*formats.quantize_nvfp4(w, block_scale=scales[name]["weight_scale"],
-                                                                   global_scale=gs))
-            scales[name]["weight_scale"] = block_scales
-        else:
-            codes, s = formats.quantize_fp8_per_tensor(w, scales[name]["weight_scale"])
-            q, rtn = gptq_fp8(w, h, s), codes.float() * s
-        ours += float(((w - q) @ h * (w - q)).sum())
-        plain += float(((w - rtn) @ h * (w - rtn)).sum())
-        state_dict[f"{name}.weight"] = q
+    for group in tqdm(fusion_groups(names), desc="gptq", unit="input"):
+        h = damped(hessians[group[0]])
+        for name in group:
+            w, hessian = state_dict[f"{name}.weight"].float(), hessians[name].float()
+            if plan[name] == "nvfp4":
+                gs = scales[name]["weight_scale_2"]
+                q, block_scales = gptq_nvfp4(w, h, gs, search)
+                rtn = formats.dequantize_nvfp4(*formats.quantize_nvfp4(w, block_scale=scales[name]["weight_scale"],
+                                                                       global_scale=gs))
+                scales[name]["weight_scale"] = block_scales
+            else:
+                codes, s = formats.quantize_fp8_per_tensor(w, scales[name]["weight_scale"])
+                q, rtn = gptq_fp8(w, h, s), codes.float() * s
+            ours += float(((w - q) @ hessian * (w - q)).sum())
+            plain += float(((w - rtn) @ hessian * (w - rtn)).sum())
+            state_dict[f"{name}.weight"] = q
     return {"linears": len(names), "output_error_ratio": round(ours / plain, 4) if plain > 0 else None}

@@ -87,6 +87,8 @@ def describe_methods(m: dict) -> str:
     ws = m.get("weight_scales") or {}
     if "nvfp4_weight_error_ratio" in ws:
         parts.append(f"nvfp4 scale search: weight error x{ws['nvfp4_weight_error_ratio']:.2f}")
+    elif ws.get("nvfp4_block_scales") == "gptq":
+        parts.append("nvfp4 scale search: global scales (gptq chose the block scales)")
     if ws.get("shared_scales") and ws.get("linears"):
         parts.append("shared q/k/v, gate/up scales")
     g = m.get("gptq") or {}

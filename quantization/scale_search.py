@@ -40,9 +40,7 @@ def _blocks(w: torch.Tensor) -> torch.Tensor:
 
 
 def _dequant(blocks: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
-    step = block_scale.float() * global_scale
-    safe = torch.where(step > 0, step, torch.ones_like(step))
-    return formats.e2m1_round(blocks / safe[..., None]) * step[..., None]
+    return formats.e2m1_qdq(blocks, (block_scale.float() * global_scale)[..., None])
 
 
 def search_block_scales(w: torch.Tensor, global_scale: torch.Tensor, h: torch.Tensor | None):
@@ -89,13 +87,16 @@ def fp8_group_scale(weights: dict[str, torch.Tensor]) -> dict[str, dict[str, tor
 
 
 def weight_scales(state_dict: dict[str, torch.Tensor], plan: dict[str, str], input_sq: dict[str, torch.Tensor],
-                  search: bool, fuse: bool, measure: bool = True) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+                  search: bool, fuse: bool, gptq_blocks: bool = False
+                  ) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     """Scales for the NVFP4 and per-tensor FP8 linears of `plan` (module -> format), and a summary for the report.
 
     `fuse`: one global / per-tensor scale per fusion group whose linears share the format; `search`: NVFP4 scales by
-    output error (the module docstring); `measure`: report the searched block scales' error against amax scales
-    (pointless when GPTQ chooses the block scales again, keeping only the global ones)."""
-    scales, searched_err, amax_err = {}, 0.0, 0.0
+    output error (the module docstring). `gptq_blocks`: GPTQ chooses the NVFP4 block scales again and keeps only the
+    global ones (its baseline is plain rounding with these block scales). The search still runs per block, as that
+    error is what picks each global scale, but the searched block scales' error against amax scales is not
+    measured, and the summary says the search chose the global scales."""
+    scales, searched_err, amax_err, searched = {}, 0.0, 0.0, False
     names = [n for n, f in plan.items() if f in ("nvfp4", "fp8") and f"{n}.weight" in state_dict]
     groups = fusion_groups(names) if fuse else [[n] for n in names]
     for group in groups:
@@ -111,7 +112,8 @@ def weight_scales(state_dict: dict[str, torch.Tensor], plan: dict[str, str], inp
                 continue
             found = nvfp4_group_scales(weights, input_sq, search)
             scales.update(found)
-            if search and measure:
+            searched |= search
+            if search and not gptq_blocks:
                 for n, w in weights.items():
                     h = input_sq.get(n)
                     amax_gs = formats.nvfp4_global_scale(w.float().abs().amax())
@@ -120,6 +122,8 @@ def weight_scales(state_dict: dict[str, torch.Tensor], plan: dict[str, str], inp
     summary = {"linears": len(scales), "nvfp4_scales": "mse" if search else "amax", "shared_scales": fuse}
     if amax_err > 0:
         summary["nvfp4_weight_error_ratio"] = round(searched_err / amax_err, 4)  # searched / amax, h-weighted
+    if searched and gptq_blocks:
+        summary["nvfp4_block_scales"] = "gptq"  # the search's block scales serve GPTQ's baseline only
     return scales, summary
 
 

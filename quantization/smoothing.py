@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from quantization.fake_quant import input_qdq, weight_qdq
+from quantization.scale_search import fusion_groups
 
 ALPHAS = tuple(i / 5 for i in range(6))  # half as fine as ModelOpt awq_lite's 0.1 steps: a CPU search in minutes
 SEARCH_TOKENS = 512  # calibration tokens (sampled from the search samples) each group is searched on
@@ -53,6 +54,12 @@ class ScaleGroup:
         return (t.mean(1) if how == "mean" else t.amax(1)).reshape(-1)
 
 
+# What produces the input of a layer's linears that read one input (`scale_search.fusion_groups`), by the group's
+# first linear: both paths relative to the decoder layer
+SOURCES = {"self_attn.q_proj": "input_layernorm", "self_attn.o_proj": "self_attn.v_proj",
+           "mlp.gate_proj": "post_attention_layernorm", "mlp.down_proj": "mlp.up_proj"}
+
+
 def scale_groups(model, plan: dict[str, str]) -> list[ScaleGroup]:
     """The foldable groups of every decoder layer that holds at least one linear of `plan`."""
     cfg = model.config
@@ -61,13 +68,13 @@ def scale_groups(model, plan: dict[str, str]) -> list[ScaleGroup]:
     modules = dict(model.named_modules())
     groups = []
     for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}"
-        for g in (ScaleGroup(f"{p}.input_layernorm", [f"{p}.self_attn.{n}_proj" for n in "qkv"]),
-                  ScaleGroup(f"{p}.self_attn.v_proj", [f"{p}.self_attn.o_proj"], (hq, hkv, d)),
-                  ScaleGroup(f"{p}.post_attention_layernorm", [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]),
-                  ScaleGroup(f"{p}.mlp.up_proj", [f"{p}.mlp.down_proj"])):
-            if all(n in modules for n in (g.source, *g.linears)) and any(n in plan for n in g.linears):
-                groups.append(g)
+        p = f"model.layers.{i}."
+        linears = [n for n, m in modules.items() if n.startswith(p) and isinstance(m, torch.nn.Linear)]
+        for members in fusion_groups(linears):
+            source = SOURCES.get(members[0].removeprefix(p))
+            if source and p + source in modules and any(n in plan for n in members):
+                heads = (hq, hkv, d) if source == "self_attn.v_proj" else None
+                groups.append(ScaleGroup(p + source, members, heads))
     return groups
 
 

@@ -216,6 +216,7 @@ def test_search_fake_quant_matches_the_writer_and_the_reference():
 
     g = torch.Generator().manual_seed(5)
     w = torch.randn(48, 64, generator=g) * torch.rand(64, generator=g) * 3
+    w[3, :16] = 0  # a zero block scale: zeros, not NaN
     values = torch.cat([torch.randn(10000, generator=g) * 3, torch.arange(-700, 700) / 100,
                         torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -5.0, 7.0])])
     assert torch.equal(formats.e2m1_round(values), formats.e2m1_decode(formats.e2m1_encode(values)))
@@ -242,11 +243,11 @@ def output_error(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor) -> float:
 
 
 def test_gptq_lowers_the_output_error_and_stays_plain_nvfp4():
-    from quantization.gptq import gptq_nvfp4
+    from quantization.gptq import damped, gptq_nvfp4
 
     x, w, h = gptq_problem()
     gs = formats.nvfp4_global_scale(w.abs().amax())
-    q, block_scales = gptq_nvfp4(w, h, gs, search=False)
+    q, block_scales = gptq_nvfp4(w, damped(h), gs, search=False)
     nearest = formats.dequantize_nvfp4(*formats.quantize_nvfp4(w, global_scale=gs))
 
     assert output_error(x, w, q) < 0.8 * output_error(x, w, nearest)  # measured 0.72 here (0.42 with 256 channels)
@@ -256,11 +257,11 @@ def test_gptq_lowers_the_output_error_and_stays_plain_nvfp4():
 
 
 def test_gptq_fp8_lowers_the_output_error_and_stays_on_the_per_tensor_grid():
-    from quantization.gptq import gptq_fp8
+    from quantization.gptq import damped, gptq_fp8
 
     x, w, h = gptq_problem()
     scale = w.abs().amax() / 448 * 1.5  # a shared scale larger than this tensor's own, as q/k/v get
-    q = gptq_fp8(w, h, scale)
+    q = gptq_fp8(w, damped(h), scale)
     nearest = (w / scale).to(torch.float8_e4m3fn).float() * scale  # nearest rounding (torch float8 cast)
 
     assert output_error(x, w, q) < 0.8 * output_error(x, w, nearest)
@@ -288,6 +289,8 @@ def test_calibration_second_moment_matrix_matches_hooks(tiny_checkpoint):
         if n != names[0]:
             torch.testing.assert_close(calib.hessian[n], x.T @ x / len(x), rtol=1e-5, atol=1e-6)
     assert names[0] not in calib.hessian
+    # q/k/v read one input: one tensor of each statistic, shared
+    assert calib.input_sq[names[0]] is calib.input_sq[names[2]] and calib.hessian[names[1]] is calib.hessian[names[2]]
 
 
 def test_report_prints_what_the_methods_did():
@@ -303,3 +306,5 @@ def test_report_prints_what_the_methods_did():
                   "gptq: output error x0.70"):
         assert words in text, text
     assert describe_methods({"smoothing": {"method": "none"}, "weight_scales": {"linears": 0, "shared_scales": True}}) == ""
+    with_gptq = {"weight_scales": {"linears": 5, "nvfp4_scales": "mse", "nvfp4_block_scales": "gptq"}}
+    assert describe_methods(with_gptq) == "nvfp4 scale search: global scales (gptq chose the block scales)"
