@@ -11,7 +11,8 @@ some residual channels unrotated (`keep`, whose norm weights then stay in the no
 
 Torch fake-quant as benchmarks/accuracy_breakdown.py (fp32 HF model, amax scales, dynamic per-call activation amax):
 every decoder linear's weight and/or input quantized, each setup against the unrotated unquantized model on the same
-WikiText-2 windows; `--awq` first folds the quantizer's AWQ scales (quantization/smoothing.py) into each setup.
+WikiText-2 windows (each row's KL also as a paired difference from the first setup's with the same fake-quant);
+`--awq` first folds the quantizer's AWQ scales (quantization/smoothing.py) into each setup.
 
     python -m benchmarks.rotation_breakdown [--windows 4] [--window_len 256] [--awq] [--setups ...] [--quant ...]
 """
@@ -201,17 +202,23 @@ def main(n_windows: int, window_len: int, quant: str, setups: str, awq: bool) ->
     reference = log_probs(load(None), windows)
     base = stats.TokenScores.stack([stats.TokenScores.of_window(r, r, t) for r, t in zip(reference, targets)])
     idx = stats.draws(n_windows)
+    first: dict[str, stats.TokenScores] = {}  # fake-quant setting -> its scores under the first setup
 
-    def score(label: str, model) -> None:
+    def score(label: str, model, q: str = "") -> None:
         lps = log_probs(model, windows)
         sc = stats.TokenScores.stack([stats.TokenScores.of_window(r, lp, t)
                                       for r, lp, t in zip(reference, lps, targets)])
         f = stats.summary(sc, base, idx)
-        print(f"| {label} | {f['kl'].fmt('.4f')} | {f['top1'].fmt('.1f', 100, '%')} |", flush=True)
+        paired = ""
+        if q in first:
+            d = stats.interval(stats.difference(stats.kl_mean(sc), stats.kl_mean(first[q])), idx)
+            paired = f"{stats.compare(d)} vs the first setup (paired)"
+        first.setdefault(q, sc)
+        print(f"| {label} | {f['kl'].fmt('.4f')} | {f['top1'].fmt('.1f', 100, '%')} | {paired} |", flush=True)
 
     print(f"{n_windows} x {window_len} WikiText-2 tokens{', AWQ folded' if awq else ''}; "
           f"machine: {machine(with_load=True)}")
-    print("| setup, fake-quantized | KL mean | top-1 |\n|---|---|---|")
+    print("| setup, fake-quantized | KL mean | top-1 | KL difference |\n|---|---|---|---|")
     for setup in setups.split(","):
         model = load(setup)
         score(f"{setup}, unquantized", model)  # the rotation (and AWQ) alone: exact, KL ~0
@@ -226,7 +233,7 @@ def main(n_windows: int, window_len: int, quant: str, setups: str, awq: bool) ->
                     m.weight.data = weight_qdq(wfmt, originals[n])
                 if afmt:
                     hooks.append(m.register_forward_pre_hook(lambda mod, args, f=afmt: (input_qdq(f, args[0]),)))
-            score(f"{setup}, {q}", model)
+            score(f"{setup}, {q}", model, q)
             for h in hooks:
                 h.remove()
             for n, m in linears.items():
