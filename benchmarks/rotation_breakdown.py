@@ -43,7 +43,7 @@ SETUPS = {  # label -> rotate() arguments, None = unrotated
     "R1 hadamard": {"kind": "hadamard", "heads": False},
     "R1+R2 hadamard": {"kind": "hadamard", "heads": True},
     "R1+R2 random orthogonal": {"kind": "random", "heads": True},
-    "R1 hadamard, blocks of 16": {"kind": "hadamard", "heads": False, "block": 16},
+    "R1 hadamard in blocks of 16": {"kind": "hadamard", "heads": False, "block": 16},
     "norms folded only": {"kind": "identity", "heads": False},
     "R1 random orthogonal except 5 outlier channels": {"kind": "random", "heads": False, "keep": OUTLIERS},
     "norms folded except 5 outlier channels": {"kind": "identity", "heads": False, "keep": OUTLIERS},
