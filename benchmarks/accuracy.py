@@ -74,6 +74,11 @@ RECIPES = [
     Recipe("nvfp4", ["--quantization", "nvfp4"], target_kl=0.25, target_top1=0.75,
            baselines=("nvfp4 (amax)", "nvfp4 (no gptq)")),
     Recipe("nvfp4 (no gptq)", ["--quantization", "nvfp4", "--no-gptq"]),
+    # each method of `nvfp4 (no gptq)` alone (on top of the shared q/k/v and gate/up global scales)
+    Recipe("nvfp4 awq only", ["--quantization", "nvfp4", "--scale_search", "amax", "--no-gptq"],
+           baselines=("nvfp4 (amax)", "nvfp4 (no gptq)")),
+    Recipe("nvfp4 scale search only", ["--quantization", "nvfp4", "--smoothing", "none", "--no-gptq"],
+           baselines=("nvfp4 (amax)", "nvfp4 (no gptq)")),
     Recipe("fp8-kv", ["--quantization", "none", "--kv_cache_quantization", "fp8"], target_kl=0.008),
     Recipe("auto 6 bits", ["--quantization", "auto", "--effective_bits", 6], target_kl=0.05),
     Recipe("nvfp4+fp8-kv+fp8-embedding", ["--quantization", "nvfp4", "--kv_cache_quantization", "fp8"],
