@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import signal
 from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -185,3 +186,9 @@ def transformers_greedy(model, prompt_ids: list[int], n: int, eos_token_ids: lis
     out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, top_k=None, top_p=None,
                          eos_token_id=eos_token_ids, pad_token_id=0)
     return out[0, len(prompt_ids):]
+
+
+def sigint_as_from_a_terminal() -> None:
+    """`preexec_fn` for a child that must see Ctrl-C: a job started in the background of a non-interactive shell
+    inherits SIGINT ignored, and Python then never raises KeyboardInterrupt; a terminal's child has it at default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

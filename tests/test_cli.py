@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO, run_cli
+from helpers import REPO, run_cli, sigint_as_from_a_terminal
 
 HEAVY = ("torch", "transformers", "onnx", "onnxruntime", "safetensors", "tokenizers")
 # module -> arguments that parse, so the command goes on into its heavy imports ({tmp}: a fresh directory)
@@ -49,7 +49,8 @@ sys.exit(importlib.import_module(sys.argv[1]).main(sys.argv[2:]))
 
 
 def python(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=120,
+                          preexec_fn=sigint_as_from_a_terminal)
 
 
 @pytest.mark.parametrize("module,args", HELP_ARGS, ids=lambda v: " ".join(v) if isinstance(v, list) else v)

@@ -23,7 +23,13 @@ from pathlib import Path
 
 import onnx
 import pytest
-from helpers import REPO, export_and_build, make_tiny_checkpoint, run_cli
+from helpers import (
+    REPO,
+    export_and_build,
+    make_tiny_checkpoint,
+    run_cli,
+    sigint_as_from_a_terminal,
+)
 from onnx import TensorProto, helper
 from safetensors.torch import load_file, save_file
 
@@ -853,7 +859,8 @@ def writer_command(ws: Workspace, writer: str) -> tuple[list[str], Path]:
 
 def start(argv: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_as_from_a_terminal)
 
 
 def partials(target: Path) -> list[Path]:
