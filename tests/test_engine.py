@@ -20,9 +20,11 @@ from helpers import (
     tokens,
 )
 from safetensors.torch import load_file
+from transformers import DynamicCache
 
 from contract.errors import InputError
 from contract.formats import dequantize_fp8_row_block
+from examples.eagle.draft_model import cache_kwargs
 from runtime.engine import Engine
 from runtime.rope import rope_cos_sin
 
@@ -83,15 +85,14 @@ def test_prefill_then_decode_matches_transformers(built, family):
     ids = tokens(12)
     cache = engine.new_cache(1)
     prefill = forward_rows(engine, cache, [ids[:5]], all_logits=True)
+    past = DynamicCache(config=hf.config)  # transformers' own cache, filled in place
     with torch.no_grad():
-        out = hf(torch.tensor(ids[None, :5], dtype=torch.long), use_cache=True)
+        out = hf(torch.tensor(ids[None, :5], dtype=torch.long), use_cache=True, **cache_kwargs(hf, past))
     assert_logits_close(prefill, out.logits.numpy())
-    past = out.past_key_values
     for t in range(5, 12):
         step = forward_rows(engine, cache, [ids[t:t + 1]])
         with torch.no_grad():
-            out = hf(torch.tensor([[ids[t]]], dtype=torch.long), past_key_values=past, use_cache=True)
-        past = out.past_key_values
+            out = hf(torch.tensor([[ids[t]]], dtype=torch.long), use_cache=True, **cache_kwargs(hf, past))
         assert_logits_close(step, out.logits.numpy())
     assert cache.lengths.tolist() == [12]
     # the cache holds transformers' post-RoPE keys and values, K first

@@ -13,6 +13,7 @@ import torch
 from helpers import assert_logits_close, hf_model, make_tiny_checkpoint, quantize
 from onnx import TensorProto, numpy_helper
 from onnx.reference import ReferenceEvaluator
+from transformers import DynamicCache
 
 from builder.detect import detect
 from builder.onnxruntime_backend import embedding_model
@@ -25,6 +26,7 @@ from builder.trt_graph import (
 )
 from contract.errors import InputError
 from contract.stage import ROPE_COS_SIN, KvDtype
+from examples.eagle.draft_model import cache_kwargs
 from llm_loader.embedding import read_embedding_sidecar
 from llm_loader.export_all_cli import export
 from plugins.attention.reference import AttentionPlugin
@@ -245,17 +247,17 @@ def test_runtime_bindings_run_the_graph_to_transformers_logits(exports):
 
     hf = hf_model(exports["qwen3-checkpoint"])
     for b, prompt in enumerate(prompts):
+        past = DynamicCache(config=hf.config)  # transformers' own cache, filled in place
         with torch.no_grad():
-            out = hf(torch.tensor(prompt[None], dtype=torch.long), use_cache=True)
+            out = hf(torch.tensor(prompt[None], dtype=torch.long), use_cache=True, **cache_kwargs(hf, past))
             ref = [out.logits[0, -1]]
             for t in range(2):
-                out = hf(torch.tensor([[steps[b, t]]], dtype=torch.long), past_key_values=out.past_key_values,
-                         use_cache=True)
+                out = hf(torch.tensor([[steps[b, t]]], dtype=torch.long), use_cache=True, **cache_kwargs(hf, past))
                 ref.append(out.logits[0, -1])
         assert_logits_close(np.stack([o[b] for o in ours]), torch.stack(ref).numpy())
         # what the backend's read_kv gives for the row: transformers' post-RoPE K and V (fp16 against fp32)
         cached = read_layers(layers, b, torch.arange(int(lengths[b]))).float().numpy()
-        want = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in out.past_key_values.layers])
+        want = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in past.layers])
         np.testing.assert_allclose(cached, want.numpy(), rtol=0, atol=0.005 * float(want.abs().max()))
     assert lengths.tolist() == [10, 7]
     # write_layers (the backend's write_kv) puts a read row at any offset of another row, and touches nothing else

@@ -17,6 +17,7 @@ and zeroes the unused one). Its output predicts the base's next token after x[p+
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,14 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from quantization.eagle3 import Eagle3Draft
+
+
+def cache_kwargs(model, cache) -> dict:
+    """The keyword a transformers model's forward takes its KV cache by: `cache` in transformers 5.2x, which
+    deprecates the older `past_key_values` (removal announced for 5.40), and `past_key_values` before it. The cache
+    object is updated in place either way."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
 
 
 @dataclass

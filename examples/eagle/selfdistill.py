@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
+from examples.eagle.draft_model import cache_kwargs
+
 CHAT_PASSAGE = [
     "Continue this passage:\n\n{passage}",
     "Summarize this passage in two sentences:\n\n{passage}",
@@ -161,7 +163,7 @@ def greedy_with_features(base, prompts: list[list[int]], max_new_tokens: int, la
         mask[i, width - len(p):] = 1
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     cache = DynamicCache(config=base.config)
-    out = base(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+    out = base(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwargs(base, cache),
                output_hidden_states=True)
     feats, argmax = [features(out.hidden_states, layer_ids)], [out.logits.argmax(-1)]
     tops = [top_logprobs(out.logits, top_k)]
@@ -179,7 +181,7 @@ def greedy_with_features(base, prompts: list[list[int]], max_new_tokens: int, la
         mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], dim=1)
         next_pos = next_pos + 1
         out = base(input_ids=step[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                   past_key_values=cache, output_hidden_states=True)
+                   **cache_kwargs(base, cache), output_hidden_states=True)
         feats.append(features(out.hidden_states, layer_ids))
         argmax.append(out.logits.argmax(-1))
         tops.append(top_logprobs(out.logits, top_k))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from examples.eagle.draft_model import DraftKV, draft_logprobs, draft_step
+from examples.eagle.draft_model import DraftKV, cache_kwargs, draft_logprobs, draft_step
 from examples.eagle.tree import (
     Tree,
     TreeShape,
@@ -100,7 +100,7 @@ def verify(base, cache: DynamicCache, tree: Tree, prefix_len: int, layer_ids: li
     allowed = torch.cat([torch.ones(t, prefix_len, dtype=torch.bool), unpack_mask(packed, t)[0]], dim=1)
     mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
     out = base(input_ids=torch.tensor([tree.tokens]), position_ids=tree.positions(prefix_len)[None].long(),
-               attention_mask=mask[None, None], past_key_values=cache, output_hidden_states=True)
+               attention_mask=mask[None, None], **cache_kwargs(base, cache), output_hidden_states=True)
     return out.logits[0].argmax(-1).tolist(), base_features(out.hidden_states, layer_ids)[0]
 
 
@@ -119,7 +119,7 @@ def spec_generate(base, draft: Eagle3Draft, prompt: list[int], shape: TreeShape,
     of each draft id (`tree.draft_to_target` of the checkpoint's d2t)."""
     embed = base.get_input_embeddings()
     cache = DynamicCache(config=base.config)
-    out = base(input_ids=torch.tensor([prompt]), past_key_values=cache, output_hidden_states=True)
+    out = base(input_ids=torch.tensor([prompt]), **cache_kwargs(base, cache), output_hidden_states=True)
     first = int(out.logits[0, -1].argmax())
     result = SpecResult([first])
     state = draft_commit(draft, embed, prompt[1:] + [first], base_features(out.hidden_states, layer_ids)[0], None)
