@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from benchmarks import stats
-from benchmarks.accuracy import WIKITEXT
+from benchmarks.accuracy import windows as accuracy_windows
 from benchmarks.e2e_cpu import machine
 from contract import formats
+from quantization.fake_quant import input_qdq
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -56,11 +57,7 @@ def nvfp4_act(x: torch.Tensor) -> torch.Tensor:
 
 def fp8_act_static(amax: dict[str, float]):
     """FP8 activation QDQ with one static per-tensor scale per linear (`amax[name] / 448`): the `fp8` format's input."""
-    def qdq(name: str, x: torch.Tensor) -> torch.Tensor:
-        scale = amax[name] / formats.FP8_MAX
-        return formats.to_fp8(x, scale).float() * scale
-
-    return qdq
+    return lambda name, x: input_qdq("fp8", x, amax[name])
 
 
 def calibrated_amax(model, ckpt: Path, names: list[str]) -> dict[str, float]:
@@ -72,18 +69,12 @@ def calibrated_amax(model, ckpt: Path, names: list[str]) -> dict[str, float]:
     return calibrate(model, calibration_data(ckpt, options)[0], names, kv=False).input_amax
 
 
-def observed_amax(model, windows: list[torch.Tensor], linears: dict) -> dict[str, float]:
-    """Input amax of each linear over the scored windows themselves (an oracle: no calibration mismatch)."""
-    amax = dict.fromkeys(linears, 0.0)
+def observed_amax(model, windows: list[torch.Tensor], names: list[str]) -> dict[str, float]:
+    """Input amax of `names` over the scored windows themselves (an oracle: no calibration mismatch)."""
+    from quantization.calibrate import calibrate
+    from quantization.datasets import Batch
 
-    def record(name: str, x: torch.Tensor) -> None:
-        amax[name] = max(amax[name], float(x.abs().amax()))
-
-    hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: record(n, args[0])) for n, m in linears.items()]
-    log_probs(model, windows)
-    for h in hooks:
-        h.remove()
-    return amax
+    return calibrate(model, [Batch(w[None], torch.ones_like(w[None])) for w in windows], names, kv=False).input_amax
 
 
 def log_probs(model, windows: list[torch.Tensor]) -> list[np.ndarray]:
@@ -117,15 +108,13 @@ def fp8_qkv_attention(which: str):
 @click.option("--per_kind", is_flag=True, help="Also one row per kind of linear (q/k/v/o/gate/up/down), FP8 only.")
 def main(n_windows: int, window_len: int, per_kind: bool) -> None:
     """KL, top-1 and perplexity from fake-quantizing one kind of tensor at a time (FP8, NVFP4), with intervals."""
-    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AttentionInterface, AutoModelForCausalLM
 
     from llm_loader.gguf_convert import smollm2_checkpoint
 
     torch.set_num_threads(2)
     ckpt = smollm2_checkpoint()
-    tok = AutoTokenizer.from_pretrained(ckpt)
-    ids = torch.tensor(tok(WIKITEXT.read_text(encoding="utf-8"))["input_ids"][: n_windows * window_len])
-    windows = list(ids.view(n_windows, window_len))
+    windows = [torch.from_numpy(w).long() for w in accuracy_windows(ckpt, n_windows, window_len)]
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="sdpa").eval()
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in KINDS}
     originals = {n: m.weight.data.clone() for n, m in linears.items()}
@@ -161,7 +150,7 @@ def main(n_windows: int, window_len: int, per_kind: bool) -> None:
     run("all activations FP8 per-tensor, static (calibrated amax: the `fp8` format)", KINDS,
         act_fn=fp8_act_static(calibrated_amax(model, ckpt, list(linears))))
     run("all activations FP8 per-tensor, static (the windows' own amax)", KINDS,
-        act_fn=fp8_act_static(observed_amax(model, windows, linears)))
+        act_fn=fp8_act_static(observed_amax(model, windows, list(linears))))
     run("all weights NVFP4", KINDS, weight_fn=nvfp4_weight)
     run("all activations NVFP4", KINDS, act_fn=lambda _n, x: nvfp4_act(x))
     for which, label in (("kv", "K and V FP8 per-tensor (post-RoPE)"), ("q", "Q FP8 per-tensor (post-RoPE)")):

@@ -23,7 +23,7 @@ import click
 import torch
 
 from benchmarks import stats
-from benchmarks.accuracy import WIKITEXT
+from benchmarks.accuracy import windows as accuracy_windows
 from benchmarks.accuracy_breakdown import KINDS, log_probs
 from benchmarks.e2e_cpu import machine
 from quantization import smoothing
@@ -182,8 +182,7 @@ def main(n_windows: int, window_len: int, quant: str, setups: str, awq: bool) ->
     torch.set_num_threads(2)
     ckpt = smollm2_checkpoint()
     tok = AutoTokenizer.from_pretrained(ckpt)
-    ids = torch.tensor(tok(WIKITEXT.read_text(encoding="utf-8"))["input_ids"][: n_windows * window_len])
-    windows = list(ids.view(n_windows, window_len))
+    windows = [torch.from_numpy(w).long() for w in accuracy_windows(ckpt, n_windows, window_len)]
     targets = [w[1:].numpy() for w in windows]
 
     def load(setup: str | None):
