@@ -30,8 +30,10 @@ def sensitivities(model, batches, linears: list[str], formats=CANDIDATES) -> dic
     qweights = {n: {f: weight_qdq(f, modules[n].weight.detach().float()) for f in formats if f != "fp16"}
                 for n in linears}
     scores = {n: dict.fromkeys(formats, 0.0) for n in linears}
-    group_of = {n: i for i, g in enumerate(fusion_groups(linears)) for n in g}  # q/k/v, gate/up: one input
-    qinputs: dict[int, dict[str, torch.Tensor]] = {}  # group -> format -> its input fake-quantized (current batch)
+    groups = fusion_groups(linears)  # q/k/v, gate/up: one input, fake-quantized once for the group
+    group_of = {n: i for i, g in enumerate(groups) for n in g}
+    qinputs: dict[int, dict[str, torch.Tensor]] = {}  # group -> format -> its fake-quantized input (current batch)
+    pending: dict[int, int] = {}  # group -> members whose gradient has not come yet (the entry goes with the last)
     handles = []
     for name in linears:
         def forward_hook(_m, args, out, name=name):
@@ -39,12 +41,16 @@ def sensitivities(model, batches, linears: list[str], formats=CANDIDATES) -> dic
 
             def on_grad(g, x=x):
                 y = x @ modules[name].weight.detach().float().T
-                shared = qinputs.setdefault(group_of[name], {})
+                gid = group_of[name]
+                shared = qinputs.setdefault(gid, {})
                 for f, wq in qweights[name].items():
                     if f not in shared:
                         shared[f] = input_qdq(f, x)
                     delta = shared[f] @ wq.T - y
                     scores[name][f] += float((delta * g.float()).pow(2).sum())
+                pending[gid] = pending.get(gid, len(groups[gid])) - 1
+                if pending[gid] == 0:
+                    del qinputs[gid], pending[gid]
 
             out.register_hook(on_grad)
 
@@ -61,6 +67,7 @@ def sensitivities(model, batches, linears: list[str], formats=CANDIDATES) -> dic
             loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
             loss.backward()
             qinputs.clear()
+            pending.clear()
     finally:
         for h in handles:
             h.remove()

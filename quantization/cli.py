@@ -303,7 +303,7 @@ def write_llm(model, o: LlmOptions, plan: dict[str, str], calib, data: dict, met
         else:
             state_dict.pop("lm_head.weight", None)
     scales, method_report["weight_scales"] = scale_search.weight_scales(
-        state_dict, plan, calib.input_sq, o.scale_search == "mse", o.fuse_scales, gptq_blocks=o.gptq)
+        state_dict, plan, calib.input_sq, o.scale_search == "mse", o.fuse_scales, gptq_blocks=o.gptq and bool(calib.hessian))
     if o.gptq:
         # (the linears whose format does not fit them have no scales, so GPTQ leaves them alone)
         method_report["gptq"] = gptq.apply(state_dict, plan, scales, calib.hessian, o.scale_search == "mse")

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from contract import formats
-from quantization.scale_search import fusion_groups, search_block_scales
+from quantization.scale_search import search_block_scales
 
 BLOCK = 128  # columns updated lazily together (a multiple of the NVFP4 group)
 DAMP = 0.01  # fraction of the mean diagonal added to H, as the GPTQ reference does
@@ -106,7 +106,10 @@ def apply(state_dict: dict[str, torch.Tensor], plan: dict[str, str], scales: dic
     with the same scales."""
     ours, plain = 0.0, 0.0
     names = [n for n, f in plan.items() if f in FORMATS and n in hessians and n in scales]
-    for group in tqdm(fusion_groups(names), desc="gptq", unit="input"):
+    by_input: dict[int, list[str]] = {}  # the linears that share one H tensor (calibrate keeps one per input)
+    for name in names:
+        by_input.setdefault(id(hessians[name]), []).append(name)
+    for group in tqdm(list(by_input.values()), desc="gptq", unit="input"):
         h = damped(hessians[group[0]])
         for name in group:
             w, hessian = state_dict[f"{name}.weight"].float(), hessians[name].float()
