@@ -54,10 +54,12 @@ class ScaleGroup:
         return (t.mean(1) if how == "mean" else t.amax(1)).reshape(-1)
 
 
-# What produces the input of a layer's linears that read one input (`scale_search.fusion_groups`), by the group's
-# first linear: both paths relative to the decoder layer
-SOURCES = {"self_attn.q_proj": "input_layernorm", "self_attn.o_proj": "self_attn.v_proj",
-           "mlp.gate_proj": "post_attention_layernorm", "mlp.down_proj": "mlp.up_proj"}
+# What produces each linear's input, both paths relative to the decoder layer (the members of a fusion group,
+# `scale_search.fusion_groups`, share theirs)
+SOURCES = {**dict.fromkeys(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
+           "self_attn.o_proj": "self_attn.v_proj",
+           **dict.fromkeys(("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
+           "mlp.down_proj": "mlp.up_proj"}
 
 
 def scale_groups(model, plan: dict[str, str]) -> list[ScaleGroup]:
