@@ -36,6 +36,7 @@ import numpy as np
 from benchmarks import stats
 from benchmarks.e2e_cpu import machine
 from quantization.report import describe_methods
+from runtime.sampling import log_softmax
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("EDGELLM_DATA_DIR") or ROOT.parent / "shared" / "data")  # the project's shared/data
@@ -144,7 +145,7 @@ def window_log_probs(engine, ids: np.ndarray) -> np.ndarray:
     cache = engine.new_cache(1)
     n = len(ids)
     logits = engine.forward(cache, ids[None], np.array([n], np.int32), np.arange(n, dtype=np.int64)[None])
-    return stats.log_softmax(logits[0, :-1].astype(np.float64))
+    return log_softmax(logits[0, :-1].astype(np.float64))
 
 
 def reference(engine_dir: Path, folder: Path, wins: list[np.ndarray]) -> list[Path]:

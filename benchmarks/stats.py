@@ -15,11 +15,6 @@ DRAWS = 1000
 LEVEL = 0.95
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 @dataclass
 class TokenScores:
     """Per-token arrays ``[windows, tokens]``: KL(reference || model) in nats, top-1 agreement, NLL of the text."""

@@ -21,7 +21,7 @@ from contract.atomic import write_json_atomic
 from contract.cli import CONTEXT_SETTINGS, example, run_cli
 from contract.errors import InputError
 from runtime.chat import Prompt, format_prompt, load_tokenizer, token_bytes
-from runtime.eagle_tree import TreeShape
+from runtime.eagle_tree import CPU_TREE, TreeShape
 from runtime.generate import Generation, Job, Timing, check_prompts, generate
 from runtime.progress import Progress, summary_line
 from runtime.requests import Request, TestCases, load_test_cases, response_json
@@ -138,13 +138,14 @@ def run_test_cases(engine, tokenizer, cases: TestCases, batch_size: int | None =
               help="EAGLE3 speculative decoding with the base and draft engines of ENGINEDIR (greedy batches; others "
                    "decode plainly on the base).")
 @click.option("--specDraftTopK", "spec_top_k", type=int, default=None,
-              help="Draft candidates kept per expanded node [default: 10 on TensorRT, as the reference; 2 on the "
-                   "CPU engine, see docs/eagle.md].")
+              help=f"Draft candidates kept per expanded node [default: {TreeShape().top_k} on TensorRT, as the "
+                   f"reference; {CPU_TREE.top_k} on the CPU engine, see docs/eagle.md].")
 @click.option("--specDraftStep", "spec_steps", type=int, default=None,
-              help="Tree depth: draft proposal steps per verification [default: 6 on TensorRT; 2 on the CPU engine].")
+              help=f"Tree depth: draft proposal steps per verification [default: {TreeShape().steps} on TensorRT; "
+                   f"{CPU_TREE.steps} on the CPU engine].")
 @click.option("--specVerifySize", "--specVerifyTreeSize", "spec_verify_size", type=int, default=None,
               help="Tree nodes (the root included) verified per base call, at most the base's --maxVerifyTreeSize "
-                   "[default: 60 on TensorRT; 4 on the CPU engine].")
+                   f"[default: {TreeShape().verify_size} on TensorRT; {CPU_TREE.verify_size} on the CPU engine].")
 def cli(engine_dir: Path, input_file: Path, output_file: Path, batch_size: int | None,
         max_generate_length: int | None, warmup: int, quiet: bool, dump_profile: bool, spec_decode: bool,
         spec_top_k: int | None, spec_steps: int | None, spec_verify_size: int | None) -> None:

@@ -12,6 +12,7 @@ from transformers.generation.logits_process import (
 from runtime.sampling import (
     SamplingParams,
     apply_logit_bias,
+    log_softmax,
     probabilities,
     sample,
     top_k_filter,
@@ -109,3 +110,10 @@ def test_top_logprobs_are_log_softmax_of_raw_logits():
     got = top_logprobs(x, 5)
     assert [t for t, _ in got] == ids.tolist()
     np.testing.assert_allclose([lp for _, lp in got], values.numpy(), rtol=1e-12)
+
+
+def test_log_softmax_normalizes_each_row_of_a_batch():
+    """Spec decoding scores whole [rows, vocab] arrays at once: every row is its own distribution."""
+    x = np.random.default_rng(0).standard_normal((3, 50)) * 5
+    x[1] += 40  # one row far above the others: a whole-array normalization would give the rest almost nothing
+    np.testing.assert_allclose(log_softmax(x), torch.log_softmax(torch.tensor(x), -1).numpy(), rtol=1e-12)
