@@ -30,11 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
+from contract import formats
 from contract.errors import InputError
-from contract.stage import tree_mask_words
+from contract.stage import TREE_MASK_BITS, tree_mask_words
 
 LOG2E = 1.4426950408889634
-FP8_MAX = tl.constexpr(448.0)  # same as contract.formats.FP8_MAX; a kernel module stays free of other project imports
+FP8_MAX = tl.constexpr(formats.FP8_MAX)
+MASK_BITS = tl.constexpr(TREE_MASK_BITS)  # tree-mask flags per int32 word
 
 
 @triton.jit
@@ -173,8 +175,8 @@ def _prefill_kernel(
         if TREE:
             rel = tl.maximum(keys - start, 0)  # index of the key among this call's tokens
             new = (keys >= start)[None, :] & visible & (rows[:, None] < ctx)
-            words = tl.load(mask_ptr + (b * S + rows[:, None]) * W + rel[None, :] // 32, mask=new, other=0)
-            visible = visible & ((keys < start)[None, :] | (((words >> (rel[None, :] % 32)) & 1) != 0))
+            words = tl.load(mask_ptr + (b * S + rows[:, None]) * W + rel[None, :] // MASK_BITS, mask=new, other=0)
+            visible = visible & ((keys < start)[None, :] | (((words >> (rel[None, :] % MASK_BITS)) & 1) != 0))
         m_i, l_i, acc = _attend_block(
             q, k_base + offs, v_base + offs, keys < kv_end, visible, m_i, l_i, acc, qk_scale, True
         )
