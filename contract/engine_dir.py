@@ -245,12 +245,12 @@ def check_spec_pair(base: dict, draft: dict, where: str) -> None:
         if draft.get(key) != base.get(key):
             raise InputError(f"{where}: draft {key} {draft.get(key)!r} does not match the base's {base.get(key)!r}; "
                              "the draft was trained for another base model")
-    layers = base.get("eagle_hidden_state_layers") or []
+    layers = base["eagle_hidden_state_layers"]  # both configs passed stage.check_spec_config
     want = base["hidden_size"] * len(layers)
     if draft.get("base_model_hidden_size") != want:
         raise InputError(f"{where}: draft base_model_hidden_size {draft.get('base_model_hidden_size')!r} does not match "
                          f"the base's hidden_states width {want} ({len(layers)} layers x {base['hidden_size']})")
-    ids = (draft.get("eagle3_config") or {}).get("target_layer_ids")
+    ids = draft.get("eagle3_config", {}).get("target_layer_ids")
     if ids is None:  # the draft names none: it reads its base's default layers
         ids = stage.default_eagle_layers(int(base["num_hidden_layers"]))
     if list(ids) != list(layers):

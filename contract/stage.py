@@ -338,10 +338,11 @@ D2T_FILE, D2T_TENSOR = "d2t.safetensors", "d2t"  # the draft's draft-vocab -> ba
 DEFAULT_TREE_SIZE = 60  # --maxVerifyTreeSize / --maxDraftTreeSize: tree tokens per call in the generation profile
 
 
-def _layer_ids(value, num_layers: int) -> bool:
-    """A list of hidden-state indices of a model of `num_layers` layers (HF `output_hidden_states`: 0..N)."""
-    return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= num_layers
-                                           for i in value)
+def _layer_ids(value, num_layers: int | None) -> bool:
+    """A list of hidden-state indices of a model of `num_layers` layers (HF `output_hidden_states`: 0..N); None:
+    of a model whose depth is not known here (a draft names its base's layers)."""
+    return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i
+                                           and (num_layers is None or i <= num_layers) for i in value)
 
 
 def check_spec_config(config: dict, where: str) -> None:
@@ -360,7 +361,7 @@ def check_spec_config(config: dict, where: str) -> None:
         positive_int(config, "base_model_hidden_size", where)
         eagle3 = config.get("eagle3_config", {})
         ids = eagle3.get("target_layer_ids") if isinstance(eagle3, dict) else None
-        if not isinstance(eagle3, dict) or not (ids is None or _layer_ids(ids, 10 ** 6)):
+        if not isinstance(eagle3, dict) or not (ids is None or _layer_ids(ids, None)):
             raise InputError(f"{where}: eagle3_config: expected an object whose target_layer_ids (if any) is a list "
                              f"of layer indices, found {eagle3!r:.60}")
 
