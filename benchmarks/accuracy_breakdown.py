@@ -12,6 +12,7 @@ Writes docs/accuracy-breakdown.md: KL against the fp32 model, top-1 and perplexi
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -83,6 +84,32 @@ def log_probs(model, windows: list[torch.Tensor]) -> list[np.ndarray]:
         return [torch.log_softmax(model(ids[None]).logits[0, :-1].float(), -1).numpy() for ids in windows]
 
 
+def window_scores(model, windows: list[torch.Tensor], reference: list[np.ndarray]) -> stats.TokenScores:
+    """The model's per-token scores on `windows` against the `reference` log-probabilities (`log_probs`)."""
+    return stats.TokenScores.stack([stats.TokenScores.of_window(r, lp, w[1:].numpy())
+                                    for r, lp, w in zip(reference, log_probs(model, windows), windows)])
+
+
+@contextmanager
+def fake_quantized(linears: dict, weight_fn=None, act_fn=None):
+    """Inside the block each of `linears` (name -> module) computes with `weight_fn(weight)` and its input replaced
+    by `act_fn(name, x)`; the weights and the model are restored after."""
+    originals = {n: m.weight.data for n, m in linears.items()}
+    hooks = []
+    try:
+        for n, m in linears.items():
+            if weight_fn:
+                m.weight.data = weight_fn(originals[n])
+            if act_fn:
+                hooks.append(m.register_forward_pre_hook(lambda _m, args, n=n: (act_fn(n, args[0]),)))
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for n, m in linears.items():
+            m.weight.data = originals[n]
+
+
 def fp8_qkv_attention(which: str):
     """An attention function that fake-quantizes post-RoPE Q and/or K, V to FP8 with one per-tensor scale (this
     call's amax; the engines use a calibrated one), then runs SDPA: the FP8 KV cache in torch."""
@@ -117,31 +144,16 @@ def main(n_windows: int, window_len: int, per_kind: bool) -> None:
     windows = [torch.from_numpy(w).long() for w in accuracy_windows(ckpt, n_windows, window_len)]
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="sdpa").eval()
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in KINDS}
-    originals = {n: m.weight.data.clone() for n, m in linears.items()}
     reference = log_probs(model, windows)
-    targets = [w[1:].numpy() for w in windows]
     rows: list[tuple[str, stats.TokenScores]] = []
 
     def score(label: str) -> None:
-        lps = log_probs(model, windows)
-        rows.append((label, stats.TokenScores.stack([stats.TokenScores.of_window(r, lp, t)
-                                                     for r, lp, t in zip(reference, lps, targets)])))
+        rows.append((label, window_scores(model, windows, reference)))
         print(f"{label}: KL {rows[-1][1].kl.mean():.4f}", flush=True)
 
     def run(label: str, kinds, weight_fn=None, act_fn=None) -> None:
-        hooks = []
-        for n, m in linears.items():
-            if n.split(".")[-1] not in kinds:
-                continue
-            if weight_fn:
-                m.weight.data = weight_fn(originals[n])
-            if act_fn:
-                hooks.append(m.register_forward_pre_hook(lambda mod, args, n=n: (act_fn(n, args[0]),)))
-        score(label)
-        for h in hooks:
-            h.remove()
-        for n, m in linears.items():
-            m.weight.data = originals[n]
+        with fake_quantized({n: m for n, m in linears.items() if n.split(".")[-1] in kinds}, weight_fn, act_fn):
+            score(label)
 
     score("none (fp32 HF)")
     run("all weights FP8 per-tensor", KINDS, weight_fn=fp8_weight_per_tensor)

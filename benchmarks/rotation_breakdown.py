@@ -24,7 +24,12 @@ import torch
 
 from benchmarks import stats
 from benchmarks.accuracy import windows as accuracy_windows
-from benchmarks.accuracy_breakdown import KINDS, log_probs
+from benchmarks.accuracy_breakdown import (
+    KINDS,
+    fake_quantized,
+    log_probs,
+    window_scores,
+)
 from benchmarks.e2e_cpu import machine
 from quantization import smoothing
 from quantization.datasets import (
@@ -181,9 +186,11 @@ def main(n_windows: int, window_len: int, quant: str, setups: str, awq: bool) ->
 
     torch.set_num_threads(2)
     ckpt = smollm2_checkpoint()
-    tok = AutoTokenizer.from_pretrained(ckpt)
     windows = [torch.from_numpy(w).long() for w in accuracy_windows(ckpt, n_windows, window_len)]
-    targets = [w[1:].numpy() for w in windows]
+    awq_batches = []
+    if awq:  # the AWQ search's samples, tokenized once for every setup
+        texts = load_texts(DEFAULT_DATASET, 8, 256 * CHARS_PER_TOKEN, 0)
+        awq_batches = list(make_batches(AutoTokenizer.from_pretrained(ckpt), texts, 256, 4))
 
     def load(setup: str | None):
         model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="sdpa").eval()
@@ -194,19 +201,17 @@ def main(n_windows: int, window_len: int, quant: str, setups: str, awq: bool) ->
         if awq:
             plan = {n: "nvfp4" for n, m in model.named_modules()
                     if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in KINDS}
-            texts = load_texts(DEFAULT_DATASET, 8, 256 * CHARS_PER_TOKEN, 0)
-            smoothing.smooth(model, list(make_batches(tok, texts, 256, 4)), plan, "awq")
+            smoothing.smooth(model, awq_batches, plan, "awq")
         return model
 
     reference = log_probs(load(None), windows)
-    base = stats.TokenScores.stack([stats.TokenScores.of_window(r, r, t) for r, t in zip(reference, targets)])
+    base = stats.TokenScores.stack([stats.TokenScores.of_window(r, r, w[1:].numpy())
+                                    for r, w in zip(reference, windows)])
     idx = stats.draws(n_windows)
     first: dict[str, stats.TokenScores] = {}  # fake-quant setting -> its scores under the first setup
 
     def score(label: str, model, q: str = "") -> None:
-        lps = log_probs(model, windows)
-        sc = stats.TokenScores.stack([stats.TokenScores.of_window(r, lp, t)
-                                      for r, lp, t in zip(reference, lps, targets)])
+        sc = window_scores(model, windows, reference)
         f = stats.summary(sc, base, idx)
         paired = ""
         if q in first:
@@ -223,20 +228,11 @@ def main(n_windows: int, window_len: int, quant: str, setups: str, awq: bool) ->
         score(f"{setup}, unquantized", model)  # the rotation (and AWQ) alone: exact, KL ~0
         linears = {n: m for n, m in model.named_modules()
                    if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in KINDS}
-        originals = {n: m.weight.data.clone() for n, m in linears.items()}
         for q in quant.split(","):
             wfmt, afmt = QUANT[q]
-            hooks = []
-            for n, m in linears.items():
-                if wfmt:
-                    m.weight.data = weight_qdq(wfmt, originals[n])
-                if afmt:
-                    hooks.append(m.register_forward_pre_hook(lambda mod, args, f=afmt: (input_qdq(f, args[0]),)))
-            score(f"{setup}, {q}", model, q)
-            for h in hooks:
-                h.remove()
-            for n, m in linears.items():
-                m.weight.data = originals[n]
+            with fake_quantized(linears, wfmt and (lambda w, f=wfmt: weight_qdq(f, w)),
+                                afmt and (lambda _n, x, f=afmt: input_qdq(f, x))):
+                score(f"{setup}, {q}", model, q)
 
 
 if __name__ == "__main__":
