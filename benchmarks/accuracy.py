@@ -35,6 +35,7 @@ import numpy as np
 
 from benchmarks import stats
 from benchmarks.e2e_cpu import machine
+from contract import stage
 from quantization.report import describe_methods
 from runtime.sampling import log_softmax
 
@@ -101,8 +102,10 @@ def build_recipe(recipe: Recipe, ckpt: Path, work: Path, modelopt_python: str | 
     """quantize -> export -> build with the CLIs a user runs; returns the engine dir (cached across runs)."""
     folder = work / slug(recipe.name)
     engine = folder / "engine"
-    if (engine / "config.json").exists():
-        return engine
+    if (engine / "config.json").exists():  # reused only in the form built below (weights at rest as the recipe stores)
+        storage = json.loads((engine / "config.json").read_text()).get("builder_config", {}).get("weight_storage")
+        if storage in (stage.WEIGHTS_FP16, stage.WEIGHTS_QUANTIZED):
+            return engine
     src = ckpt
     if recipe.quantize is not None or recipe.modelopt is not None:
         src = folder / "ckpt"
