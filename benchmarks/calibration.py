@@ -189,6 +189,9 @@ def main(samples: int, sizes: str, methods: str, n_windows: int, window_len: int
     work_dir.mkdir(parents=True, exist_ok=True)
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="sdpa").eval()
     measured = measure_pass(ckpt, model, samples, work_dir)
+    if max(n for n, _ in size_list) > measured["pass"]["samples"]:
+        raise click.BadParameter(f"expected at most the {measured['pass']['samples']} samples the calibration text "
+                                 f"gave, found {sizes}", param_hint="--sizes")
     per_token = measured["pass"]["wall_s"] / measured["pass"]["tokens"]
 
     wins = windows(ckpt, n_windows, window_len)
