@@ -11,7 +11,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from contract.errors import InputError
 from contract.stage import is_eagle3_config
+from examples.eagle import selfdistill
 from examples.eagle.draft_model import draft_logprobs, draft_step, unrolled_forward
 from examples.eagle.spec_decode import causal, spec_generate
 from examples.eagle.train_draft import continues, draft_config, save_draft
@@ -394,3 +396,17 @@ def test_saved_draft_round_trips_through_quantization_eagle3(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(embeds, aux), draft(embeds, aux), atol=2e-2, rtol=2e-2)
     assert draft_logprobs(loaded, torch.zeros(1, HIDDEN)).shape == (1, len(ids))
+
+
+def test_prose_prompts_are_distinct_and_bounded(smollm2_checkpoint):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint)
+    text = "The falcon and the harbour. Castle walls, river banks. " * 3
+    words = ["falcon", "harbour", "castle", "walls", "river", "banks"]
+    every = {t.format(word=w, Word=w.capitalize()) for w in words for t in selfdistill.PROSE_OPENINGS}
+    prompts = selfdistill.prose_prompts(text, tokenizer, len(every), random.Random(0))
+    assert sorted(tokenizer.decode(p, skip_special_tokens=True) for p in prompts) == sorted(every)
+    too_many = len(every) + 1
+    with pytest.raises(InputError, match=rf"--prose_prompts {too_many}: expected at most {len(every)} \(the distinct"):
+        selfdistill.prose_prompts(text, tokenizer, too_many, random.Random(0))

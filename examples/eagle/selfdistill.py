@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
+from contract.errors import InputError
 from examples.eagle.draft_model import cache_kwargs
 
 CHAT_PASSAGE = [
@@ -102,13 +103,13 @@ def words_of(text: str, count: int) -> list[str]:
 
 
 def prose_prompts(text: str, tokenizer, n: int, rng: random.Random) -> list[list[int]]:
-    """`n` openings of expository sentences about words of the text (raw text, continued by the base)."""
-    words = words_of(text, 1500)
-    prompts = []
-    for _ in range(n):
-        word = rng.choice(words)
-        prompts.append(tokenizer.encode(rng.choice(PROSE_OPENINGS).format(word=word, Word=word.capitalize())))
-    return prompts
+    """`n` distinct openings of expository sentences about words of the text (raw text, continued by the base):
+    a repeated opening would repeat its greedy continuation, and could land in training and held-out data alike."""
+    openings = [(template, word) for word in words_of(text, 1500) for template in PROSE_OPENINGS]
+    if n > len(openings):
+        raise InputError(f"--prose_prompts {n}: expected at most {len(openings)} (the distinct openings)")
+    return [tokenizer.encode(template.format(word=word, Word=word.capitalize()))
+            for template, word in rng.sample(openings, n)]
 
 
 def chat_messages(text: str, n: int, rng: random.Random) -> list[str]:
