@@ -113,6 +113,44 @@ def build_engines(draft: Path, work: Path, shapes, capacity: int) -> tuple[Path,
     return spec, vanilla
 
 
+def verify_costs(engines, vanilla, prompt: list[int], sizes: list[int], repeats: int = 15) -> dict[int, float]:
+    """Median time of one base-engine call of T tokens (logits and hidden states at every token, what a verification
+    returns) over the time of one plain decode step on the vanilla engine, both after `prompt`, taken alternately so
+    machine load hits both alike: what a round's verification costs in plain steps."""
+    from runtime.engine import causal_tree
+    from runtime.spec_decode import OUTPUTS
+
+    base, n = engines.base, len(prompt)
+    ids = np.array([prompt], np.int32)
+    base_cache, plain_cache = base.new_cache(1), vanilla.new_cache(1)
+    mask, pos = causal_tree(np.zeros(1, np.int32), n)
+    base.forward_tree(base_cache, base.embed(ids), np.array([n], np.int32), np.array([[n - 1]]), mask, pos)
+    vanilla.forward(plain_cache, ids, np.array([n], np.int32), np.array([[n - 1]]))
+    plain_cache.lengths[:] = n
+
+    def timed(call) -> float:
+        start = time.perf_counter()
+        call()
+        return time.perf_counter() - start
+
+    def plain_step():
+        vanilla.forward(plain_cache, ids[:, -1:], np.array([1], np.int32), np.array([[0]]))
+        plain_cache.lengths[:] = n
+
+    costs = {}
+    for t in sizes:
+        mask, pos = causal_tree(base_cache.lengths.copy(), t)
+        embeds, last = base.embed(ids[:, -t:]), np.arange(t)[None]
+
+        def tree_call():
+            base.forward_tree(base_cache, embeds, np.array([t], np.int32), last, mask, pos, outputs=OUTPUTS,
+                              commit=False)
+
+        pairs = [(timed(tree_call), timed(plain_step)) for _ in range(repeats)]
+        costs[t] = float(np.median([a for a, _ in pairs]) / np.median([b for _, b in pairs]))
+    return costs
+
+
 def summarize(rows: list[dict], tree_shapes) -> list[dict]:
     """Per tree shape and prompt kind (text, chat, all): acceptance with its interval, decode speeds, identity."""
     summary = []
@@ -142,17 +180,21 @@ def summarize(rows: list[dict], tree_shapes) -> list[dict]:
 @click.option("--work", type=click.Path(path_type=Path), default=ROOT / "work_out" / "eagle", show_default=True,
               help="Where exports and engines go (reused when present).")
 @click.option("--new_tokens", default=128, show_default=True, help="Greedy tokens per prompt.")
-@click.option("--text_prompts", default=8, show_default=True, help="WikiText-2 test passages.")
-@click.option("--chat_prompts", default=8, show_default=True, help="Chat instructions (at most 12).")
+@click.option("--text_prompts", default=8, show_default=True, type=click.IntRange(1),
+              help="WikiText-2 test passages.")
+@click.option("--chat_prompts", default=8, show_default=True, type=click.IntRange(1, len(CHAT)),
+              help="Chat instructions.")
 @click.option("--prompt_tokens", default=64, show_default=True, help="Tokens of each WikiText-2 prompt.")
 @click.option("--shapes", default="1x4x5,1x6x7,2x4x9,3x4x12,4x5x16,10x6x60", show_default=True,
               help="Tree shapes top_k x steps x verify_size, comma-separated.")
+@click.option("--verify_sizes", default="1,2,3,4,6,8,16,60", show_default=True,
+              help="Tree sizes T whose verification-call cost (in plain decode steps) is measured; empty: none.")
 @click.option("--wikitext", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=WIKITEXT,
               show_default=True, help="The WikiText-2 raw test split.")
 @click.option("--out", "out_json", type=click.Path(path_type=Path), default=ROOT / "docs" / "eagle-cpu.json",
               show_default=True)
 def main(draft: Path, work: Path, new_tokens: int, text_prompts: int, chat_prompts: int, prompt_tokens: int,
-         shapes: str, wikitext: Path, out_json: Path) -> None:
+         shapes: str, verify_sizes: str, wikitext: Path, out_json: Path) -> None:
     """Acceptance and decode speed of EAGLE3 speculative decoding against plain greedy on the CPU engine."""
     from runtime.chat import load_tokenizer
     from runtime.engine import Engine
@@ -170,6 +212,10 @@ def main(draft: Path, work: Path, new_tokens: int, text_prompts: int, chat_promp
     del os.environ["EDGELLM_ORT_SPINNING"]
     for shape in tree_shapes:
         engines.check_shape(shape)
+    sizes = [int(t) for t in verify_sizes.split(",") if t]
+    if not all(1 <= t <= min(engines.base.tree_size, prompt_tokens) for t in sizes):
+        raise click.BadParameter(f"expected sizes 1..{min(engines.base.tree_size, prompt_tokens)} (the built verify "
+                                 f"tree and --prompt_tokens), found {verify_sizes}", param_hint="--verify_sizes")
     greedy = SamplingParams(top_k=1)
     prompts = [("text", p) for p in wikitext_prompts(tokenizer, wikitext, text_prompts, prompt_tokens)]
     prompts += [("chat", p) for p in chat_prompt_ids(tokenizer, chat_prompts)]
@@ -198,8 +244,9 @@ def main(draft: Path, work: Path, new_tokens: int, text_prompts: int, chat_promp
         rows.append(record)
 
     summary = summarize(rows, tree_shapes)
+    costs = verify_costs(engines, vanilla_quiet, prompts[0][1], sizes) if sizes else {}
     result = {"machine": machine(), "draft": str(draft), "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
-              "summary": summary, "prompts": rows}
+              "summary": summary, "verify_cost_plain_steps": costs, "prompts": rows}
     out_json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"machine: {result['machine']}\n")
     print("| tree (top_k x steps x verify) | accepted/step text | chat | spec tok/s | plain tok/s | speedup "
@@ -212,6 +259,10 @@ def main(draft: Path, work: Path, new_tokens: int, text_prompts: int, chat_promp
         print(f"| {line['shape']} | {accepted[0]} | {accepted[1]} | {a['spec_tokens_per_s']:.1f} "
               f"| {a['plain_tokens_per_s']:.1f} | {line['text']['speedup']:.2f}x / {line['chat']['speedup']:.2f}x / "
               f"{a['speedup']:.2f}x | {a['identical']}/{a['prompts']} |")
+    if costs:
+        print("\n| verified tokens T | " + " | ".join(map(str, costs)) + " |\n|---|" + "---|" * len(costs))
+        print("| one verification call, in plain decode steps | " + " | ".join(f"{c:.2f}" for c in costs.values())
+              + " |")
     print(f"\nwrote {out_json}")
 
 
