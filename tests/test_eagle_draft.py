@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from helpers import run_cli
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from contract.errors import InputError
@@ -410,3 +411,14 @@ def test_prose_prompts_are_distinct_and_bounded(smollm2_checkpoint):
     too_many = len(every) + 1
     with pytest.raises(InputError, match=rf"--prose_prompts {too_many}: expected at most {len(every)} \(the distinct"):
         selfdistill.prose_prompts(text, tokenizer, too_many, random.Random(0))
+
+
+def test_train_draft_refuses_too_many_prose_prompts_before_touching_anything(smollm2_checkpoint, tmp_path):
+    from contract.cli import run_cli as run_command
+    from examples.eagle.train_draft import main
+
+    result = run_cli(lambda argv: run_command(main, argv), "--base_model_dir", smollm2_checkpoint,
+                     "--output_dir", tmp_path / "draft", "--prose_prompts", 10**6)
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --prose_prompts 1000000: expected at most ")
+    assert list(tmp_path.iterdir()) == []  # neither the draft nor its work dir

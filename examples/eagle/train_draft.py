@@ -83,8 +83,9 @@ def continues(earlier: dict, settings: dict) -> bool:
     return same and settings["epochs"] >= earlier.get("epochs", settings["epochs"])
 
 
-def generate_data(base, tokenizer, o: dict, layer_ids: list[int], data_dir: Path) -> list[Path]:
-    """Stage 1: the self-distillation shards (deterministic in the seed; existing shards are kept)."""
+def generation_jobs(tokenizer, o: dict) -> list[tuple[list[int], int]]:
+    """(prompt ids, new tokens) of every self-distillation sequence, deterministic in the seed; built before the work
+    dir is touched, so that options it refuses (too many prose prompts) leave nothing behind."""
     rng = random.Random(o["seed"])
     text = Path(o["text_file"]).read_text(encoding="utf-8")
     jobs = [(p, o["max_new_tokens"]) for p in selfdistill.text_prompts(text, tokenizer, o["text_prompts"], rng, 32, 96)]
@@ -92,7 +93,11 @@ def generate_data(base, tokenizer, o: dict, layer_ids: list[int], data_dir: Path
     chats = selfdistill.chat_messages(text, o["chat_prompts"], rng)
     jobs += [(selfdistill.chat_prompt(tokenizer, m), o["chat_max_new_tokens"]) for m in chats]
     # batches of similar prompt lengths waste less padding; the order is fixed by the seed
-    jobs.sort(key=lambda j: (j[1], len(j[0])))
+    return sorted(jobs, key=lambda j: (j[1], len(j[0])))
+
+
+def generate_data(base, tokenizer, jobs: list, o: dict, layer_ids: list[int], data_dir: Path) -> list[Path]:
+    """Stage 1: the self-distillation shards of `jobs` (existing shards are kept)."""
     batches = [jobs[i : i + o["gen_batch"]] for i in range(0, len(jobs), o["gen_batch"])]
     data_dir.mkdir(parents=True, exist_ok=True)
     eos = set(base.generation_config.eos_token_id if isinstance(base.generation_config.eos_token_id, list)
@@ -169,6 +174,8 @@ def main(**o) -> None:
     base.requires_grad_(False)
     layer_ids = target_layer_ids({}, base_config["num_hidden_layers"])
 
+    jobs = generation_jobs(tokenizer, o)
+
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in o.items() if k not in ("output_dir", "work_dir")}
     settings_path = work / "settings.json"
     if settings_path.exists() and not continues(read_json(settings_path, "the work dir's settings.json"), settings):
@@ -179,7 +186,7 @@ def main(**o) -> None:
 
     t = time.time()
     generator = base if o["gen_dtype"] == "fp32" else copy.deepcopy(base).to(torch.bfloat16)
-    shards = generate_data(generator, tokenizer, o, layer_ids, work / "data")
+    shards = generate_data(generator, tokenizer, jobs, o, layer_ids, work / "data")
     del generator
     times["data_s"] = time.time() - t
     data = Sequences.from_shard(selfdistill.load_shards(shards))
