@@ -21,7 +21,7 @@ CKPT=$(python -m llm_loader.gguf_convert | tail -n 1)
 echo "$CKPT"
 
 # the draft is done when its training report shows this recipe's data (an earlier, smaller recipe's draft is not)
-if grep -qs '"prose_prompts": 3072' "$DRAFT/training_report.json" && [[ "${RETRAIN:-0}" != 1 ]]; then
+if grep -qs '"prose_prompts": 6144' "$DRAFT/training_report.json" && [[ "${RETRAIN:-0}" != 1 ]]; then
   echo "== 1/6 draft already trained: $DRAFT (RETRAIN=1 trains it again)"
 else
   echo "== 1/6 train the draft: self-distillation on the bundled tinyshakespeare, CPU (resumes when killed)"
