@@ -20,6 +20,7 @@ Writes docs/eagle-cpu.json and prints the markdown table for docs/eagle-cpu.md.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -93,8 +94,34 @@ def parse_shapes(text: str):
     return [TreeShape(*(int(x) for x in part.split("x"))) for part in text.split(",")]
 
 
+def draft_identity(draft: Path) -> dict:
+    """The draft the work dir's engines were built from: its resolved path and a digest of its config and weights."""
+    digest = hashlib.sha256()
+    for path in sorted([draft / "config.json", *draft.glob("*.safetensors")]):
+        digest.update(path.name.encode() + path.read_bytes())
+    return {"draft": str(draft.resolve()), "sha256": digest.hexdigest()}
+
+
+def check_work_dir(work: Path, draft: Path) -> None:
+    """Refuse a work dir whose engines were built from another draft (or that no run of this benchmark stamped):
+    reusing them would measure the wrong draft. A fresh work dir is stamped with `draft`."""
+    stamp = work / "draft.json"
+    built = [p for p in (work / "spec-engine", work / "vanilla-engine") if p.exists()]
+    try:
+        found = json.loads(stamp.read_text()) if stamp.exists() else None
+    except (ValueError, UnicodeDecodeError):
+        found = {"draft": f"an unreadable {stamp.name}"}
+    if (built or found) and found != draft_identity(draft):
+        what = f"engines of {found.get('draft')}" if isinstance(found, dict) else "engines without a draft.json"
+        raise click.BadParameter(f"{work}: expected a work dir of this draft ({draft}) or a fresh one, found {what}; "
+                                 "pass another --work or delete it", param_hint="--work")
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(draft_identity(draft), indent=2) + "\n")
+
+
 def build_engines(draft: Path, work: Path, shapes, capacity: int) -> tuple[Path, Path]:
-    """(spec engine dir, vanilla engine dir), reused when already built."""
+    """(spec engine dir, vanilla engine dir), reused when already built from the same draft (`check_work_dir`)."""
+    check_work_dir(work, draft)
     from builder.cli import build
     from llm_loader.export_all_cli import export
     from llm_loader.gguf_convert import smollm2_checkpoint
@@ -178,7 +205,7 @@ def summarize(rows: list[dict], tree_shapes) -> list[dict]:
 @click.option("--draft", "draft", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="EAGLE3 draft checkpoint for SmolLM2-135M-Instruct (plain or quantized).")
 @click.option("--work", type=click.Path(path_type=Path), default=ROOT / "work_out" / "eagle", show_default=True,
-              help="Where exports and engines go (reused when present).")
+              help="Where exports and engines go (reused when built from the same draft).")
 @click.option("--new_tokens", default=128, show_default=True, help="Greedy tokens per prompt.")
 @click.option("--text_prompts", default=8, show_default=True, type=click.IntRange(1),
               help="WikiText-2 test passages.")
@@ -203,7 +230,6 @@ def main(draft: Path, work: Path, new_tokens: int, text_prompts: int, chat_promp
     from runtime.spec_decode import SpecEngines, generate_spec
 
     tree_shapes = parse_shapes(shapes)
-    work.mkdir(parents=True, exist_ok=True)
     spec_dir, vanilla_dir = build_engines(draft, work, tree_shapes, capacity=512)
     tokenizer = load_tokenizer(vanilla_dir)
     engines, vanilla = SpecEngines.load(spec_dir), Engine.load(vanilla_dir)

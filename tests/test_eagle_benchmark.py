@@ -1,11 +1,16 @@
 """benchmarks/eagle_cpu.py's acceptance figure: tokens emitted per verification step over the prompts, with
-benchmarks/stats.py's bootstrap interval over prompts (synthetic per-prompt records; the benchmark itself is long)."""
+benchmarks/stats.py's bootstrap interval over prompts (synthetic per-prompt records; the benchmark itself is long),
+and its refusal to reuse engines built from another draft."""
 
 from __future__ import annotations
 
+import click
 import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
 
-from benchmarks.eagle_cpu import acceptance
+from benchmarks.eagle_cpu import acceptance, check_work_dir, main
 
 KEY = "2x2x4"
 
@@ -33,3 +38,35 @@ def test_acceptance_of_alike_prompts_has_no_spread_and_no_steps_gives_zero():
     same = acceptance(records([(60, 30)] * 5), KEY)
     assert same.value == same.lo == same.hi == 2.0
     assert acceptance(records([(0, 0), (0, 0)]), KEY).value == 0.0
+
+
+def fake_draft(path, value: float):
+    path.mkdir()
+    (path / "config.json").write_text('{"draft_vocab_size": 8}')
+    save_file({"fc.weight": torch.full((2, 2), value)}, path / "model.safetensors")
+    return path
+
+
+def test_the_work_dir_is_reused_only_for_the_draft_its_engines_were_built_from(tmp_path):
+    one, other = fake_draft(tmp_path / "one", 1.0), fake_draft(tmp_path / "other", 2.0)
+    work = tmp_path / "work"
+    check_work_dir(work, one)  # a fresh work dir is stamped
+    (work / "spec-engine").mkdir()
+    check_work_dir(work, one)  # the same draft: its engines are reused
+    with pytest.raises(click.BadParameter, match=f"{work}: expected a work dir of this draft .* found engines of {one}"):
+        check_work_dir(work, other)
+    # through the CLI: a usage error naming --work, before anything is built or written
+    before = sorted(p.name for p in work.iterdir())
+    text = tmp_path / "wikitext.txt"
+    text.write_text(" = A passage = \n")
+    args = ["--draft", str(other), "--work", str(work), "--wikitext", str(text), "--out", str(tmp_path / "o.json")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "--work" in result.output and "delete it" in result.output
+    assert sorted(p.name for p in work.iterdir()) == before and not (tmp_path / "o.json").exists()
+    # engines no run of the benchmark stamped, or a stamp that is not JSON: refused as well
+    (work / "draft.json").unlink()
+    with pytest.raises(click.BadParameter, match="engines without a draft.json"):
+        check_work_dir(work, one)
+    (work / "draft.json").write_text("{not json")
+    with pytest.raises(click.BadParameter, match="unreadable draft.json"):
+        check_work_dir(work, one)
