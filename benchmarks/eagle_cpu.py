@@ -95,7 +95,8 @@ def parse_shapes(text: str):
 
 
 def draft_identity(draft: Path) -> dict:
-    """The draft the work dir's engines were built from: its resolved path and a digest of its config and weights."""
+    """The draft the work dir's engines were built from: a digest of its config and weights (what identifies it) and
+    its resolved path (what an error names)."""
     digest = hashlib.sha256()
     for path in sorted([draft / "config.json", *draft.glob("*.safetensors")]):
         digest.update(path.name.encode() + path.read_bytes())
@@ -105,18 +106,19 @@ def draft_identity(draft: Path) -> dict:
 def check_work_dir(work: Path, draft: Path) -> None:
     """Refuse a work dir whose engines were built from another draft (or that no run of this benchmark stamped):
     reusing them would measure the wrong draft. A fresh work dir is stamped with `draft`."""
-    stamp = work / "draft.json"
+    stamp, expected = work / "draft.json", draft_identity(draft)
     built = [p for p in (work / "spec-engine", work / "vanilla-engine") if p.exists()]
     try:
         found = json.loads(stamp.read_text()) if stamp.exists() else None
     except (ValueError, UnicodeDecodeError):
         found = {"draft": f"an unreadable {stamp.name}"}
-    if (built or found) and found != draft_identity(draft):
+    same = isinstance(found, dict) and found.get("sha256") == expected["sha256"]  # a moved draft is the same draft
+    if (built or found) and not same:
         what = f"engines of {found.get('draft')}" if isinstance(found, dict) else "engines without a draft.json"
         raise click.BadParameter(f"{work}: expected a work dir of this draft ({draft}) or a fresh one, found {what}; "
                                  "pass another --work or delete it", param_hint="--work")
     work.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(draft_identity(draft), indent=2) + "\n")
+    stamp.write_text(json.dumps(expected, indent=2) + "\n")
 
 
 def build_engines(draft: Path, work: Path, shapes, capacity: int) -> tuple[Path, Path]:

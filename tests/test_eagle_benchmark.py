@@ -53,6 +53,10 @@ def test_the_work_dir_is_reused_only_for_the_draft_its_engines_were_built_from(t
     check_work_dir(work, one)  # a fresh work dir is stamped
     (work / "spec-engine").mkdir()
     check_work_dir(work, one)  # the same draft: its engines are reused
+    moved = one.rename(tmp_path / "moved")
+    check_work_dir(work, moved)  # also when it moved: the digest identifies it
+    one = moved.rename(one)
+    check_work_dir(work, one)  # the stamp names the draft where it is now
     with pytest.raises(click.BadParameter, match=f"{work}: expected a work dir of this draft .* found engines of {one}"):
         check_work_dir(work, other)
     # through the CLI: a usage error naming --work, before anything is built or written
