@@ -76,7 +76,7 @@ def prepare_for_tensorrt(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def check_gpu_support(model: onnx.ModelProto) -> None:
     """Every AttentionPlugin node has a head size the GPU kernels take; said here, not from inside TensorRT's parser.
-    Reads the attributes only, so it takes the graph before or after `prepare_for_tensorrt` (7 inputs per node)."""
+    Reads the attributes only, so it takes the graph before or after `prepare_for_tensorrt` (9 inputs per node)."""
     for node in model.graph.node:
         if node.domain == PLUGIN_NAMESPACE and node.op_type == attention_schema.OP_TYPE:
             where = f"AttentionPlugin node {node.name!r} (--backend tensorrt; --backend onnxruntime takes any size)"
