@@ -31,8 +31,8 @@ class TreeShape:
     @staticmethod
     def default(backend: str) -> "TreeShape":
         """The tree an engine dir's backend decodes with unless flags say otherwise: the reference's on TensorRT;
-        on the CPU engine a small one, because a verification call there costs about 1.24 plain steps for 4 tokens and
-        1.45 for 8, each draft call about a tenth of one, while bigger trees win few extra tokens (docs/eagle.md)."""
+        on the CPU engine a small one, because a verification call there costs about 1.23 plain steps for 4 tokens and
+        1.42 for 8, each draft call about a tenth of one, while bigger trees win few extra tokens (docs/eagle.md)."""
         return CPU_TREE if backend == "onnxruntime" else TreeShape()
 
     def with_flags(self, top_k: int | None, steps: int | None, verify_size: int | None) -> "TreeShape":
