@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from benchmarks.accuracy import WIKITEXT
 from contract.cli import run_cli
 from contract.errors import InputError
 from contract.jsonfile import read_json
@@ -37,8 +38,6 @@ from examples.eagle.train_draft import DEFAULT_OUTPUT
 from examples.eagle.tree import TreeShape, draft_to_target
 from quantization import eagle3
 
-ROOT = Path(__file__).resolve().parents[2]
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
 CHAT_MESSAGES = [
     "Please introduce the company NVIDIA and its CEO.",  # examples/llm_basic.json
     "Explain in simple words why the sky looks blue during the day.",  # examples/greedy_batch.json

@@ -11,7 +11,7 @@
 set -euo pipefail
 WORK=${WORK:-work_out/eagle}
 DRAFT=${DRAFT:-${EDGELLM_CACHE:-$HOME/.cache/edgellm-toolchain}/SmolLM2-135M-eagle3-draft}
-WIKITEXT=${WIKITEXT:-../shared/data/wikitext-2-raw-test.txt}
+WIKITEXT=${WIKITEXT:-${EDGELLM_DATA_DIR:-../shared/data}/wikitext-2-raw-test.txt}
 TREE=${TREE:-}  # empty: the CPU engine's default tree (docs/eagle.md)
 CASES=${CASES:-examples/greedy_batch.json}
 mkdir -p "$WORK"
