@@ -2,8 +2,9 @@
 
 The engines of `benchmarks/accuracy.py` give the end-to-end numbers; this script attributes them. It takes the HF
 model (fp32 compute, so only the quantization under test adds error), fake-quantizes either the weights or the
-linear inputs (activations) of one kind of linear (q/k/v/o/gate/up/down) with the FP8 formats of
-`contract.formats`, and reports the perplexity increase on the same WikiText-2 windows.
+linear inputs (activations) of one kind of linear (q/k/v/o/gate/up/down) with `quantization.fake_quant`, the fake
+quantization the quantizer's searches use (NVFP4 activations with the op's reference), and reports the perplexity
+increase on the same WikiText-2 windows.
 
     python -m benchmarks.accuracy_breakdown [--windows 8] [--window_len 256] [--per_kind]
 
@@ -13,6 +14,7 @@ Writes docs/accuracy-breakdown.md: KL against the fp32 model, top-1 and perplexi
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import click
@@ -23,36 +25,17 @@ from benchmarks import stats
 from benchmarks.accuracy import windows as accuracy_windows
 from benchmarks.e2e_cpu import machine
 from contract import formats
-from quantization.fake_quant import input_qdq
+from plugins.nvfp4.reference import nvfp4_activation_qdq
+from quantization.fake_quant import input_qdq, weight_qdq
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def fp8_weight_per_tensor(w: torch.Tensor) -> torch.Tensor:
-    q, s = formats.quantize_fp8_per_tensor(w)
-    return q.float() * s
-
-
-def fp8_weight_per_channel(w: torch.Tensor) -> torch.Tensor:
-    q, s = formats.quantize_fp8_per_channel(w)
-    return q.float() * s[:, None]
-
-
-def fp8_act_per_token(x: torch.Tensor) -> torch.Tensor:
-    scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-4) / formats.FP8_MAX
-    return formats.to_fp8(x, scale).float() * scale
-
-
-def nvfp4_weight(w: torch.Tensor) -> torch.Tensor:
-    return formats.dequantize_nvfp4(*formats.quantize_nvfp4(w))
-
-
 def nvfp4_act(x: torch.Tensor) -> torch.Tensor:
-    """NVFP4 activation QDQ with the global scale from this tensor's amax (a calibrated scale is close to it)."""
-    from plugins.nvfp4.reference import nvfp4_activation_qdq
-
-    input_scale = float(x.abs().amax()) / (6 * formats.FP8_MAX)
+    """NVFP4 activation QDQ as the engine computes it (the op's reference, with its fp16 roundings; `input_qdq` is
+    the searches' fp32 proxy), the global scale from this tensor's amax (a calibrated scale is close to it)."""
+    input_scale = float(x.abs().amax()) / (formats.E2M1_MAX * formats.FP8_MAX)
     return nvfp4_activation_qdq(x.float(), input_scale).to(x.dtype)
 
 
@@ -116,8 +99,7 @@ def fp8_qkv_attention(which: str):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def qdq(t: torch.Tensor) -> torch.Tensor:
-        scale = float(t.abs().amax()) / formats.FP8_MAX
-        return (formats.to_fp8(t, scale).float() * scale).to(t.dtype) if scale > 0 else t
+        return input_qdq("fp8", t).to(t.dtype)
 
     def attention(module, query, key, value, *args, **kwargs):
         if "q" in which:
@@ -156,14 +138,14 @@ def main(n_windows: int, window_len: int, per_kind: bool) -> None:
             score(label)
 
     score("none (fp32 HF)")
-    run("all weights FP8 per-tensor", KINDS, weight_fn=fp8_weight_per_tensor)
-    run("all weights FP8 per-channel", KINDS, weight_fn=fp8_weight_per_channel)
-    run("all activations FP8 per-token", KINDS, act_fn=lambda _n, x: fp8_act_per_token(x))
+    run("all weights FP8 per-tensor", KINDS, weight_fn=partial(weight_qdq, "fp8"))
+    run("all weights FP8 per-channel", KINDS, weight_fn=partial(weight_qdq, "fp8_pc"))
+    run("all activations FP8 per-token", KINDS, act_fn=lambda _n, x: input_qdq("fp8_pc", x))
     run("all activations FP8 per-tensor, static (calibrated amax: the `fp8` format)", KINDS,
         act_fn=fp8_act_static(calibrated_amax(model, ckpt, list(linears))))
     run("all activations FP8 per-tensor, static (the windows' own amax)", KINDS,
         act_fn=fp8_act_static(observed_amax(model, windows, list(linears))))
-    run("all weights NVFP4", KINDS, weight_fn=nvfp4_weight)
+    run("all weights NVFP4", KINDS, weight_fn=partial(weight_qdq, "nvfp4"))
     run("all activations NVFP4", KINDS, act_fn=lambda _n, x: nvfp4_act(x))
     for which, label in (("kv", "K and V FP8 per-tensor (post-RoPE)"), ("q", "Q FP8 per-tensor (post-RoPE)")):
         AttentionInterface.register(f"fp8_{which}", fp8_qkv_attention(which))
@@ -171,9 +153,9 @@ def main(n_windows: int, window_len: int, per_kind: bool) -> None:
         score(label)
     model.set_attn_implementation("sdpa")
     for kind in KINDS if per_kind else ():
-        run(f"{kind} activations FP8 per-token", (kind,), act_fn=lambda _n, x: fp8_act_per_token(x))
+        run(f"{kind} activations FP8 per-token", (kind,), act_fn=lambda _n, x: input_qdq("fp8_pc", x))
     for kind in KINDS if per_kind else ():
-        run(f"{kind} weights FP8 per-channel", (kind,), weight_fn=fp8_weight_per_channel)
+        run(f"{kind} weights FP8 per-channel", (kind,), weight_fn=partial(weight_qdq, "fp8_pc"))
 
     idx = stats.draws(n_windows)
     base = rows[0][1]
