@@ -370,6 +370,7 @@ def is_eagle3_config(config: dict) -> bool:
     """An EAGLE3 draft checkpoint, by the reference's rule: an "Eagle3" architecture, `ttt_length` or
     `draft_vocab_size` in its config.json."""
     archs = config.get("architectures") or []
+    archs = archs if isinstance(archs, list) else [archs]  # a hand-edited config may hold one name, or anything
     return any("Eagle3" in str(a) for a in archs) or "ttt_length" in config or "draft_vocab_size" in config
 
 
@@ -381,6 +382,11 @@ def default_eagle_layers(num_layers: int) -> list[int]:
 
 def draft_target_layers(config: dict) -> list[int] | None:
     """The target layers a draft's config.json names (`eagle_config.eagle_aux_hidden_state_layer_ids` or
-    `target_layer_ids`), None when it names none (then it reads its base's defaults)."""
-    ids = (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids") or config.get("target_layer_ids")
-    return list(ids) if ids else None
+    `target_layer_ids`), None when it names none (then it reads its base's defaults). Whatever it names comes back
+    as a list, unchecked: the caller checks the ids against the model it knows."""
+    eagle = config.get("eagle_config")
+    ids = (eagle.get("eagle_aux_hidden_state_layer_ids") if isinstance(eagle, dict) else None) \
+        or config.get("target_layer_ids")
+    if not ids:
+        return None
+    return list(ids) if isinstance(ids, list) else [ids]

@@ -14,6 +14,7 @@ A checkpoint that claims a format for a module but does not hold its tensors rai
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from contract import formats
 from contract.errors import InputError
 from contract.jsonfile import read_json
 from contract.paths import checked_file
-from contract.stage import QUANT_ALGO_FORMATS, unsupported_quant_algo
+from contract.stage import QUANT_ALGO_FORMATS, positive_int, unsupported_quant_algo
 from llm_loader.checkpoint import open_checkpoint
 
 FP8 = torch.float8_e4m3fn
@@ -81,30 +82,68 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return {n: t for file in sorted(set(ckpt.files.values())) for n, t in load_file(file).items() if n in ckpt.files}
 
 
+def _object(value, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise InputError(f"{where}: expected an object, found {value!r:.60}")
+    return value
+
+
+def _names(value, where: str) -> list[str]:
+    if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise InputError(f"{where}: expected a list of module names (patterns), found {value!r:.60}")
+    return value
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_metadata(meta: dict, where: str) -> None:
+    """The metadata's fields by type, before anything matches, sorts or divides by them."""
+    if not (meta.get("quant_algo") is None or isinstance(meta["quant_algo"], str)):
+        raise InputError(f"{where}.quant_algo: expected a name or null, found {meta['quant_algo']!r:.60}")
+    kv = meta.get("kv_cache_quant_algo")
+    if not (kv is None or str(kv).upper() == "FP8"):
+        raise InputError(f"{where}.kv_cache_quant_algo: expected FP8 or null (the KV cache formats read here), found "
+                         f"{kv!r:.60}")
+    _names(meta.get("exclude_modules") or [], f"{where}.exclude_modules")
+    layers = _object(meta.get("quantized_layers") or {}, f"{where}.quantized_layers")
+    for name, entry in [("", meta), *((f"quantized_layers[{m}].", e) for m, e in layers.items())]:
+        if isinstance(entry, dict) and entry.get("group_size") is not None and not _is_count(entry["group_size"]):
+            raise InputError(f"{where}.{name}group_size: expected a positive integer, found "
+                             f"{entry['group_size']!r:.60}")
+    fp16_layers = meta.get("kv_cache_fp16_layers") or []
+    if not (isinstance(fp16_layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in fp16_layers)):
+        raise InputError(f"{where}.kv_cache_fp16_layers: expected a list of layer indices, found {fp16_layers!r:.60}")
+
+
 def _metadata(path: Path, config: dict) -> dict:
     """The `quantization` section in ModelOpt terms, from hf_quant_config.json or config.json."""
     hf_quant = checked_file(path, "hf_quant_config.json", "ModelOpt's quantization config", required=False)
+    qc = _object(config.get("quantization_config") or {}, f"{path / 'config.json'}: quantization_config")
     if hf_quant is not None:
-        meta = dict(read_json(hf_quant, "ModelOpt's quantization config").get("quantization", {}))
+        section = read_json(hf_quant, "ModelOpt's quantization config").get("quantization", {})
+        where = f"{hf_quant}: quantization"
+        meta = dict(_object(section, where))
     else:
-        meta = dict(config.get("quantization_config") or {})
+        where = f"{path / 'config.json'}: quantization_config"
+        meta = dict(qc)
         method = meta.get("quant_method")
         if method not in (None, "modelopt", "fp8"):
-            raise InputError(
-                f"{path / 'config.json'}: quantization_config.quant_method: expected modelopt or fp8, found {method!r}"
-            )
-        meta.setdefault("exclude_modules", meta.get("ignore", []))
-    qc = config.get("quantization_config") or {}
+            raise InputError(f"{where}.quant_method: expected modelopt or fp8, found {method!r}")
+        meta.setdefault("exclude_modules", _names(meta.get("ignore") or [], f"{where}.ignore"))
     if qc.get("quant_method") == "fp8":  # HF fine-grained: config.json declares the weights
         block = qc.get("weight_block_size")
-        if not (isinstance(block, list) and len(block) == 2):
-            raise InputError(
-                f"{path / 'config.json'}: quantization_config.weight_block_size: expected [rows, cols], found {block!r}"
-            )
+        if not (isinstance(block, list) and len(block) == 2 and all(_is_count(b) for b in block)):
+            raise InputError(f"{path / 'config.json'}: quantization_config.weight_block_size: expected [rows, cols] of "
+                             f"positive integers, found {block!r:.60}")
         meta["quant_algo"] = "FP8_BLOCK_FINE_GRAINED"
         meta["block_size"] = tuple(block)
-        not_converted = qc.get("modules_to_not_convert") or []
-        meta["exclude_modules"] = sorted({*(meta.get("exclude_modules") or []), *not_converted})
+        not_converted = _names(qc.get("modules_to_not_convert") or [], f"{path / 'config.json'}: "
+                               "quantization_config.modules_to_not_convert")
+        meta["exclude_modules"] = sorted({*_names(meta.get("exclude_modules") or [], f"{where}.exclude_modules"),
+                                          *not_converted})
+    _check_metadata(meta, where)
     return meta
 
 
@@ -156,6 +195,31 @@ def _check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...]) -> None:
         raise InputError(f"tensor {name}: expected shape {list(expected)}, found {list(t.shape)}")
 
 
+FP16_MAX = torch.finfo(torch.float16).max  # the graph holds most scales in fp16
+
+
+def _check_scale(name: str, t: torch.Tensor, *, scalar: bool = False, zero_ok: bool = False) -> torch.Tensor:
+    """`t` after checking that the graph can multiply or divide by it: finite, positive (an NVFP4 block scale may be 0:
+    an all-zero block) and within fp16; one value where the format has one. A NaN, negative or zero scale would turn
+    every output of the engine into NaN or noise."""
+    if scalar and t.numel() != 1:
+        raise InputError(f"tensor {name}: expected one scale value, found shape {list(t.shape)}")
+    x = t.float()
+    ok = ((x >= 0) if zero_ok else (x > 0)) & (x <= FP16_MAX)
+    if not bool(ok.all()):
+        kind = "non-negative" if zero_ok else "positive"
+        raise InputError(f"tensor {name}: expected {kind} finite scales of at most {FP16_MAX:g}, found "
+                         f"{float(x[~ok][0])}")
+    return t
+
+
+def _check_fp8_values(name: str, t: torch.Tensor) -> torch.Tensor:
+    """An FP8 E4M3 tensor holds no NaN (its one non-finite code); checked in chunks, without a big temporary."""
+    if any(torch.isnan(chunk.float()).any() for chunk in t.reshape(-1).split(1 << 20)):
+        raise InputError(f"tensor {name}: expected finite FP8 values, found NaN")
+    return t
+
+
 def _read_linear(module: str, fmt: str, tensors: dict, meta: dict) -> QuantizedLinear:
     """Collect and check one module's tensors for the format it holds."""
     what = f"format {fmt}"
@@ -165,13 +229,18 @@ def _read_linear(module: str, fmt: str, tensors: dict, meta: dict) -> QuantizedL
     if fmt == "nvfp4":
         weight = _need(tensors, f"{module}.weight", what, torch.uint8)
         scale = _need(tensors, f"{module}.weight_scale", what, FP8)
-        group = int(meta.get("group_size") or formats.NVFP4_GROUP)
+        group = meta.get("group_size") or formats.NVFP4_GROUP
+        if weight.shape[1] * 2 % group:
+            raise InputError(f"tensor {module}.weight: expected input features ({weight.shape[1] * 2}) in groups of "
+                             f"group_size {group}, found a remainder")
         _check_shape(f"{module}.weight_scale", scale, (weight.shape[0], weight.shape[1] * 2 // group))
-        global_scale = _need(tensors, f"{module}.weight_scale_2", what)
-        input_scale = _need(tensors, f"{module}.input_scale", what)
+        _check_scale(f"{module}.weight_scale", scale, zero_ok=True)
+        global_scale = _check_scale(f"{module}.weight_scale_2", _need(tensors, f"{module}.weight_scale_2", what),
+                                    scalar=True)
+        input_scale = _check_scale(f"{module}.input_scale", _need(tensors, f"{module}.input_scale", what), scalar=True)
         return QuantizedLinear(module, fmt, weight, scale, global_scale, input_scale, bias, (1, group))
 
-    weight = _need(tensors, f"{module}.weight", what, FP8)
+    weight = _check_fp8_values(f"{module}.weight", _need(tensors, f"{module}.weight", what, FP8))
     out, inp = weight.shape
     input_scale, block = None, None
     if fmt == "fp8_block":
@@ -187,7 +256,8 @@ def _read_linear(module: str, fmt: str, tensors: dict, meta: dict) -> QuantizedL
         _check_shape(f"{module}.weight_scale", scale, (out,))
     else:
         scale = _need(tensors, f"{module}.weight_scale", what).reshape(())
-        input_scale = _need(tensors, f"{module}.input_scale", what)
+        input_scale = _check_scale(f"{module}.input_scale", _need(tensors, f"{module}.input_scale", what), scalar=True)
+    _check_scale(f"{module}.{'weight_scale_inv' if fmt == 'fp8_block' else 'weight_scale'}", scale)
     return QuantizedLinear(module, fmt, weight, scale.float(), None, input_scale, bias, block)
 
 
@@ -239,24 +309,25 @@ def read_quantized_checkpoint(path: Path | str) -> QuantizedCheckpoint:
 
 
 def _read_kv(tensors: dict, meta: dict, config: dict) -> tuple[dict[int, KvScales], list[int]]:
-    """Per-layer k/v (and q) scales; with FP8 KV every layer not kept in fp16 must have k and v scales."""
+    """Per-layer k/v (and q) scales; with FP8 KV every layer not kept in fp16 must have k and v scales (the first
+    layer without them ends the loop), without it only the layers the checkpoint holds are looked at (the config's
+    count may be anything: 10^12 layers would be a loop for ever)."""
     fp8 = str(meta.get("kv_cache_quant_algo") or "").upper() == "FP8"
     fp16_layers = sorted(meta.get("kv_cache_fp16_layers") or [])
+    present = {int(m[1]) for n in tensors if (m := re.match(r"model\.layers\.(\d+)\.", n))}
     scales = {}
-    for layer in range(int(config.get("num_hidden_layers", 0))):
+    for layer in range(positive_int(config, "num_hidden_layers", "config.json")) if fp8 else sorted(present):
         prefix = f"model.layers.{layer}.self_attn"
-        k, v, q = (tensors.get(f"{prefix}.{p}") for p in ("k_proj.k_scale", "v_proj.v_scale", "q_proj.q_scale"))
+        names = [f"{prefix}.{p}" for p in ("k_proj.k_scale", "v_proj.v_scale", "q_proj.q_scale")]
+        k, v, q = (tensors.get(n) for n in names)
         if fp8 and layer not in fp16_layers:
-            for name, t in ((f"{prefix}.k_proj.k_scale", k), (f"{prefix}.v_proj.v_scale", v)):
+            for name, t in zip(names[:2], (k, v)):
                 if t is None:
                     raise InputError(f"tensor {name}: expected by kv_cache_quant_algo FP8, found none")
         if k is not None and v is not None:
-            scales[layer] = KvScales(_scalar(k), _scalar(v), None if q is None else _scalar(q))
+            k, v, q = (None if t is None else float(_check_scale(n, t, scalar=True)) for n, t in zip(names, (k, v, q)))
+            scales[layer] = KvScales(k, v, q)
     return scales, fp16_layers
-
-
-def _scalar(t: torch.Tensor) -> float:
-    return float(t.float().reshape(-1)[0])
 
 
 def dequantize_linear(linear: QuantizedLinear) -> torch.Tensor:

@@ -13,6 +13,7 @@ are imported inside the functions that use them, so `--help` answers at once and
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,7 +26,7 @@ from contract.dir_kinds import checkpoint_mistake
 from contract.errors import InputError
 from contract.jsonfile import read_json
 from contract.paths import checked_file
-from contract.stage import WEIGHT_FORMATS
+from contract.stage import MODEL_INTS, WEIGHT_FORMATS, positive_int
 from contract.tokenizer_files import PARSED, read_checked
 from quantization import checkpoint_writer as writer
 from quantization.choices import AUTO_CANDIDATES, SCALE_SEARCHES, SMOOTHING_METHODS
@@ -138,11 +139,16 @@ def check_options(o: LlmOptions) -> None:
         raise InputError(f"--model_dir {mistake}")
     if not config.is_file():
         raise InputError(f"{config}: expected the HF config of --model_dir, found no such file")
-    if not any(o.model_dir.glob("*.safetensors")) and not any(o.model_dir.glob("pytorch_model*.bin")):
-        raise InputError(f"{o.model_dir}: expected *.safetensors weights, found none")
+    if not any(o.model_dir.glob("*.safetensors")):
+        pickles = sorted(p.name for p in o.model_dir.glob("*.bin")) + sorted(p.name for p in o.model_dir.glob("*.pt"))
+        found = f"only pickled weights {pickles} (pickles can run code when loaded, so they are refused: convert " \
+                "the checkpoint to safetensors)" if pickles else "none"
+        raise InputError(f"{o.model_dir}: expected *.safetensors weights, found {found}")
     check_inside(o.model_dir)
-    if "quantization_config" in read_json(config, "the model config") or (o.model_dir / "hf_quant_config.json").exists():
+    hf_config = read_json(config, "the model config")
+    if "quantization_config" in hf_config or (o.model_dir / "hf_quant_config.json").exists():
         raise InputError(f"{o.model_dir}: expected an unquantized checkpoint, found a quantization config")
+    check_weights(o.model_dir, hf_config)
     check_target(o.output_dir, kind=writer.OUTPUT_KIND, flag="--output_dir", inputs=[o.model_dir])
 
 
@@ -155,6 +161,55 @@ def check_inside(model_dir: Path) -> None:
     for name in writer.SIDE_FILES:
         if name.endswith(PARSED):
             read_checked(model_dir, name)
+
+
+def check_weights(model_dir: Path, hf_config: dict) -> None:
+    """The checkpoint's tensors (their safetensors headers; no data is read) against the model its config.json
+    describes, before `transformers` loads it: it would fill a tensor the files lack with random values, drop one the
+    model has no place for, allocate whatever dims the config states, and run no code of an `auto_map` (it would load
+    the built-in class of `model_type` instead, another model)."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    where = model_dir / "config.json"
+    if hf_config.get("auto_map"):
+        raise InputError(f"{where}: expected a built-in transformers architecture, found auto_map (custom modeling "
+                         "code needs trust_remote_code, which the quantizer refuses)")
+    stored: dict[str, tuple[list[int], str]] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                stored.update({n: (f.get_slice(n).get_shape(), f.get_slice(n).get_dtype()) for n in f.keys()})
+        except (SafetensorError, OSError) as e:
+            raise InputError(f"{file}: expected a safetensors file, found a corrupt one ({e})") from None
+    for key in MODEL_INTS:
+        positive_int(hf_config, key, str(where))
+    layers = {int(m[1]) for n in stored if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+    if hf_config["num_hidden_layers"] != len(layers):  # before the model is built: its size follows this count
+        raise InputError(f"{where}: num_hidden_layers: expected {len(layers)} (the decoder layers the weights hold), "
+                         f"found {hf_config['num_hidden_layers']}")
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):  # shapes only, nothing allocated
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # transformers raises ValueError, KeyError, TypeError... for a config it cannot build
+        raise InputError(f"{where}: expected a config transformers builds a causal LM from, found one it cannot "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    tied = set(model._tied_weights_keys or ()) if config.tie_word_embeddings else set()
+    expected = {n: list(t.shape) for n, t in model.state_dict().items()}
+    for name, shape in expected.items():
+        if name not in stored:
+            if name not in tied:
+                raise InputError(f"{model_dir}: tensor {name}: expected by the {config.model_type} model config.json "
+                                 "describes, found none in the weights")
+        elif stored[name][0] != shape or stored[name][1] not in ("F16", "BF16", "F32"):
+            raise InputError(f"{model_dir}: tensor {name}: expected F16, BF16 or F32 {shape} (config.json), found "
+                             f"{stored[name][1]} {stored[name][0]}")
+    unused = sorted(n for n in stored if n not in expected and not n.endswith("rotary_emb.inv_freq"))
+    if unused:
+        raise InputError(f"{model_dir}: tensor {unused[0]}: expected only tensors of the {config.model_type} model "
+                         "config.json describes, found it unused (check attention_bias and tie_word_embeddings)")
 
 
 def check_finite(state_dict: dict[str, torch.Tensor], model_dir: Path) -> None:

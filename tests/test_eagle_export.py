@@ -260,7 +260,16 @@ def _draft_dir_alone(base, tmp_path):
     return ["--eagle-draft-dir", make_draft(tmp_path / "draft")], "expected together with --eagle-base"
 
 
-@pytest.mark.parametrize("make", [_draft_hidden_32, _draft_bad_layers, _not_a_draft, _draft_dir_alone])
+def _draft_architectures_a_number(base, tmp_path):
+    draft = make_draft(tmp_path / "draft")
+    config = json.loads((draft / "config.json").read_text())
+    del config["draft_vocab_size"]
+    (draft / "config.json").write_text(json.dumps({**config, "architectures": 3}))
+    return ["--eagle-base", "--eagle-draft-dir", draft], "expected an EAGLE3 draft"
+
+
+@pytest.mark.parametrize("make", [_draft_hidden_32, _draft_bad_layers, _not_a_draft, _draft_dir_alone,
+                                  _draft_architectures_a_number])
 def test_base_errors(base, tmp_path, capsys, make):
     flags, message = make(base, tmp_path)
     assert _cli([base, tmp_path / "out", *flags]) == 2
@@ -283,8 +292,26 @@ def _missing_fc(draft: Path):
     return [], "expected EAGLE3 draft tensor 'fc.weight'"
 
 
+def _fc_one_dimensional(draft: Path):
+    tensors = load_file(draft / "model.safetensors")
+    tensors["fc.weight"] = tensors["fc.weight"][0].clone()
+    save_file(tensors, draft / "model.safetensors")
+    return [], "tensor fc.weight: expected [64, k * 64]"
+
+
+def _layer_ids(ids):
+    def make(draft: Path):
+        config = json.loads((draft / "config.json").read_text())
+        config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] = ids
+        (draft / "config.json").write_text(json.dumps(config))
+        return [], f"target layer ids: expected 3 non-negative integers (fc.weight reads 3 base hidden states), " \
+                   f"found {ids if isinstance(ids, list) else [ids]}"
+    return make
+
+
 @pytest.mark.parametrize("make", [_d2t_out_of_range, _missing_fc, lambda d: (["--fp8-embedding"], "--fp8-embedding"),
-                                  lambda d: (["--eagle-base"], "--eagle-base: expected no such flag")])
+                                  lambda d: (["--eagle-base"], "--eagle-base: expected no such flag"),
+                                  _fc_one_dimensional, _layer_ids(5), _layer_ids([True, 1, 2])])
 def test_draft_errors(tmp_path, capsys, make, smollm2_checkpoint):
     draft = make_draft(tmp_path / "draft")
     flags, message = make(draft)

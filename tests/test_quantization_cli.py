@@ -219,6 +219,49 @@ def test_bad_inputs_exit_2_without_output(tiny_checkpoint, tmp_path):
     assert_failed(run_cli(main, "draft", "--base_model_dir", str(ckpt)), out, "--draft_model_dir")
 
 
+def _edit_weights(ckpt: Path, edit) -> None:
+    tensors = load_file(ckpt / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+
+
+def _edit_config(ckpt: Path, **changes) -> None:
+    (ckpt / "config.json").write_text(json.dumps({**json.loads((ckpt / "config.json").read_text()), **changes}))
+
+
+def _pickle_only(ckpt):
+    torch.save(load_file(ckpt / "model.safetensors"), ckpt / "pytorch_model.bin")
+    (ckpt / "model.safetensors").unlink()
+
+
+UP = "model.layers.0.mlp.up_proj.weight"
+
+
+@pytest.mark.parametrize("edit, words", [
+    (_pickle_only, ["only pickled weights ['pytorch_model.bin']"]),
+    (lambda c: _edit_config(c, auto_map={"AutoModelForCausalLM": "modeling_x.X"}), ["config.json", "auto_map"]),
+    (lambda c: _edit_weights(c, lambda t: t.pop(UP)), [UP, "found none in the weights"]),
+    (lambda c: _edit_weights(c, lambda t: t.update({UP: t[UP].to(torch.int8)})), [UP, "found I8 [128, 64]"]),
+    (lambda c: _edit_weights(c, lambda t: t.update({UP: t[UP][:, :3].clone()})), [UP, "[128, 64]", "[128, 3]"]),
+    (lambda c: _edit_weights(c, lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)})),
+     ["q_proj.bias", "found it unused"]),
+    (lambda c: _edit_config(c, hidden_size=10**6), ["model.embed_tokens.weight", "[49152, 1000000]"]),
+    (lambda c: _edit_config(c, num_hidden_layers=10**5), ["num_hidden_layers: expected 2", "found 100000"]),
+    (lambda c: _edit_config(c, num_hidden_layers="2"), ["num_hidden_layers: expected a positive integer"]),
+    (lambda c: _edit_config(c, model_type="nosuch"), ["config.json", "model type `nosuch`"]),
+], ids=["pickle", "auto_map", "missing", "int8", "shape", "unused", "huge_hidden", "huge_layers", "str", "type"])
+def test_checkpoint_that_is_not_the_model_its_config_describes_is_refused_before_loading(
+        tiny_checkpoint, tmp_path, texts_file, edit, words):
+    """transformers would load pickles, fill a missing tensor with random values, cast int8, drop an unused one, run
+    the built-in class for an auto_map model, or allocate a huge config's model: each is one error line instead."""
+    ckpt = tiny_checkpoint("llama")
+    edit(ckpt)
+    out = tmp_path / "q"
+    result = run_cli(main, "llm", "--model_dir", ckpt, "--output_dir", out, "--text_dataset", texts_file, *FAST)
+    assert_failed(result, out, *words)
+    assert "Traceback" not in result.stderr
+
+
 def test_module_entry_point_exit_code(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "quantization", "llm", "--model_dir", str(tmp_path), "--output_dir", str(tmp_path / "q")],

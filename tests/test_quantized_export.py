@@ -352,6 +352,85 @@ def test_missing_kv_scale_is_an_export_error(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory, smollm2_checkpoint) -> dict[str, Path]:
+    """Tiny llama checkpoints quantized fp8 with an FP8 KV cache and nvfp4: never edited."""
+    from helpers import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("quantized")
+    ckpt = make_tiny_checkpoint("llama", root / "ckpt", smollm2_checkpoint)
+    return {"fp8": quantize(ckpt, root / "fp8", "fp8", kv=True), "nvfp4": quantize(ckpt, root / "nvfp4", "nvfp4")}
+
+
+UP = "model.layers.0.mlp.up_proj"
+
+
+def _tensor(name: str, edit):
+    def apply(ckpt: Path) -> None:
+        tensors = load_file(ckpt / "model.safetensors")
+        tensors[name] = edit(tensors[name])
+        save_file(tensors, ckpt / "model.safetensors")
+    return apply
+
+
+def _quant_config(**changes):
+    def apply(ckpt: Path) -> None:
+        path = ckpt / "hf_quant_config.json"
+        data = json.loads(path.read_text())
+        data["quantization"] = {**data["quantization"], **changes} if changes else 5
+        path.write_text(json.dumps(data))
+    return apply
+
+
+def _nan_fp8(w: torch.Tensor) -> torch.Tensor:
+    w = w.clone()
+    w.view(torch.uint8)[0, 0] = 0x7F  # E4M3FN's NaN
+    return w
+
+
+@pytest.mark.parametrize("recipe, edit, words", [
+    ("fp8", _tensor(f"{UP}.weight_scale", lambda t: torch.full_like(t, float("nan"))), f"{UP}.weight_scale: expected "
+     "positive finite scales of at most 65504, found nan"),
+    ("fp8", _tensor(f"{UP}.weight_scale", lambda t: -t), f"{UP}.weight_scale: expected positive"),
+    ("fp8", _tensor(f"{UP}.weight_scale", lambda t: torch.full_like(t, 1e6)), "at most 65504, found 1000000.0"),
+    ("fp8", _tensor(f"{UP}.input_scale", torch.zeros_like), f"{UP}.input_scale: expected positive finite scales"),
+    ("fp8", _tensor(f"{UP}.input_scale", lambda t: torch.full_like(t, float("inf"))), f"{UP}.input_scale"),
+    ("fp8", _tensor(f"{UP}.input_scale", lambda t: t.reshape(1).repeat(5)), "input_scale: expected one scale value"),
+    ("fp8", _tensor(f"{UP}.weight", _nan_fp8), f"{UP}.weight: expected finite FP8 values, found NaN"),
+    ("fp8", _tensor("model.layers.1.self_attn.v_proj.v_scale", torch.zeros_like), "v_proj.v_scale: expected positive"),
+    ("fp8", _tensor("model.layers.1.self_attn.k_proj.k_scale", lambda t: t.reshape(1).repeat(3)),
+     "k_proj.k_scale: expected one scale value, found shape [3]"),
+    ("nvfp4", _tensor(f"{UP}.weight_scale_2", lambda t: torch.full_like(t, float("nan"))), f"{UP}.weight_scale_2"),
+    ("nvfp4", _tensor(f"{UP}.weight_scale", _nan_fp8), f"{UP}.weight_scale: expected non-negative finite scales"),
+    ("fp8", _quant_config(), "hf_quant_config.json: quantization: expected an object, found 5"),
+    ("fp8", _quant_config(quant_algo=["FP8"]), "quantization.quant_algo: expected a name or null"),
+    ("fp8", _quant_config(kv_cache_quant_algo="NVFP4"), "quantization.kv_cache_quant_algo: expected FP8 or null"),
+    ("fp8", _quant_config(exclude_modules=[5]), "quantization.exclude_modules: expected a list of module names"),
+    ("fp8", _quant_config(kv_cache_fp16_layers=[0, "a"]), "quantization.kv_cache_fp16_layers: expected a list"),
+    ("fp8", _quant_config(quantized_layers=[1]), "quantization.quantized_layers: expected an object"),
+    ("nvfp4", _quant_config(group_size="16"), "quantization.group_size: expected a positive integer"),
+    ("nvfp4", _quant_config(group_size=48), "in groups of group_size 48"),
+    ("nvfp4", lambda c: edit_json(c / "config.json", num_hidden_layers=10**12), "found none"),  # not 10^12 loops
+    ("fp8", lambda c: edit_json(c / "config.json", num_hidden_layers="x"), "num_hidden_layers: expected a positive"),
+    ("fp8", lambda c: edit_json(c / "config.json", quantization_config="fp8"), "quantization_config: expected an obj"),
+])
+def test_quantized_checkpoint_that_lies_is_one_error_line(quantized, tmp_path, recipe, edit, words):
+    """Scales the graph would multiply or divide by that are NaN, infinite, negative, zero, past fp16 or not one
+    value, an FP8 NaN, and metadata of the wrong type: one error line naming the tensor or field, nothing written
+    (before, most exported an engine that answered noise, the rest were tracebacks or ran for ever)."""
+    ckpt = tmp_path / "q"
+    shutil.copytree(quantized[recipe], ckpt)
+    edit(ckpt)
+    code, _, err = run_cli(export_main, ckpt, tmp_path / "out")
+    assert code == 2 and "Traceback" not in err, err
+    assert err.count("error: ") == 1 and words in err.split("error: ")[-1], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+def edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
 def test_edited_kv_dtype_or_weight_format_is_refused(tiny_checkpoint, tmp_path):
     qckpt = quantize(tiny_checkpoint("llama"), tmp_path / "q", "fp8", kv=True)
     onnx_dir, engine_dir = export_and_build(qckpt, tmp_path, max_input_len=32)
