@@ -108,6 +108,19 @@ def positive_number(config: dict, key: str, where: str, *, default: float | None
     return number
 
 
+def check_rope(config: dict, where: str) -> None:
+    """`rope_theta` and `rope_scaling` of a config: a base above 1 (a base at or below 1 gives no rotation, and one
+    near 0 a table of NaN), and a scaling that is null or an object with a rope_type name whose `factor`, if any, is
+    at least 1 (transformers' own rule: a smaller one only warns there, and gives NaN or a wrong table)."""
+    if positive_number(config, "rope_theta", where) <= 1:
+        raise InputError(f"{where}: rope_theta: expected a RoPE base greater than 1, found {config['rope_theta']!r:.60}")
+    scaling = config.get("rope_scaling")
+    if scaling is not None and not (isinstance(scaling, dict) and isinstance(scaling.get("rope_type", ""), str)):
+        raise InputError(f"{where}: rope_scaling: expected null or an object with a rope_type, found {scaling!r:.60}")
+    if scaling and "factor" in scaling and positive_number(scaling, "factor", f"{where}: rope_scaling") < 1:
+        raise InputError(f"{where}: rope_scaling: factor: expected a number of at least 1, found {scaling['factor']!r}")
+
+
 def check_runtime_config(config: dict, where: str) -> None:
     """The model fields of a runtime config.json (section 1.1) by type and range, before anything sizes a graph,
     a cache or a table from them: a positive int is an int, eos ids are token ids, and the head counts divide."""
@@ -118,15 +131,12 @@ def check_runtime_config(config: dict, where: str) -> None:
     if heads % kv_heads:
         raise InputError(f"{where}: num_attention_heads ({heads}) expected a multiple of num_key_value_heads, found "
                          f"{kv_heads}")
-    positive_number(config, "rope_theta", where)
+    check_rope(config, where)
     positive_number(config, "rms_norm_eps", where)
     factor = positive_number(config, "partial_rotary_factor", where, default=1.0)
     if factor > 1 or rotary_dim(config) % 2 or rotary_dim(config) == 0:
         raise InputError(f"{where}: partial_rotary_factor: expected a factor in (0, 1] giving an even rotary dim, "
                          f"found {factor} (rotary dim {rotary_dim(config)})")
-    scaling = config.get("rope_scaling")
-    if scaling is not None and not (isinstance(scaling, dict) and isinstance(scaling.get("rope_type", ""), str)):
-        raise InputError(f"{where}: rope_scaling: expected null or an object with a rope_type, found {scaling!r:.60}")
     KvDtype.parse(config.get("kv_cache_dtype"), where)
     eos = config.get("eos_token_id", [])
     vocab = config["vocab_size"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contract.errors import InputError
-from contract.stage import positive_int, positive_number
+from contract.stage import check_rope, positive_int, positive_number
 
 SUPPORTED = ("llama", "qwen2", "qwen3")
 
@@ -62,9 +62,8 @@ def _rope(config: dict, path: Path) -> tuple[float, dict | None, float]:
         partial = config.get("partial_rotary_factor", 1.0)
     if theta is None:
         raise InputError(f"{path}: expected field 'rope_theta' (or rope_parameters.rope_theta), found none")
-    if scaling is not None and not isinstance(scaling, dict):
-        raise InputError(f"{path}: rope_scaling: expected null or an object, found {scaling!r:.60}")
-    theta = positive_number({"rope_theta": theta}, "rope_theta", str(path))
+    check_rope({"rope_theta": theta, "rope_scaling": scaling}, str(path))
+    theta = float(theta)
     partial = positive_number({"partial_rotary_factor": partial}, "partial_rotary_factor", str(path))
     return theta, scaling or None, partial
 

@@ -196,11 +196,12 @@ def check_weights(model_dir: Path, hf_config: dict) -> None:
     except Exception as e:  # transformers raises ValueError, KeyError, TypeError... for a config it cannot build
         raise InputError(f"{where}: expected a config transformers builds a causal LM from, found one it cannot "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    tied = set(model._tied_weights_keys or ()) if config.tie_word_embeddings else set()
+    table = model.get_input_embeddings().weight  # a tied lm_head is this same tensor; the files may hold one name
+    tied = {n for n, p in model.named_parameters(remove_duplicate=False) if p is table}
     expected = {n: list(t.shape) for n, t in model.state_dict().items()}
     for name, shape in expected.items():
         if name not in stored:
-            if name not in tied:
+            if not (name in tied and tied & stored.keys()):
                 raise InputError(f"{model_dir}: tensor {name}: expected by the {config.model_type} model config.json "
                                  "describes, found none in the weights")
         elif stored[name][0] != shape or stored[name][1] not in ("F16", "BF16", "F32"):

@@ -482,6 +482,16 @@ def engine_config_hidden_size(ws):
     return engine_config(ws, hidden_size=128)
 
 
+def engine_config_rope(**changes):
+    """A case: the engine dir's config.json with RoPE fields changed after the build."""
+    def case(ws):
+        eng = ws.copy("engine")
+        ws.edit_json(eng / "config.json", **changes)
+        return infer_args(ws, engine=eng)
+    case.__name__ = "engine_config_" + "_".join(f"{k}_{v!r}" for k, v in changes.items()).replace(" ", "")
+    return case
+
+
 def engine_config_capacity(ws):
     eng = ws.copy("engine")
     config = json.loads((eng / "config.json").read_text())
@@ -695,6 +705,9 @@ FUZZ = [
     (engine_config_eos_outside_vocab, "eos_token_id: expected a list of token ids in [0, 49152)"),
     (engine_config_hidden_size, "hidden_size 128 disagrees with"),
     (engine_config_capacity, "max_kv_cache_capacity: expected a positive integer, found -1"),
+    (engine_config_rope(rope_theta=1e-300), "rope_theta: expected a RoPE base greater than 1, found 1e-300"),
+    (engine_config_rope(rope_scaling={"rope_type": "yarn", "factor": -1.0, "original_max_position_embeddings": 256}),
+     "rope_scaling: factor: expected a finite positive number, found -1.0"),
     (engine_config_capacity_huge, "max_kv_cache_capacity: expected at most 16777216, found 1000000000000"),
     (engine_llm_onnx_garbage, "llm.onnx: expected the LLM engine (an ONNX model), found a file onnx cannot parse"),
     (engine_llm_onnx_truncated, "llm.onnx.data, found a file of 100 bytes (truncated?)"),
@@ -718,6 +731,11 @@ FUZZ = [
        "rope_theta: expected a finite positive number") for v in (float("inf"), float("nan"), 0, -10000.0, "10000")],
     (config_field("rope_parameters", {"rope_type": "default", "rope_theta": 10**400}),
      "rope_theta: expected a finite positive number"),
+    (config_field("rope_parameters", {"rope_type": "default", "rope_theta": 1e-300}),
+     "rope_theta: expected a RoPE base greater than 1, found 1e-300"),
+    *[(config_field("rope_parameters", {"rope_type": "linear", "factor": v, "rope_theta": 10000.0}),
+       f"rope_scaling: factor: expected a {'number of at least 1' if v == 0.5 else 'finite positive number'}")
+      for v in (0.5, 0, -1.0, "2")],
     (config_field("hidden_size", 64.0), "hidden_size: expected a positive integer, found 64.0"),
     (config_field("head_dim", "16"), "head_dim: expected a positive integer"),
     (config_field("tie_word_embeddings", "false"), "tie_word_embeddings: expected true or false"),
