@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 import click
 import torch
 
+from benchmarks.e2e_cpu import machine as cpu_machine
 from llm_loader.gguf_convert import smollm2_checkpoint
 from quantization.checkpoint_writer import checkpoint_bytes
 
@@ -58,8 +58,10 @@ def main(num_samples: int, max_seq_len: int, out: Path | None) -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (method, extra) in enumerate(RUNS):
+            click.echo(f"[{i + 1}/{len(RUNS)}] {method} {' '.join(extra)}", err=True)
             results.append(run_one(model, Path(tmp) / str(i), method, extra, num_samples, max_seq_len))
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+            click.echo(f"    {results[-1]['seconds']} s, peak RSS {results[-1]['peak_rss_mib']} MiB", err=True)
+    machine = f"{cpu_machine(with_load=True)}, torch {torch.__version__}"
     click.echo(f"SmolLM2-135M-Instruct, {num_samples} samples x {max_seq_len} tokens, {machine}\n")
     click.echo("| method | flags | time (s) | peak RSS (MiB) | safetensors bytes | vs fp16 |")
     click.echo("|---|---|---|---|---|---|")
