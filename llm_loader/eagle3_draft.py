@@ -72,9 +72,9 @@ def draft_facts(ckpt: Checkpoint, cfg: ModelConfig, quant: QuantizedCheckpoint |
                              f"(an EAGLE3 draft has midlayer.*, fc, norm, lm_head and d2t)")
     linear_fc = quant.linears.get("fc") if quant else None
     fc_shape = tuple(linear_fc.shape) if linear_fc is not None else tuple(ckpt.tensor("fc.weight").shape)
-    if len(fc_shape) != 2 or fc_shape[0] != cfg.hidden_size or fc_shape[1] % cfg.hidden_size:
+    if len(fc_shape) != 2 or fc_shape[0] != cfg.hidden_size or fc_shape[1] % cfg.hidden_size or not fc_shape[1]:
         raise InputError(f"{ckpt.path}: tensor fc.weight: expected [{cfg.hidden_size}, k * {cfg.hidden_size}] (the "
-                         f"draft's hidden_size, k base hidden states of the same width), found {list(fc_shape)}")
+                         f"draft's hidden_size, k >= 1 base hidden states of the same width), found {list(fc_shape)}")
     base_total = fc_shape[1]
     count = base_total // cfg.hidden_size
     ids = stage.draft_target_layers(ckpt.config)

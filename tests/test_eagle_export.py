@@ -299,6 +299,13 @@ def _fc_one_dimensional(draft: Path):
     return [], "tensor fc.weight: expected [64, k * 64]"
 
 
+def _fc_without_inputs(draft: Path):
+    tensors = load_file(draft / "model.safetensors")
+    tensors["fc.weight"] = tensors["fc.weight"][:, :0].contiguous()
+    save_file(tensors, draft / "model.safetensors")
+    return [], "tensor fc.weight: expected [64, k * 64]"
+
+
 def _layer_ids(ids):
     def make(draft: Path):
         config = json.loads((draft / "config.json").read_text())
@@ -311,7 +318,8 @@ def _layer_ids(ids):
 
 @pytest.mark.parametrize("make", [_d2t_out_of_range, _missing_fc, lambda d: (["--fp8-embedding"], "--fp8-embedding"),
                                   lambda d: (["--eagle-base"], "--eagle-base: expected no such flag"),
-                                  _fc_one_dimensional, _layer_ids(5), _layer_ids([True, 1, 2])])
+                                  _fc_one_dimensional, _fc_without_inputs, _layer_ids(5),
+                                  _layer_ids([True, 1, 2])])
 def test_draft_errors(tmp_path, capsys, make, smollm2_checkpoint):
     draft = make_draft(tmp_path / "draft")
     flags, message = make(draft)
