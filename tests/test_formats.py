@@ -33,7 +33,6 @@ def test_fp8_per_tensor():
     assert np.array_equal(bits(q), ml_fp8((w / scale).numpy()).view(np.uint8))
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fp8_divides_in_fp32_for_half_precision_weights(dtype):
     """A checkpoint's fp16/bf16 weight is divided by its scale in fp32, then rounded once to E4M3; dividing in the
@@ -44,6 +43,7 @@ def test_fp8_divides_in_fp32_for_half_precision_weights(dtype):
     shared = torch.tensor(0.0123)  # a given (shared) scale takes the same path
     q, _ = formats.quantize_fp8_per_tensor(w, shared)
     assert np.array_equal(bits(q), ml_fp8(w.float().numpy() / np.float32(shared)).view(np.uint8))
+
 
 def test_fp8_per_channel():
     w = torch.randn(24, 40) * torch.logspace(-2, 2, 24)[:, None]
@@ -79,7 +79,6 @@ def test_fp8_block_128x128_incl_short_edge_tiles(shape):
     assert ((deq - w).abs() <= bound).all()
 
 
-
 def test_fp8_block_dequant_with_rectangular_tiles():
     """HF fine-grained FP8 names its tile as [rows, cols] (`weight_block_size`); a non-square one must not swap."""
     w = torch.randn(10, 12) * torch.logspace(-2, 2, 10)[:, None]
@@ -91,6 +90,7 @@ def test_fp8_block_dequant_with_rectangular_tiles():
         for j in range(12):
             expected[i, j] = q[i, j].float() * scale[i // rows, j // cols]
     torch.testing.assert_close(formats.dequantize_fp8_block(q, scale, (rows, cols)), expected, rtol=0, atol=0)
+
 
 def test_e2m1_encode_matches_ml_dtypes_incl_ties_and_saturation():
     ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]

@@ -93,7 +93,6 @@ def test_reference_rejects_out_of_range_ids():
         fp8_gather_reference(table, scale, torch.tensor([[0, VOCAB]]))
 
 
-
 @pytest.mark.parametrize("block", [32, 128])
 def test_reference_uses_the_block_size(block):
     """`fp16(float(table[id, j]) * scale[id, j // block])`, element by element, a short last block included."""
@@ -107,6 +106,7 @@ def test_reference_uses_the_block_size(block):
             for j in range(80):
                 expected[b, s, j] = table[row, j].float() * scale[row, j // block]  # fp32 product, then fp16
     assert torch.equal(got, expected)
+
 
 def test_node_schema():
     node = schema.make_node("t", "s", "i", "o", name="embed", block_size=128)

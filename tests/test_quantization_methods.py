@@ -172,7 +172,6 @@ def test_calibration_mean_square_matches_hooks(tiny_checkpoint):
     torch.testing.assert_close(calib.input_sq[name], real.pow(2).mean(0), rtol=1e-5, atol=0)
 
 
-
 def test_calibration_amax_ignores_right_padding(tiny_checkpoint):
     """The padding of a short row is filled with the token whose layer-0 q_proj input is largest (that input depends
     on the token alone: RMSNorm of its embedding), so an amax that let padding in would be too large; the reference is
@@ -200,6 +199,7 @@ def test_calibration_amax_ignores_right_padding(tiny_checkpoint):
     expected = float(max(seen))
     assert float(per_token[pad]) > expected  # padding would raise the amax
     assert calib.input_amax[name] == pytest.approx(expected, rel=1e-6)
+
 
 def test_auto_writes_modelopt_mixed_precision(tiny_checkpoint, tmp_path, capsys):
     src = tiny_checkpoint("llama")
