@@ -70,6 +70,20 @@ def test_batch_equals_one_at_a_time_when_sampling(tiny):
                                    [lp for step in gen.logprobs for _, lp in step], atol=2e-3)
 
 
+def test_each_request_seed_drives_its_own_draws(tiny):
+    """A row's draws come from its job's seed: the same prompt under different seeds samples different tokens (the
+    test above pins equal seeds to equal tokens)."""
+    from runtime.generate import generate
+    from runtime.sampling import SamplingParams
+
+    _, engine, tokenizer = tiny("qwen2")
+    jobs = jobs_for(tokenizer, PROMPTS[:1] * 3, sampling=SamplingParams(temperature=1.0, top_k=0, top_p=1.0))
+    for seed, job in enumerate(jobs):
+        job.seed = seed
+    generations, _ = generate(engine, tokenizer, jobs, 8)
+    assert len({tuple(g.token_ids) for g in generations}) == 3
+
+
 def test_stop_string_cuts_the_text(tiny):
     from runtime.generate import generate
 
