@@ -33,6 +33,18 @@ def test_fp8_per_tensor():
     assert np.array_equal(bits(q), ml_fp8((w / scale).numpy()).view(np.uint8))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp8_divides_in_fp32_for_half_precision_weights(dtype):
+    """A checkpoint's fp16/bf16 weight is divided by its scale in fp32, then rounded once to E4M3; dividing in the
+    weight's own dtype would round twice and move some codes."""
+    w = (torch.randn(64, 64, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    q, scale = formats.quantize_fp8_per_tensor(w)
+    assert np.array_equal(bits(q), ml_fp8(w.float().numpy() / np.float32(scale)).view(np.uint8))
+    shared = torch.tensor(0.0123)  # a given (shared) scale takes the same path
+    q, _ = formats.quantize_fp8_per_tensor(w, shared)
+    assert np.array_equal(bits(q), ml_fp8(w.float().numpy() / np.float32(shared)).view(np.uint8))
+
+
 def test_fp8_per_channel():
     w = torch.randn(24, 40) * torch.logspace(-2, 2, 24)[:, None]
     w[5] = 0
@@ -65,6 +77,19 @@ def test_fp8_block_128x128_incl_short_edge_tiles(shape):
     # E4M3 has 3 mantissa bits: relative error at most 2^-4 of each tile's amax-scaled value, plus subnormal steps
     bound = formats.expand_block_scale(scale, shape) * (448 * 2**-4)
     assert ((deq - w).abs() <= bound).all()
+
+
+def test_fp8_block_dequant_with_rectangular_tiles():
+    """HF fine-grained FP8 names its tile as [rows, cols] (`weight_block_size`); a non-square one must not swap."""
+    w = torch.randn(10, 12) * torch.logspace(-2, 2, 10)[:, None]
+    rows, cols = 4, 6
+    scale = torch.rand(3, 2) + 0.5
+    q = formats.to_fp8(w, 1.0)
+    expected = torch.empty(10, 12)
+    for i in range(10):
+        for j in range(12):
+            expected[i, j] = q[i, j].float() * scale[i // rows, j // cols]
+    torch.testing.assert_close(formats.dequantize_fp8_block(q, scale, (rows, cols)), expected, rtol=0, atol=0)
 
 
 def test_e2m1_encode_matches_ml_dtypes_incl_ties_and_saturation():

@@ -93,6 +93,21 @@ def test_reference_rejects_out_of_range_ids():
         fp8_gather_reference(table, scale, torch.tensor([[0, VOCAB]]))
 
 
+@pytest.mark.parametrize("block", [32, 128])
+def test_reference_uses_the_block_size(block):
+    """`fp16(float(table[id, j]) * scale[id, j // block])`, element by element, a short last block included."""
+    table, scale = quantize_fp8_row_block(torch.randn(6, 80) * torch.logspace(-2, 1, 80), block)
+    ids = torch.tensor([[4, 0, 4], [1, 5, 2]], dtype=torch.int32)
+    got = fp8_gather_reference(table, scale, ids, block)
+    expected = torch.empty(2, 3, 80, dtype=torch.float16)
+    for b in range(2):
+        for s in range(3):
+            row = int(ids[b, s])
+            for j in range(80):
+                expected[b, s, j] = table[row, j].float() * scale[row, j // block]  # fp32 product, then fp16
+    assert torch.equal(got, expected)
+
+
 def test_node_schema():
     node = schema.make_node("t", "s", "i", "o", name="embed", block_size=128)
     assert (node.domain, node.op_type, list(node.input)) == ("trt_edgellm", "Fp8Gather", ["t", "s", "i"])

@@ -70,6 +70,20 @@ def test_batch_equals_one_at_a_time_when_sampling(tiny):
                                    [lp for step in gen.logprobs for _, lp in step], atol=2e-3)
 
 
+def test_each_request_seed_drives_its_own_draws(tiny):
+    """A row's draws come from its job's seed: the same prompt under different seeds samples different tokens (the
+    test above pins equal seeds to equal tokens)."""
+    from runtime.generate import generate
+    from runtime.sampling import SamplingParams
+
+    _, engine, tokenizer = tiny("qwen2")
+    jobs = jobs_for(tokenizer, PROMPTS[:1] * 3, sampling=SamplingParams(temperature=1.0, top_k=0, top_p=1.0))
+    for seed, job in enumerate(jobs):
+        job.seed = seed
+    generations, _ = generate(engine, tokenizer, jobs, 8)
+    assert len({tuple(g.token_ids) for g in generations}) == 3
+
+
 def test_stop_string_cuts_the_text(tiny):
     from runtime.generate import generate
 
@@ -127,3 +141,34 @@ def test_prompt_limits(tiny):
     no_eos = SamplingParams(top_k=1, logit_bias={e: -100.0 for e in engine.eos_token_ids})
     (gen,), _ = generate(engine, tokenizer, [Job([5] * 60, no_eos)], 1000)
     assert len(gen.token_ids) == 128 - 60 + 1 and gen.finish_reason == "max-length"
+
+
+def test_rows_end_at_any_eos_id_and_cut_at_the_earliest_stop_string(tiny):
+    """Row bookkeeping with the real tokenizer: every eos id of the engine ends a row (not only the first), and when
+    one token completes two stop strings the text is cut before the earlier of them, whatever their order."""
+    from runtime.generate import END_OF_SEQUENCE, STOP_WORDS, Job, new_rows
+    from runtime.sampling import SamplingParams
+
+    _, _, tokenizer = tiny("llama")
+    ids = tokenizer.encode(" the cat sat on the mat")
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    eos = [tokenizer.encode(" dog")[0], tokenizer.encode(" bird")[0]]  # two eos ids, as a config may list
+    vocab = max(ids + eos) + 1
+
+    def one_hot(token: int) -> np.ndarray:
+        logits = np.zeros(vocab)
+        logits[token] = 1.0
+        return logits
+
+    greedy = SamplingParams(top_k=1)
+    jobs = [Job([1], greedy, stop=["e mat", "the mat"]), Job([1], greedy), Job([1], greedy)]
+    rows, _, _ = new_rows(jobs, 32, 64, 128, tokenizer, eos)
+    for token in ids:
+        rows[0].step(one_hot(token))
+        if rows[0].finish_reason:
+            break
+    assert rows[0].finish_reason == STOP_WORDS and rows[0].tokens == ids
+    assert rows[0].result().text == text[: text.find("the mat")]  # both stops end at " mat"; "the mat" starts first
+    for row, token in zip(rows[1:], reversed(eos)):
+        assert row.step(one_hot(token)) == token and row.finish_reason == END_OF_SEQUENCE
+        assert row.result().token_ids == [token]

@@ -172,6 +172,35 @@ def test_calibration_mean_square_matches_hooks(tiny_checkpoint):
     torch.testing.assert_close(calib.input_sq[name], real.pow(2).mean(0), rtol=1e-5, atol=0)
 
 
+def test_calibration_amax_ignores_right_padding(tiny_checkpoint):
+    """The padding of a short row is filled with the token whose layer-0 q_proj input is largest (that input depends
+    on the token alone: RMSNorm of its embedding), so an amax that let padding in would be too large; the reference is
+    each row run unpadded through the model with a plain hook."""
+    model = load(tiny_checkpoint("llama"))
+    name = "model.layers.0.self_attn.q_proj"
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        per_token = layer.input_layernorm(model.model.embed_tokens.weight[None])[0].abs().amax(-1)  # [V]
+    order = per_token.argsort()
+    pad = int(order[-1])
+    rows = [order[:12], order[12:16]]  # the least extreme tokens are the real ones
+    ids = torch.full((2, 12), pad)
+    mask = torch.zeros(2, 12, dtype=torch.int64)
+    for b, row in enumerate(rows):
+        ids[b, : len(row)], mask[b, : len(row)] = row, 1
+    calib = calibrate(model, [Batch(ids, mask)], [name], kv=False)
+
+    seen = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, args: seen.append(args[0].abs().max()))
+    with torch.no_grad():
+        for row in rows:
+            model(input_ids=row[None], use_cache=False)
+    handle.remove()
+    expected = float(max(seen))
+    assert float(per_token[pad]) > expected  # padding would raise the amax
+    assert calib.input_amax[name] == pytest.approx(expected, rel=1e-6)
+
+
 def test_auto_writes_modelopt_mixed_precision(tiny_checkpoint, tmp_path, capsys):
     src = tiny_checkpoint("llama")
     out = tmp_path / "auto"

@@ -33,7 +33,7 @@ def test_top_k_keeps_exactly_the_k_largest():
     assert np.array_equal(top_k_filter(x, 0), x)  # 0 = off
 
 
-@pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.999])
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.5, 0.9, 0.999])  # 0: requests accept it; keeps the top token
 def test_top_p_keeps_the_smallest_prefix_reaching_p(p):
     x = logits_row(seed=1).astype(np.float64)
     probs = np.exp(x) / np.exp(x).sum()

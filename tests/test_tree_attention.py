@@ -125,6 +125,20 @@ def test_reference_matches_plain_tree_loop():
     assert not attn[1, 4:].any()  # right padding
 
 
+def test_mask_bits_of_later_tokens_are_ignored():
+    """Step 6t: token i sees new token j only when j <= i, so bits above the diagonal (a hostile or sloppy mask) change
+    nothing: the result is still the plain loop over each node's ancestors."""
+    seq, capacity = 6, 16
+    mask, pos, lengths = tree_inputs(PARENTS, STARTS, seq)
+    upper = np.triu(np.ones((seq, seq), bool), 1)
+    noisy = torch.from_numpy(pack_tree_mask(unpack_tree_mask(mask.numpy(), seq) | upper[None]))
+    qkv, past, rope, _ = random_inputs(2, seq, capacity, False, D)
+    starts = torch.tensor(STARTS, dtype=torch.int32)
+    attn, _ = attention_reference(qkv, past, lengths, rope, starts, None, None, noisy, pos, attrs=attrs())
+    want_attn, _ = plain_tree_attention(qkv, past, lengths, rope, STARTS, pos, PARENTS)
+    torch.testing.assert_close(attn.float(), want_attn.float(), atol=2e-3, rtol=0)
+
+
 def test_causal_mask_is_ordinary_attention():
     """A packed causal mask with positions start + i gives exactly what the plugin gives without tree attention."""
     seq, capacity, starts = 5, 12, torch.tensor([0, 4], dtype=torch.int32)

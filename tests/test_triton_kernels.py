@@ -359,12 +359,15 @@ def test_fp8_gather_matches_reference(interp, hidden):
 
 
 def test_fp8_gather_out_of_range(interp):
-    table, scale = quantize_fp8_row_block(torch.randn(10, 200))
-    ids = torch.tensor([[1, 2, 10]], dtype=torch.int32)
+    # rows 1..10 of a 12-row table: ids -1 and 10 (= V) would read real, nonzero rows if the kernel's bound were off
+    # by one, rather than whatever memory lies past a buffer
+    full_table, full_scale = quantize_fp8_row_block(torch.randn(12, 200) + 3)
+    table, scale = full_table[1:11], full_scale[1:11]
+    ids = torch.tensor([[1, 2, 10, -1]], dtype=torch.int32)
     with pytest.raises(InputError, match="found 10"):
         interp(GATHER, "fp8_gather", table_fp8=table, scale=scale, input_ids=ids)
     unchecked, _ = interp(GATHER, "fp8_gather", table_fp8=table, scale=scale, input_ids=ids, check=False)
-    assert torch.count_nonzero(unchecked[0, 2]) == 0
+    assert torch.count_nonzero(unchecked[0, 2:]) == 0
     assert torch.equal(unchecked[0, :2], fp8_gather_reference(table, scale, ids[0, :2]))
 
 
