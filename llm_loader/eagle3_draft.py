@@ -26,9 +26,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from contract import stage
+from contract.checkpoint import Checkpoint
 from contract.errors import InputError
 from contract.stage import KvDtype
-from llm_loader.checkpoint import Checkpoint
 from llm_loader.model_config import ModelConfig
 from llm_loader.onnx_graph import (
     FP16,

@@ -42,7 +42,7 @@ from llm_loader.runtime_config import runtime_config
 from llm_loader.tokenizer_files import copy_tokenizer_files
 
 if TYPE_CHECKING:
-    from llm_loader.checkpoint import Checkpoint
+    from contract.checkpoint import Checkpoint
     from llm_loader.quantized_checkpoint import QuantizedCheckpoint
 
 DTYPES = ("fp16",)
@@ -119,7 +119,7 @@ def export(checkpoint_dir: Path, out_dir: Path, fp8_embedding: bool = False, dty
     """Export `checkpoint_dir` into `out_dir/llm` and return that path. An EAGLE3 draft checkpoint is detected and
     exported as a draft; `eagle_base` exports a base for one (its target layers from `eagle_draft_dir`)."""
     # torch and onnx are imported here, under contract.cli's Ctrl-C guard, not when --help is asked for
-    from llm_loader.checkpoint import open_checkpoint
+    from contract.checkpoint import open_checkpoint
     from llm_loader.embedding import write_embedding_sidecar
     from llm_loader.onnx_graph import kv_cache_dtype, weight_formats, write_model
 

@@ -26,9 +26,9 @@ import torch
 from onnx import TensorProto, helper
 
 from contract import formats, stage
+from contract.checkpoint import Checkpoint
 from contract.errors import InputError
 from contract.stage import QUANTIZED_WEIGHT_FORMATS, KvDtype
-from llm_loader.checkpoint import Checkpoint
 from llm_loader.model_config import ModelConfig
 from llm_loader.quantized_checkpoint import QuantizedCheckpoint, QuantizedLinear
 from plugins.attention import schema as attention_schema

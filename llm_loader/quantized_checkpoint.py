@@ -22,11 +22,11 @@ import torch
 from safetensors.torch import load_file
 
 from contract import formats
+from contract.checkpoint import open_checkpoint
 from contract.errors import InputError
 from contract.jsonfile import read_json
 from contract.paths import checked_file
 from contract.stage import QUANT_ALGO_FORMATS, positive_int, unsupported_quant_algo
-from llm_loader.checkpoint import open_checkpoint
 
 FP8 = torch.float8_e4m3fn
 

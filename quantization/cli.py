@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import click
 
 from contract.atomic import check_target
+from contract.checkpoint import Checkpoint, open_checkpoint
 from contract.cli import CONTEXT_SETTINGS, example, run_cli
 from contract.dir_kinds import checkpoint_mistake
 from contract.errors import InputError
@@ -139,16 +140,11 @@ def check_options(o: LlmOptions) -> None:
         raise InputError(f"--model_dir {mistake}")
     if not config.is_file():
         raise InputError(f"{config}: expected the HF config of --model_dir, found no such file")
-    if not any(o.model_dir.glob("*.safetensors")):
-        pickles = sorted(p.name for p in o.model_dir.glob("*.bin")) + sorted(p.name for p in o.model_dir.glob("*.pt"))
-        found = f"only pickled weights {pickles} (pickles can run code when loaded, so they are refused: convert " \
-                "the checkpoint to safetensors)" if pickles else "none"
-        raise InputError(f"{o.model_dir}: expected *.safetensors weights, found {found}")
     check_inside(o.model_dir)
-    hf_config = read_json(config, "the model config")
-    if "quantization_config" in hf_config or (o.model_dir / "hf_quant_config.json").exists():
+    ckpt = open_checkpoint(o.model_dir)  # safetensors only, no auto_map; indexes the tensors without reading them
+    if "quantization_config" in ckpt.config or (o.model_dir / "hf_quant_config.json").exists():
         raise InputError(f"{o.model_dir}: expected an unquantized checkpoint, found a quantization config")
-    check_weights(o.model_dir, hf_config)
+    check_weights(ckpt)
     check_target(o.output_dir, kind=writer.OUTPUT_KIND, flag="--output_dir", inputs=[o.model_dir])
 
 
@@ -163,26 +159,15 @@ def check_inside(model_dir: Path) -> None:
             read_checked(model_dir, name)
 
 
-def check_weights(model_dir: Path, hf_config: dict) -> None:
+def check_weights(ckpt: Checkpoint) -> None:
     """The checkpoint's tensors (their safetensors headers; no data is read) against the model its config.json
     describes, before `transformers` loads it: it would fill a tensor the files lack with random values, drop one the
-    model has no place for, allocate whatever dims the config states, and run no code of an `auto_map` (it would load
-    the built-in class of `model_type` instead, another model)."""
+    model has no place for, and allocate whatever dims the config states."""
     import torch
-    from safetensors import SafetensorError, safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    where = model_dir / "config.json"
-    if hf_config.get("auto_map"):
-        raise InputError(f"{where}: expected a built-in transformers architecture, found auto_map (custom modeling "
-                         "code needs trust_remote_code, which the quantizer refuses)")
-    stored: dict[str, tuple[list[int], str]] = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                stored.update({n: (f.get_slice(n).get_shape(), f.get_slice(n).get_dtype()) for n in f.keys()})
-        except (SafetensorError, OSError) as e:
-            raise InputError(f"{file}: expected a safetensors file, found a corrupt one ({e})") from None
+    model_dir, hf_config, where = ckpt.path, ckpt.config, ckpt.path / "config.json"
+    stored = {name: ckpt.header(name) for name in ckpt.files}
     for key in MODEL_INTS:
         positive_int(hf_config, key, str(where))
     layers = {int(m[1]) for n in stored if (m := re.match(r"model\.layers\.(\d+)\.", n))}

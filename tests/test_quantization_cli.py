@@ -238,7 +238,7 @@ UP = "model.layers.0.mlp.up_proj.weight"
 
 
 @pytest.mark.parametrize("edit, words", [
-    (_pickle_only, ["only pickled weights ['pytorch_model.bin']"]),
+    (_pickle_only, ["only pickled weights (pytorch_model.bin)"]),
     (lambda c: _edit_config(c, auto_map={"AutoModelForCausalLM": "modeling_x.X"}), ["config.json", "auto_map"]),
     (lambda c: _edit_weights(c, lambda t: t.pop(UP)), [UP, "found none in the weights"]),
     (lambda c: _edit_weights(c, lambda t: t.update({UP: t[UP].to(torch.int8)})), [UP, "found I8 [128, 64]"]),

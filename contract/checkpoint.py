@@ -6,7 +6,7 @@ the tensor in hand and never the whole model (an open handle keeps the pages it 
 in the checkpoint (`auto_map`, i.e. `trust_remote_code`). Every file read must be a regular file inside the directory
 (`contract.paths`: a symlink out of it or a shard index naming `../x.safetensors` is refused; the Hugging Face cache
 layout is fine). The checkpoint remembers which tensors were read, so the exporter can refuse tensors the config does
-not account for.
+not account for. The quantizer (before `transformers` loads anything) and the exporter both open checkpoints here.
 """
 
 from __future__ import annotations
@@ -51,6 +51,16 @@ class Checkpoint:
                 return f.get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise InputError(f"{file}: expected readable tensor '{name}', could not read it ({e})") from None
+
+    def header(self, name: str) -> tuple[list[int], str]:
+        """(shape, safetensors dtype name such as 'F16') of one tensor, from its file's header: no data is read."""
+        file = self.files[name]
+        if file in self._pickled:
+            t = self._pickled[file][name]
+            return list(t.shape), str(t.dtype)
+        with safe_open(str(file), framework="pt") as f:
+            view = f.get_slice(name)
+            return list(view.get_shape()), view.get_dtype()
 
     def tensor_fp16(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """A floating-point tensor of the expected shape, cast to fp16 (the export dtype)."""
@@ -99,7 +109,7 @@ def open_checkpoint(path: Path, allow_pickle: bool = False) -> Checkpoint:
     if config.get("auto_map"):
         raise InputError(
             f"{path / 'config.json'}: expected a built-in transformers architecture, found auto_map "
-            "(custom modeling code needs trust_remote_code, which the exporter refuses)"
+            "(custom modeling code needs trust_remote_code, which this toolchain refuses)"
         )
 
     index = checked_file(path, INDEX, "the safetensors shard index", required=False)
