@@ -11,6 +11,7 @@ not account for. The quantizer (before `transformers` loads anything) and the ex
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from contract.jsonfile import read_json
 from contract.paths import checked_file
 
 INDEX = "model.safetensors.index.json"
+LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.")  # a decoder layer's tensors: model.layers.N.*
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth")
 
 
@@ -73,6 +75,12 @@ class Checkpoint:
         if not all(torch.isfinite(chunk).all() for chunk in t.view(-1).split(1 << 20)):  # chunks: no big temporaries
             raise InputError(f"{self.path}: tensor '{name}' expected finite values in fp16 range, found inf/nan")
         return t
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder layer a tensor name belongs to (`model.layers.N.`), None for the others."""
+    m = LAYER_TENSOR.match(name)
+    return int(m[1]) if m else None
 
 
 def _safetensors_names(root: Path, name: str) -> tuple[Path, list[str]]:

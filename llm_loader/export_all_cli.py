@@ -54,6 +54,7 @@ _NOT_WEIGHTS = re.compile(r".*(\.rotary_emb\.inv_freq|\.k_proj\.k_scale|\.v_proj
 
 def check_every_tensor_used(ckpt: Checkpoint, cfg: ModelConfig, quant: QuantizedCheckpoint | None) -> None:
     """Refuse checkpoint tensors the graph did not take: the config then describes a different model."""
+    from contract.checkpoint import layer_of
     from llm_loader.quantized_checkpoint import SCALE_SUFFIXES
 
     used = set(ckpt.read)
@@ -67,7 +68,7 @@ def check_every_tensor_used(ckpt: Checkpoint, cfg: ModelConfig, quant: Quantized
         return
     config = ckpt.path / "config.json"
     layers = cfg.num_hidden_layers
-    beyond = [n for n in unused if (m := re.match(r"model\.layers\.(\d+)\.", n)) and int(m[1]) >= layers]
+    beyond = [n for n in unused if (i := layer_of(n)) is not None and i >= layers]
     if beyond:
         raise InputError(f"{ckpt.path}: tensor {beyond[0]!r}: expected layers 0..{layers - 1} ({config} "
                          f"num_hidden_layers {layers}), found a tensor of a later layer; the config describes another "

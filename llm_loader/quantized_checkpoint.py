@@ -14,7 +14,6 @@ A checkpoint that claims a format for a module but does not hold its tensors rai
 from __future__ import annotations
 
 import fnmatch
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from contract import formats
-from contract.checkpoint import open_checkpoint
+from contract.checkpoint import layer_of, open_checkpoint
 from contract.errors import InputError
 from contract.jsonfile import read_json
 from contract.paths import checked_file
@@ -314,7 +313,7 @@ def _read_kv(tensors: dict, meta: dict, config: dict) -> tuple[dict[int, KvScale
     count may be anything: 10^12 layers would be a loop for ever)."""
     fp8 = str(meta.get("kv_cache_quant_algo") or "").upper() == "FP8"
     fp16_layers = sorted(meta.get("kv_cache_fp16_layers") or [])
-    present = {int(m[1]) for n in tensors if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+    present = {i for n in tensors if (i := layer_of(n)) is not None}
     scales = {}
     for layer in range(positive_int(config, "num_hidden_layers", "config.json")) if fp8 else sorted(present):
         prefix = f"model.layers.{layer}.self_attn"

@@ -13,7 +13,6 @@ are imported inside the functions that use them, so `--help` answers at once and
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +20,6 @@ from typing import TYPE_CHECKING
 import click
 
 from contract.atomic import check_target
-from contract.checkpoint import Checkpoint, open_checkpoint
 from contract.cli import CONTEXT_SETTINGS, example, run_cli
 from contract.dir_kinds import checkpoint_mistake
 from contract.errors import InputError
@@ -41,6 +39,8 @@ from quantization.report import build_report, format_table
 
 if TYPE_CHECKING:
     import torch
+
+    from contract.checkpoint import Checkpoint
 
 REPORT_FILE = "quantization_report.json"
 # --calibration: (samples, tokens per sample). "full" is the reference's default (TensorRT-Edge-LLM's quantizer and
@@ -141,6 +141,8 @@ def check_options(o: LlmOptions) -> None:
     if not config.is_file():
         raise InputError(f"{config}: expected the HF config of --model_dir, found no such file")
     check_inside(o.model_dir)
+    from contract.checkpoint import open_checkpoint
+
     ckpt = open_checkpoint(o.model_dir)  # safetensors only, no auto_map; indexes the tensors without reading them
     if "quantization_config" in ckpt.config or (o.model_dir / "hf_quant_config.json").exists():
         raise InputError(f"{o.model_dir}: expected an unquantized checkpoint, found a quantization config")
@@ -166,11 +168,13 @@ def check_weights(ckpt: Checkpoint) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from contract.checkpoint import layer_of
+
     model_dir, hf_config, where = ckpt.path, ckpt.config, ckpt.path / "config.json"
     stored = {name: ckpt.header(name) for name in ckpt.files}
     for key in MODEL_INTS:
         positive_int(hf_config, key, str(where))
-    layers = {int(m[1]) for n in stored if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+    layers = {i for n in stored if (i := layer_of(n)) is not None}
     if hf_config["num_hidden_layers"] != len(layers):  # before the model is built: its size follows this count
         raise InputError(f"{where}: num_hidden_layers: expected {len(layers)} (the decoder layers the weights hold), "
                          f"found {hf_config['num_hidden_layers']}")
