@@ -93,10 +93,6 @@ def _names(value, where: str) -> list[str]:
     return value
 
 
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def _check_metadata(meta: dict, where: str) -> None:
     """The metadata's fields by type, before anything matches, sorts or divides by them."""
     if not (meta.get("quant_algo") is None or isinstance(meta["quant_algo"], str)):
@@ -107,10 +103,9 @@ def _check_metadata(meta: dict, where: str) -> None:
                          f"{kv!r:.60}")
     _names(meta.get("exclude_modules") or [], f"{where}.exclude_modules")
     layers = _object(meta.get("quantized_layers") or {}, f"{where}.quantized_layers")
-    for name, entry in [("", meta), *((f"quantized_layers[{m}].", e) for m, e in layers.items())]:
-        if isinstance(entry, dict) and entry.get("group_size") is not None and not _is_count(entry["group_size"]):
-            raise InputError(f"{where}.{name}group_size: expected a positive integer, found "
-                             f"{entry['group_size']!r:.60}")
+    for label, entry in [(where, meta), *((f"{where}.quantized_layers[{m}]", e) for m, e in layers.items())]:
+        if isinstance(entry, dict):
+            positive_int(entry, "group_size", label, required=False)
     fp16_layers = meta.get("kv_cache_fp16_layers") or []
     if not (isinstance(fp16_layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in fp16_layers)):
         raise InputError(f"{where}.kv_cache_fp16_layers: expected a list of layer indices, found {fp16_layers!r:.60}")
@@ -133,9 +128,12 @@ def _metadata(path: Path, config: dict) -> dict:
         meta.setdefault("exclude_modules", _names(meta.get("ignore") or [], f"{where}.ignore"))
     if qc.get("quant_method") == "fp8":  # HF fine-grained: config.json declares the weights
         block = qc.get("weight_block_size")
-        if not (isinstance(block, list) and len(block) == 2 and all(_is_count(b) for b in block)):
-            raise InputError(f"{path / 'config.json'}: quantization_config.weight_block_size: expected [rows, cols] of "
-                             f"positive integers, found {block!r:.60}")
+        if not (isinstance(block, list) and len(block) == 2):
+            raise InputError(f"{path / 'config.json'}: quantization_config.weight_block_size: expected [rows, cols], "
+                             f"found {block!r:.60}")
+        for i, size in enumerate(block):
+            positive_int({f"weight_block_size[{i}]": size}, f"weight_block_size[{i}]",
+                         f"{path / 'config.json'}: quantization_config")
         meta["quant_algo"] = "FP8_BLOCK_FINE_GRAINED"
         meta["block_size"] = tuple(block)
         not_converted = _names(qc.get("modules_to_not_convert") or [], f"{path / 'config.json'}: "

@@ -354,12 +354,13 @@ def test_missing_kv_scale_is_an_export_error(tiny_checkpoint, tmp_path):
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory, smollm2_checkpoint) -> dict[str, Path]:
-    """Tiny llama checkpoints quantized fp8 with an FP8 KV cache and nvfp4: never edited."""
+    """Tiny llama checkpoints quantized fp8 with an FP8 KV cache, nvfp4 and fp8_block: never edited."""
     from helpers import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("quantized")
     ckpt = make_tiny_checkpoint("llama", root / "ckpt", smollm2_checkpoint)
-    return {"fp8": quantize(ckpt, root / "fp8", "fp8", kv=True), "nvfp4": quantize(ckpt, root / "nvfp4", "nvfp4")}
+    return {"fp8": quantize(ckpt, root / "fp8", "fp8", kv=True), "nvfp4": quantize(ckpt, root / "nvfp4", "nvfp4"),
+            "fp8_block": quantize(ckpt, root / "fp8_block", "fp8_block")}
 
 
 UP = "model.layers.0.mlp.up_proj"
@@ -408,7 +409,10 @@ def _nan_fp8(w: torch.Tensor) -> torch.Tensor:
     ("fp8", _quant_config(exclude_modules=[5]), "quantization.exclude_modules: expected a list of module names"),
     ("fp8", _quant_config(kv_cache_fp16_layers=[0, "a"]), "quantization.kv_cache_fp16_layers: expected a list"),
     ("fp8", _quant_config(quantized_layers=[1]), "quantization.quantized_layers: expected an object"),
-    ("nvfp4", _quant_config(group_size="16"), "quantization.group_size: expected a positive integer"),
+    ("nvfp4", _quant_config(group_size="16"), "quantization: group_size: expected a positive integer"),
+    ("fp8_block", lambda c: edit_json(c / "config.json", quantization_config={
+        **json.loads((c / "config.json").read_text())["quantization_config"], "weight_block_size": [0, 128]}),
+     "quantization_config: weight_block_size[0]: expected a positive integer, found 0"),
     ("nvfp4", _quant_config(group_size=48), "in groups of group_size 48"),
     ("nvfp4", lambda c: edit_json(c / "config.json", num_hidden_layers=10**12), "found none"),  # not 10^12 loops
     ("fp8", lambda c: edit_json(c / "config.json", num_hidden_layers="x"), "num_hidden_layers: expected a positive"),
