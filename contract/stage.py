@@ -86,12 +86,17 @@ MODEL_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_laye
               "num_key_value_heads", "max_position_embeddings")
 
 
+def is_int(value) -> bool:
+    """A JSON integer: Python's bool is an int, but `true` is no count, index or token id."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def positive_int(config: dict, key: str, where: str, *, required: bool = True) -> int | None:
     """`config[key]` as a positive int (a bool, a float such as 64.0 or a string is refused)."""
     value = config.get(key)
     if value is None and not required:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if not is_int(value) or value <= 0:
         raise InputError(f"{where}: {key}: expected a positive integer, found {value!r:.60}")
     return value
 
@@ -140,7 +145,7 @@ def check_runtime_config(config: dict, where: str) -> None:
     KvDtype.parse(config.get("kv_cache_dtype"), where)
     eos = config.get("eos_token_id", [])
     vocab = config["vocab_size"]
-    if not isinstance(eos, list) or not all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < vocab
+    if not isinstance(eos, list) or not all(is_int(e) and 0 <= e < vocab
                                             for e in eos):
         raise InputError(f"{where}: eos_token_id: expected a list of token ids in [0, {vocab}), found {eos!r:.60}")
     check_weight_formats(config, where)
@@ -332,7 +337,7 @@ def check_weight_formats(config: dict, where: str) -> None:
         return
     counts = config.get(WEIGHT_FORMAT_COUNTS)
     if not (isinstance(counts, dict) and counts and all(
-            f in QUANTIZED_WEIGHT_FORMATS and isinstance(n, int) and not isinstance(n, bool) and n > 0
+            f in QUANTIZED_WEIGHT_FORMATS and is_int(n) and n > 0
             for f, n in counts.items())):
         raise InputError(f"{where}: {WEIGHT_FORMAT_COUNTS}: expected, with weight_format {MIXED_WEIGHTS!r}, a "
                          f"positive count of linears per format of {list(QUANTIZED_WEIGHT_FORMATS)}, "
@@ -351,7 +356,7 @@ DEFAULT_TREE_SIZE = 60  # --maxVerifyTreeSize / --maxDraftTreeSize: tree tokens 
 def _layer_ids(value, num_layers: int | None) -> bool:
     """A list of hidden-state indices of a model of `num_layers` layers (HF `output_hidden_states`: 0..N); None:
     of a model whose depth is not known here (a draft names its base's layers)."""
-    return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i
+    return isinstance(value, list) and all(is_int(i) and 0 <= i
                                            and (num_layers is None or i <= num_layers) for i in value)
 
 

@@ -78,8 +78,7 @@ def draft_facts(ckpt: Checkpoint, cfg: ModelConfig, quant: QuantizedCheckpoint |
     base_total = fc_shape[1]
     count = base_total // cfg.hidden_size
     ids = stage.draft_target_layers(ckpt.config)
-    if ids is not None and (len(ids) != count or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                                         for i in ids)):
+    if ids is not None and (len(ids) != count or not all(stage.is_int(i) and i >= 0 for i in ids)):
         raise InputError(f"{where}: target layer ids: expected {count} non-negative integers (fc.weight reads {count} "
                          f"base hidden states), found {ids}")
     return DraftFacts(draft_vocab, base_total, count, ids)

@@ -98,7 +98,7 @@ def eagle_layers(cfg, draft_dir: Path | None) -> list[int]:
                 raise InputError(f"{path}: {key}: expected {base_value} (the base's), found {draft.get(key)!r}")
         ids = stage.draft_target_layers(draft) or ids
         where = f"{path} target layer ids"
-    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < cfg.num_hidden_layers for i in ids):
+    if not all(stage.is_int(i) and 0 <= i < cfg.num_hidden_layers for i in ids):
         raise InputError(f"{where}: expected decoder-layer indices in [0, {cfg.num_hidden_layers}) of the base, "
                          f"found {ids}")
     return ids

@@ -25,7 +25,12 @@ from contract.checkpoint import layer_of, open_checkpoint
 from contract.errors import InputError
 from contract.jsonfile import read_json
 from contract.paths import checked_file
-from contract.stage import QUANT_ALGO_FORMATS, positive_int, unsupported_quant_algo
+from contract.stage import (
+    QUANT_ALGO_FORMATS,
+    is_int,
+    positive_int,
+    unsupported_quant_algo,
+)
 
 FP8 = torch.float8_e4m3fn
 
@@ -107,7 +112,7 @@ def _check_metadata(meta: dict, where: str) -> None:
         if isinstance(entry, dict):
             positive_int(entry, "group_size", label, required=False)
     fp16_layers = meta.get("kv_cache_fp16_layers") or []
-    if not (isinstance(fp16_layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in fp16_layers)):
+    if not (isinstance(fp16_layers, list) and all(is_int(i) for i in fp16_layers)):
         raise InputError(f"{where}.kv_cache_fp16_layers: expected a list of layer indices, found {fp16_layers!r:.60}")
 
 

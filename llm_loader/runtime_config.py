@@ -17,7 +17,7 @@ from llm_loader.model_config import ModelConfig
 
 def _eos_list(value, where: str) -> list[int]:
     values = value if isinstance(value, list) else [value]
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+    if not all(stage.is_int(v) for v in values):
         raise InputError(f"{where}: field 'eos_token_id' expected an int or a list of ints, found {value!r}")
     return values
 

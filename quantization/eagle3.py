@@ -56,7 +56,7 @@ def target_layer_ids(config: dict, num_base_layers: int) -> list[int]:
     """Which base hidden states (inputs of these decoder layers) the draft's `fc` consumes."""
     n = num_base_layers
     ids = stage.draft_target_layers(config) or stage.default_eagle_layers(n)
-    bad = [i for i in ids if not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n)]
+    bad = [i for i in ids if not (stage.is_int(i) and 0 <= i < n)]
     if bad:
         raise InputError(
             f"draft config.json target layers {ids}: expected decoder-layer indices in [0, {n}) of the base "
