@@ -35,7 +35,7 @@ import numpy as np
 
 from benchmarks import stats
 from benchmarks.e2e_cpu import machine
-from contract import stage
+from contract.weight_formats import WEIGHTS_FP16, WEIGHTS_QUANTIZED
 from quantization.report import describe_methods
 from runtime.sampling import log_softmax
 
@@ -104,7 +104,7 @@ def build_recipe(recipe: Recipe, ckpt: Path, work: Path, modelopt_python: str | 
     engine = folder / "engine"
     if (engine / "config.json").exists():  # reused only in the form built below (weights at rest as the recipe stores)
         storage = json.loads((engine / "config.json").read_text()).get("builder_config", {}).get("weight_storage")
-        if storage in (stage.WEIGHTS_FP16, stage.WEIGHTS_QUANTIZED):
+        if storage in (WEIGHTS_FP16, WEIGHTS_QUANTIZED):
             return engine
     src = ckpt
     if recipe.quantize is not None or recipe.modelopt is not None:

@@ -18,12 +18,13 @@ from pathlib import Path
 import click
 
 from builder.profiles import Limits, ModelDims, validate_limits, validate_tree_size
-from contract import stage
 from contract.atomic import staged_dir
 from contract.cli import CONTEXT_SETTINGS, example, run_cli
+from contract.eagle3 import DEFAULT_TREE_SIZE, ROLE_BASE, ROLE_DRAFT, ROLE_LLM
 from contract.errors import InputError
+from contract.kv import KV_IN_PLACE, KvDtype
 from contract.paths import checked_file
-from contract.stage import CPU_WEIGHTS, ROLE_BASE, ROLE_DRAFT, ROLE_LLM, KvDtype
+from contract.weight_formats import CPU_WEIGHTS, WEIGHTS_FP32, weight_storage
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
@@ -103,7 +104,7 @@ def keep_other_side(engine_dir: Path, out: Path, role: str) -> None:
 
 def build(onnx_dir: str | Path, engine_dir: str | Path, *, max_batch_size: int = 4, max_input_len: int = 1024,
           max_kv_cache_capacity: int = 4096, backend: str = "auto", spec_base: bool = False, spec_draft: bool = False,
-          max_verify_tree_size: int = stage.DEFAULT_TREE_SIZE, max_draft_tree_size: int = stage.DEFAULT_TREE_SIZE,
+          max_verify_tree_size: int = DEFAULT_TREE_SIZE, max_draft_tree_size: int = DEFAULT_TREE_SIZE,
           cpu_weights: str | None = None) -> Path:
     """Build ENG from an ONNX dir; ENG appears only once complete (written to a temp sibling, then renamed). An
     EAGLE3 base or draft build keeps the other role's engine already in ENG.
@@ -119,8 +120,8 @@ def build(onnx_dir: str | Path, engine_dir: str | Path, *, max_batch_size: int =
     onnx_dir, engine_dir = Path(onnx_dir), Path(engine_dir)
     limits = Limits(max_batch_size, max_input_len, max_kv_cache_capacity)
     validate_limits(limits)
-    if cpu_weights is not None and cpu_weights not in stage.CPU_WEIGHTS:
-        raise InputError(f"--cpuWeights: expected one of {list(stage.CPU_WEIGHTS)}, found {cpu_weights!r}")
+    if cpu_weights is not None and cpu_weights not in CPU_WEIGHTS:
+        raise InputError(f"--cpuWeights: expected one of {list(CPU_WEIGHTS)}, found {cpu_weights!r}")
     backend, why = resolve_backend(backend)
     if cpu_weights is not None and backend != "onnxruntime":
         raise InputError(f"--cpuWeights {cpu_weights}: expected --backend onnxruntime with it, found {backend} "
@@ -145,10 +146,10 @@ def build(onnx_dir: str | Path, engine_dir: str | Path, *, max_batch_size: int =
         from plugins.attention.ort_lowering import kv_io_form
 
         kv_io = kv_io_form(KvDtype(found.kv_cache_dtype), found.rotary_dim)
-        storage = stage.weight_storage(found.weight_format, cpu_weights or stage.WEIGHTS_FP32)
+        storage = weight_storage(found.weight_format, cpu_weights or WEIGHTS_FP32)
     else:
-        kv_io = stage.KV_IN_PLACE  # the plugin's present output aliases its past input
-        storage = stage.weight_storage(found.weight_format)
+        kv_io = KV_IN_PLACE  # the plugin's present output aliases its past input
+        storage = weight_storage(found.weight_format)
     builder_config = engine_dir_mod.make_builder_config(
         backend=backend, max_batch_size=max_batch_size, max_input_len=max_input_len,
         max_kv_cache_capacity=max_kv_cache_capacity, kv_cache_dtype=found.kv_cache_dtype,
@@ -163,7 +164,7 @@ def build(onnx_dir: str | Path, engine_dir: str | Path, *, max_batch_size: int =
 
             with step("load model.onnx"):
                 model = ort_backend.load_model(onnx_dir)
-            lowering = "lower for onnxruntime" + (", dequantize the weights" if storage == stage.WEIGHTS_FP32 else "")
+            lowering = "lower for onnxruntime" + (", dequantize the weights" if storage == WEIGHTS_FP32 else "")
             with step(lowering):
                 model = ort_backend.lower_llm(model, storage)
             weight_bytes = ort_backend.session_weight_bytes(model)
@@ -218,9 +219,9 @@ def build(onnx_dir: str | Path, engine_dir: str | Path, *, max_batch_size: int =
               "already built into --engineDir.")
 @click.option("--specDraft", "--eagleDraft", "spec_draft", is_flag=True,
               help="Build the EAGLE3 draft engine (engine_role 'draft') into the base's --engineDir.")
-@click.option("--maxVerifyTreeSize", "max_verify_tree_size", default=stage.DEFAULT_TREE_SIZE, show_default=True,
+@click.option("--maxVerifyTreeSize", "max_verify_tree_size", default=DEFAULT_TREE_SIZE, show_default=True,
               type=int, help="--specBase: most tree tokens per verification call (generation profile).")
-@click.option("--maxDraftTreeSize", "max_draft_tree_size", default=stage.DEFAULT_TREE_SIZE, show_default=True,
+@click.option("--maxDraftTreeSize", "max_draft_tree_size", default=DEFAULT_TREE_SIZE, show_default=True,
               type=int, help="--specDraft: most tree tokens per draft call (generation profile).")
 def cli(onnx_dir, engine_dir, max_batch_size, max_input_len, max_kv_cache_capacity, backend, cpu_weights, spec_base,
         spec_draft, max_verify_tree_size, max_draft_tree_size):

@@ -15,13 +15,35 @@ from pathlib import Path
 
 import onnx
 
-from contract import stage
 from contract.dir_kinds import onnx_dir_mistake
+from contract.eagle3 import D2T_FILE, ROLE_BASE, ROLE_DRAFT, ROLE_LLM
 from contract.errors import InputError
+from contract.graph_io import (
+    ATTENTION_MASK,
+    ATTENTION_POS_ID,
+    HIDDEN_STATES,
+    HIDDEN_STATES_FROM_DRAFT,
+    HIDDEN_STATES_INPUT,
+    INPUTS_EMBEDS,
+    LOGITS,
+    PAST_PREFIX,
+    PRESENT_PREFIX,
+    ROPE_COS_SIN,
+    past_key_values,
+    present_key_values,
+)
 from contract.jsonfile import read_json
+from contract.kv import KvDtype
 from contract.onnxfile import load_model
 from contract.paths import checked_file
-from contract.stage import CONTRACT_VERSION, ROLE_BASE, ROLE_DRAFT, ROLE_LLM, KvDtype
+from contract.runtime_config import check_runtime_config, head_dim, rotary_dim
+from contract.versions import CONTRACT_VERSION
+from contract.weight_formats import (
+    MIXED_WEIGHTS,
+    WEIGHT_FORMAT_COUNTS,
+    summarize_weight_formats,
+    weight_format_fields,
+)
 from llm_loader.eagle3_draft import read_d2t_targets
 from llm_loader.embedding import read_embedding_sidecar
 from plugins.attention import schema as attention_schema
@@ -76,7 +98,7 @@ def _foreign_export(onnx_dir: Path, config: dict) -> str | None:
         inputs = {i.name: len(i.type.tensor_type.shape.dim) for i in graph.input}
     except InputError:
         inputs = {}
-    token_major = any(name in inputs for name in TOKEN_MAJOR_INPUTS) or inputs.get(stage.INPUTS_EMBEDS) == 2
+    token_major = any(name in inputs for name in TOKEN_MAJOR_INPUTS) or inputs.get(INPUTS_EMBEDS) == 2
     if token_major or version.startswith("0.11"):
         found = (f"a TensorRT-Edge-LLM {version or '0.11'} token-major/paged export (inputs_embeds [tokens, hidden], "
                  "positions, query_start_offsets, kv_page_table)")
@@ -92,7 +114,7 @@ def _foreign_export(onnx_dir: Path, config: dict) -> str | None:
 
 def describe_weights(weight_format: str, counts: dict[str, int]) -> str:
     """"fp8", or "mixed: nvfp4 90 linears, fp8 120 linears"."""
-    if weight_format != stage.MIXED_WEIGHTS:
+    if weight_format != MIXED_WEIGHTS:
         return weight_format
     return f"{weight_format}: " + ", ".join(f"{fmt} {n} linears" for fmt, n in counts.items())
 
@@ -113,7 +135,7 @@ def read_config(onnx_dir: Path) -> dict:
                 "num_key_value_heads", "kv_cache_dtype"):
         if key not in config:
             raise InputError(f"{path}: expected key {key!r}, found none")
-    stage.check_runtime_config(config, str(path))
+    check_runtime_config(config, str(path))
     return config
 
 
@@ -133,9 +155,9 @@ def check_graph(onnx_dir: Path, graph: onnx.GraphProto, config: dict) -> None:
     """Cross-check every layer's KV bindings and AttentionPlugin, and every dim the graph fixes, with config.json."""
     inputs, outputs = {i.name: i for i in graph.input}, {o.name: o for o in graph.output}
     layers = config["num_hidden_layers"]
-    for kind, found in (("input", sorted(n for n in inputs if n.startswith(stage.PAST_PREFIX))),
-                        ("output", sorted(n for n in outputs if n.startswith(stage.PRESENT_PREFIX)))):
-        prefix = stage.PAST_PREFIX if kind == "input" else stage.PRESENT_PREFIX
+    for kind, found in (("input", sorted(n for n in inputs if n.startswith(PAST_PREFIX))),
+                        ("output", sorted(n for n in outputs if n.startswith(PRESENT_PREFIX)))):
+        prefix = PAST_PREFIX if kind == "input" else PRESENT_PREFIX
         # counts first: config.json may state any number of layers
         expected = sorted(f"{prefix}{i}" for i in range(layers)) if len(found) == layers else None
         if found != expected:
@@ -148,9 +170,9 @@ def check_graph(onnx_dir: Path, graph: onnx.GraphProto, config: dict) -> None:
     if attention_nodes != layers:
         raise InputError(f"{onnx_dir}/model.onnx: expected one AttentionPlugin per layer ({layers}, config.json "
                          f"num_hidden_layers), found {attention_nodes}")
-    hd = stage.head_dim(config)
+    hd = head_dim(config)
     for i in range(layers):
-        past, present = inputs[stage.past_key_values(i)], outputs[stage.present_key_values(i)]
+        past, present = inputs[past_key_values(i)], outputs[present_key_values(i)]
         node = plugins.get(past.name)
         if node is None or list(node.output[1:2]) != [present.name]:
             raise InputError(f"{onnx_dir}/model.onnx: expected an AttentionPlugin reading {past.name} and writing "
@@ -178,9 +200,9 @@ def check_graph(onnx_dir: Path, graph: onnx.GraphProto, config: dict) -> None:
             f"{plugin} num_q_heads": attrs.num_q_heads})
     vocab_key = "draft_vocab_size" if config.get("engine_role") == ROLE_DRAFT else "vocab_size"
     for name, io, axis, key, value in (
-            (stage.INPUTS_EMBEDS, inputs, 2, "hidden_size", config["hidden_size"]),
-            (stage.ROPE_COS_SIN, inputs, 2, "head_dim x partial_rotary_factor", stage.rotary_dim(config)),
-            (stage.LOGITS, outputs, 2, vocab_key, config.get(vocab_key))):
+            (INPUTS_EMBEDS, inputs, 2, "hidden_size", config["hidden_size"]),
+            (ROPE_COS_SIN, inputs, 2, "head_dim x partial_rotary_factor", rotary_dim(config)),
+            (LOGITS, outputs, 2, vocab_key, config.get(vocab_key))):
         if name not in io:
             raise InputError(f"{onnx_dir}/model.onnx: expected {name}, found no such graph input or output")
         dims = _dims(io[name])
@@ -194,14 +216,14 @@ def graph_role(model_path: Path, graph: onnx.GraphProto) -> str:
     inputs, outputs = {i.name for i in graph.input}, {o.name for o in graph.output}
     plugins = [n for n in graph.node if n.domain == attention_schema.DOMAIN and n.op_type == attention_schema.OP_TYPE]
     tree = {attention_schema.read_attrs(n).enable_tree_attention for n in plugins}
-    has_tree_inputs = {stage.ATTENTION_MASK, stage.ATTENTION_POS_ID} <= inputs
-    if tree == {False} and not has_tree_inputs and stage.HIDDEN_STATES not in outputs:
+    has_tree_inputs = {ATTENTION_MASK, ATTENTION_POS_ID} <= inputs
+    if tree == {False} and not has_tree_inputs and HIDDEN_STATES not in outputs:
         return ROLE_LLM
-    if tree != {True} or not has_tree_inputs or stage.HIDDEN_STATES not in outputs:
+    if tree != {True} or not has_tree_inputs or HIDDEN_STATES not in outputs:
         raise InputError(f"{model_path}: expected either a vanilla graph or an EAGLE3 one (tree attention in every "
-                         f"AttentionPlugin, inputs {stage.ATTENTION_MASK} and {stage.ATTENTION_POS_ID}, output "
-                         f"{stage.HIDDEN_STATES}), found a mix")
-    draft_inputs = {stage.HIDDEN_STATES_INPUT, stage.HIDDEN_STATES_FROM_DRAFT}
+                         f"AttentionPlugin, inputs {ATTENTION_MASK} and {ATTENTION_POS_ID}, output "
+                         f"{HIDDEN_STATES}), found a mix")
+    draft_inputs = {HIDDEN_STATES_INPUT, HIDDEN_STATES_FROM_DRAFT}
     if draft_inputs <= inputs:
         return ROLE_DRAFT
     if draft_inputs & inputs:
@@ -253,7 +275,7 @@ def graph_linear_formats(graph: onnx.GraphProto) -> dict[str, str]:
 
 def graph_weight_format(graph: onnx.GraphProto) -> tuple[str, dict[str, int]]:
     """model.onnx's `weight_format` ("fp16", the one quantized format, or "mixed") and its linears per format."""
-    return stage.summarize_weight_formats(graph_linear_formats(graph).values())
+    return summarize_weight_formats(graph_linear_formats(graph).values())
 
 
 def detect(onnx_dir: str | Path) -> Detection:
@@ -270,14 +292,14 @@ def detect(onnx_dir: str | Path) -> Detection:
                          f"outputs say {found_role!r}")
     check_graph(onnx_dir, graph, config)
     weights, counts = graph_weight_format(graph)
-    said = stage.weight_format_fields(config.get("weight_format", "fp16"), config.get(stage.WEIGHT_FORMAT_COUNTS))
-    if stage.weight_format_fields(weights, counts) != said:
+    said = weight_format_fields(config.get("weight_format", "fp16"), config.get(WEIGHT_FORMAT_COUNTS))
+    if weight_format_fields(weights, counts) != said:
         raise InputError(f"{onnx_dir}: weight format disagrees: model.onnx initializers and DequantizeLinear nodes "
                          f"say {describe_weights(weights, counts)}, config.json weight_format says "
-                         f"{describe_weights(said['weight_format'], said.get(stage.WEIGHT_FORMAT_COUNTS) or {})}")
+                         f"{describe_weights(said['weight_format'], said.get(WEIGHT_FORMAT_COUNTS) or {})}")
     if role == ROLE_DRAFT:
         embedding_format = None
-        read_d2t_targets(checked_file(onnx_dir, stage.D2T_FILE, "the draft vocabulary map"), config["vocab_size"],
+        read_d2t_targets(checked_file(onnx_dir, D2T_FILE, "the draft vocabulary map"), config["vocab_size"],
                          config["draft_vocab_size"])
     else:
         sidecar = read_embedding_sidecar(checked_file(onnx_dir, "embedding.safetensors", "the embedding sidecar"))
@@ -290,6 +312,6 @@ def detect(onnx_dir: str | Path) -> Detection:
         onnx_dir=onnx_dir, config=config, model=config["model"], embedding_format=embedding_format, engine_role=role,
         kv_cache_dtype=config["kv_cache_dtype"], weight_format=weights, weight_formats=counts,
         num_layers=config["num_hidden_layers"], vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
-        num_kv_heads=config["num_key_value_heads"], head_dim=stage.head_dim(config),
-        rotary_dim=stage.rotary_dim(config),
+        num_kv_heads=config["num_key_value_heads"], head_dim=head_dim(config),
+        rotary_dim=rotary_dim(config),
     )

@@ -19,7 +19,10 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from contract import onnxfile, stage
+from contract import onnxfile
+from contract.embedding import EMBEDDING_BLOCK, EMBEDDING_FP8
+from contract.versions import ONNX_OPSET, PRODUCER
+from contract.weight_formats import WEIGHTS_FP32
 from llm_loader.embedding import EmbeddingSidecar
 from plugins.fp8_gather import schema as fp8_gather_schema
 
@@ -36,13 +39,13 @@ def embedding_model(sidecar: EmbeddingSidecar) -> onnx.ModelProto:
     vocab, hidden = sidecar.vocab_size, sidecar.hidden_size
     ids = helper.make_tensor_value_info("input_ids", TensorProto.INT32, ["batch", "seq_len"])
     out = helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT16, ["batch", "seq_len", hidden])
-    opsets = [helper.make_opsetid("", stage.ONNX_OPSET)]
-    if sidecar.format == stage.EMBEDDING_FP8:
+    opsets = [helper.make_opsetid("", ONNX_OPSET)]
+    if sidecar.format == EMBEDDING_FP8:
         table = helper.make_tensor("embedding", TensorProto.FLOAT8E4M3FN, [vocab, hidden],
                                    sidecar.table.contiguous().view(torch.uint8).numpy().tobytes(), raw=True)
         scale = onnx.numpy_helper.from_array(sidecar.scale.float().numpy(), "embedding_scale")
         nodes = [fp8_gather_schema.make_node("embedding", "embedding_scale", "input_ids", "inputs_embeds",
-                                             name="embedding_lookup", block_size=stage.EMBEDDING_BLOCK)]
+                                             name="embedding_lookup", block_size=EMBEDDING_BLOCK)]
         inits = [table, scale]
         opsets.append(fp8_gather_schema.OPSET)
     else:
@@ -50,7 +53,7 @@ def embedding_model(sidecar: EmbeddingSidecar) -> onnx.ModelProto:
         nodes = [helper.make_node("Gather", ["embedding", "input_ids"], ["inputs_embeds"], name="embedding_lookup",
                                   axis=0)]
     graph = helper.make_graph(nodes, "embedding", [ids], [out], initializer=inits)
-    return helper.make_model(graph, opset_imports=opsets, producer_name=f"{stage.PRODUCER} llm-build")
+    return helper.make_model(graph, opset_imports=opsets, producer_name=f"{PRODUCER} llm-build")
 
 
 def load_model(onnx_dir: Path) -> onnx.ModelProto:
@@ -65,14 +68,14 @@ def lower(model: onnx.ModelProto) -> onnx.ModelProto:
     return lower_for_onnxruntime(model)
 
 
-def lower_llm(model: onnx.ModelProto, weight_storage: str = stage.WEIGHTS_FP32) -> onnx.ModelProto:
+def lower_llm(model: onnx.ModelProto, weight_storage: str = WEIGHTS_FP32) -> onnx.ModelProto:
     """The LLM graph lowered and computing in fp32; `inputs_embeds` keeps its fp16 binding (the embedding engine's
     output). With `weight_storage` fp32 every quantized weight's dequantization is folded into an fp32 initializer;
     with `quantized` it stays in the graph."""
     from plugins.lowering import widen_to_fp32
 
     model = widen_to_fp32(lower(model), {"inputs_embeds"})
-    if weight_storage == stage.WEIGHTS_FP32:
+    if weight_storage == WEIGHTS_FP32:
         from plugins.weight_folding import fast_form
 
         fast_form(model)
@@ -95,6 +98,6 @@ def session_weight_bytes(model: onnx.ModelProto) -> int:
 def build_embedding(sidecar: EmbeddingSidecar, out: Path) -> None:
     """out/embedding.onnx (+ .data) from the sidecar; FP8 goes through the same lowering as the LLM."""
     model = embedding_model(sidecar)
-    if sidecar.format == stage.EMBEDDING_FP8:
+    if sidecar.format == EMBEDDING_FP8:
         model = lower(model)
     save_with_external_data(model, out / "embedding.onnx")

@@ -10,9 +10,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from contract import stage
 from contract.errors import InputError
-from contract.stage import LIMIT_BOUNDS
+from contract.graph_io import (
+    ATTENTION_MASK,
+    ATTENTION_POS_ID,
+    CONTEXT_LENGTHS,
+    HIDDEN_STATES_FROM_DRAFT,
+    HIDDEN_STATES_INPUT,
+    INPUTS_EMBEDS,
+    KVCACHE_START_INDEX,
+    LAST_TOKEN_IDS,
+    ROPE_COS_SIN,
+    past_key_values,
+    tree_mask_words,
+)
+from contract.runtime_config import LIMIT_BOUNDS
 
 Shape = tuple[int, ...]
 
@@ -52,21 +64,21 @@ def llm_profiles(limits: Limits, dims: ModelDims, gen_tokens: int = 1) -> list[P
             return (1, 1, width), (b, seq_opt, width), (b, seq_max, width)
 
         shapes = {
-            stage.INPUTS_EMBEDS: per_token(dims.hidden_size),
-            stage.CONTEXT_LENGTHS: ((1,), (b,), (b,)),
-            stage.KVCACHE_START_INDEX: ((1,), (b,), (b,)),
-            stage.ROPE_COS_SIN: ((1, cap, dims.rotary_dim),) * 3,
-            stage.LAST_TOKEN_IDS: ((1, 1), (b, selected), (b, selected)),
+            INPUTS_EMBEDS: per_token(dims.hidden_size),
+            CONTEXT_LENGTHS: ((1,), (b,), (b,)),
+            KVCACHE_START_INDEX: ((1,), (b,), (b,)),
+            ROPE_COS_SIN: ((1, cap, dims.rotary_dim),) * 3,
+            LAST_TOKEN_IDS: ((1, 1), (b, selected), (b, selected)),
         }
         if dims.tree:  # the mask has ceil(seq/32) words per row; a prefill passes the causal mask (contracts.md 2.2)
-            shapes[stage.ATTENTION_MASK] = ((1, 1, 1), (b, seq_opt, stage.tree_mask_words(seq_opt)),
-                                            (b, seq_max, stage.tree_mask_words(seq_max)))
-            shapes[stage.ATTENTION_POS_ID] = ((1, 1), (b, seq_opt), (b, seq_max))
+            shapes[ATTENTION_MASK] = ((1, 1, 1), (b, seq_opt, tree_mask_words(seq_opt)),
+                                            (b, seq_max, tree_mask_words(seq_max)))
+            shapes[ATTENTION_POS_ID] = ((1, 1), (b, seq_opt), (b, seq_max))
         if dims.draft_hidden_input:
-            shapes[stage.HIDDEN_STATES_INPUT] = per_token(dims.draft_hidden_input)
-            shapes[stage.HIDDEN_STATES_FROM_DRAFT] = per_token(dims.hidden_size)
+            shapes[HIDDEN_STATES_INPUT] = per_token(dims.draft_hidden_input)
+            shapes[HIDDEN_STATES_FROM_DRAFT] = per_token(dims.hidden_size)
         for i in range(dims.num_layers):
-            shapes[stage.past_key_values(i)] = ((1, *kv), (b, *kv), (b, *kv))
+            shapes[past_key_values(i)] = ((1, *kv), (b, *kv), (b, *kv))
         return shapes
 
     return [Profile("context", common(max(1, length // 2), length, 1)),

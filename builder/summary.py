@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from builder.detect import Detection
 from builder.profiles import Limits
-from contract import stage
-from contract.stage import KvDtype
+from contract.kv import KvDtype
+from contract.weight_formats import WEIGHTS_FP16, WEIGHTS_FP32
 
 MIB = 2**20
 
@@ -48,9 +48,9 @@ def compute_line(found: Detection, backend: str) -> str:
 
 def weights_line(weight_format: str, storage: str) -> str:
     """Which form of the weights the engine holds, and what the other form would trade."""
-    if storage == stage.WEIGHTS_FP16:
+    if storage == WEIGHTS_FP16:
         return "weights         fp16 at rest (ONNX Runtime widens them to fp32 when the engine loads)"
-    if storage == stage.WEIGHTS_FP32:
+    if storage == WEIGHTS_FP32:
         return (f"weights         fp32 at rest: the {weight_format} weights dequantized once at build (fast form; "
                 "--cpuWeights quantized keeps them FP8/FP4 at rest: less memory, much slower decode)")
     return (f"weights         {weight_format} at rest, dequantized at every step (low-memory form, --cpuWeights "

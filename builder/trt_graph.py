@@ -16,7 +16,7 @@ import onnx
 
 from builder.profiles import Profile
 from contract.errors import InputError
-from contract.stage import CUSTOM_DOMAIN
+from contract.versions import CUSTOM_DOMAIN
 from plugins.attention import schema as attention_schema
 from plugins.attention.trt_plugin import INPUT_NAMES as TRT_ATTENTION_INPUTS
 from plugins.attention.trt_plugin import check_head_size

@@ -17,19 +17,40 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from contract import stage
-from contract.errors import InputError
-from contract.jsonfile import read_json
-from contract.onnxfile import load_model
-from contract.paths import checked_file
-from contract.stage import (
-    CONTRACT_VERSION,
+from contract import weight_formats
+from contract.eagle3 import (
+    D2T_FILE,
     ROLE_BASE,
     ROLE_DRAFT,
     ROLE_LLM,
-    KvDtype,
+    default_eagle_layers,
+)
+from contract.embedding import EMBEDDING_DTYPES
+from contract.errors import InputError
+from contract.fields import positive_int
+from contract.graph_io import (
+    INPUTS_EMBEDS,
+    LOGITS,
+    PAST_PREFIX,
+    PRESENT_PREFIX,
+    ROPE_COS_SIN,
+)
+from contract.jsonfile import read_json
+from contract.kv import KV_IO_FORMS, ORT_KV_HALVES, KvDtype
+from contract.onnxfile import load_model
+from contract.paths import checked_file
+from contract.runtime_config import (
+    LIMIT_BOUNDS,
+    check_runtime_config,
+    head_dim,
+    rotary_dim,
 )
 from contract.tokenizer_files import copy_checked
+from contract.versions import CONTRACT_VERSION
+from contract.weight_formats import (
+    WEIGHT_STORAGE_FORMS,
+    weight_format_fields,
+)
 
 BACKEND_SUFFIX = {"onnxruntime": ".onnx", "tensorrt": ".engine"}
 ENGINE_STEMS = {ROLE_LLM: "llm", ROLE_BASE: "spec_base", ROLE_DRAFT: "spec_draft"}  # reference 3.1 engine names
@@ -37,7 +58,7 @@ CONFIG_FILES = {ROLE_LLM: "config.json", ROLE_BASE: "base_config.json", ROLE_DRA
 EMBEDDING_STEM = "embedding"
 COPIED_FILES = ("embedding.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "chat_template.jinja")
-DRAFT_COPIED_FILES = (stage.D2T_FILE,)  # a draft has no table or tokenizer of its own: it uses its base's
+DRAFT_COPIED_FILES = (D2T_FILE,)  # a draft has no table or tokenizer of its own: it uses its base's
 
 
 def engine_files(role: str, backend: str) -> tuple[str, ...]:
@@ -66,16 +87,16 @@ def make_builder_config(*, backend: str, max_batch_size: int, max_input_len: int
                         weight_storage: str, role: str = ROLE_LLM, tree_size: int | None = None,
                         weight_formats: dict[str, int] | None = None) -> dict:
     """The `builder_config` block of contracts.md 5.1; `kv_io` is how the LLM engine takes its cache
-    (`stage.KV_IO_FORMS`; a TensorRT engine is always in place), `weight_storage` what it holds its weights in at
-    rest (`stage.WEIGHT_STORAGE_FORMS`). A spec base records `max_verify_tree_size`, a draft `max_draft_tree_size`
+    (`KV_IO_FORMS`; a TensorRT engine is always in place), `weight_storage` what it holds its weights in at
+    rest (`WEIGHT_STORAGE_FORMS`). A spec base records `max_verify_tree_size`, a draft `max_draft_tree_size`
     (`tree_size`, the generation profile's tokens per call); `weight_formats` (linears per format) as
-    `stage.weight_format_fields` writes it."""
+    `weight_format_fields` writes it."""
     config = {"backend": backend, "max_batch_size": max_batch_size, "max_input_len": max_input_len,
               "max_kv_cache_capacity": max_kv_cache_capacity, "spec_base": role == ROLE_BASE,
               "spec_draft": role == ROLE_DRAFT, "max_lora_rank": 0, "kv_cache_dtype": kv_cache_dtype,
               "embedding_format": embedding_format, "weight_format": weight_format, "kv_io": kv_io,
               "weight_storage": weight_storage, "contract_version": CONTRACT_VERSION}
-    config.update(stage.weight_format_fields(weight_format, weight_formats))
+    config.update(weight_format_fields(weight_format, weight_formats))
     if role == ROLE_BASE:
         config["max_verify_tree_size"] = tree_size
     elif role == ROLE_DRAFT:
@@ -88,7 +109,7 @@ def weight_storage(builder_config: dict) -> str:
     as exported (the only form then)."""
     if "weight_storage" in builder_config:
         return builder_config["weight_storage"]
-    return stage.weight_storage(builder_config.get("weight_format", "fp16"))
+    return weight_formats.weight_storage(builder_config.get("weight_format", "fp16"))
 
 
 def write_config_and_copies(onnx_dir: Path, out: Path, onnx_config: dict, builder_config: dict,
@@ -144,25 +165,25 @@ def load_engine_config(engine_dir: str | Path, role: str = ROLE_LLM) -> dict:
         raise InputError(f"{path}: kv_cache_dtype disagrees: builder_config says {bc.get('kv_cache_dtype')!r}, "
                          f"config says {config.get('kv_cache_dtype')!r}")
     kv = KvDtype.parse(bc["kv_cache_dtype"], f"{path} builder_config.kv_cache_dtype")
-    stage.check_runtime_config(config, str(path))
-    for key, bound in stage.LIMIT_BOUNDS.items():
-        if stage.positive_int(bc, key, f"{path} builder_config") > bound:
+    check_runtime_config(config, str(path))
+    for key, bound in LIMIT_BOUNDS.items():
+        if positive_int(bc, key, f"{path} builder_config") > bound:
             raise InputError(f"{path} builder_config: {key}: expected at most {bound}, found {bc[key]}")
     if bc["max_input_len"] > bc["max_kv_cache_capacity"]:
         raise InputError(f"{path} builder_config: max_input_len ({bc['max_input_len']}) expected at most "
                          f"max_kv_cache_capacity, found {bc['max_kv_cache_capacity']}")
-    if bc.get("kv_io") not in stage.KV_IO_FORMS:
-        raise InputError(f"{path} builder_config.kv_io: expected one of {list(stage.KV_IO_FORMS)}, "
+    if bc.get("kv_io") not in KV_IO_FORMS:
+        raise InputError(f"{path} builder_config.kv_io: expected one of {list(KV_IO_FORMS)}, "
                          f"found {bc.get('kv_io')!r}; rebuild the engine with this llm-build")
-    if weight_storage(bc) not in stage.WEIGHT_STORAGE_FORMS:
-        raise InputError(f"{path} builder_config.weight_storage: expected one of {list(stage.WEIGHT_STORAGE_FORMS)}, "
+    if weight_storage(bc) not in WEIGHT_STORAGE_FORMS:
+        raise InputError(f"{path} builder_config.weight_storage: expected one of {list(WEIGHT_STORAGE_FORMS)}, "
                          f"found {bc.get('weight_storage')!r}")
     if backend == "onnxruntime":
         check_ort_engines(eng, config, kv, role)
     if role == ROLE_DRAFT:  # no table of its own
         return config
     sidecar, shape = sidecar_dtype(eng / "embedding.safetensors"), sidecar_shape(eng / "embedding.safetensors")
-    if stage.EMBEDDING_DTYPES.get(bc.get("embedding_format")) != sidecar:
+    if EMBEDDING_DTYPES.get(bc.get("embedding_format")) != sidecar:
         raise InputError(f"{eng / 'embedding.safetensors'}: tensor 'embedding' is {sidecar} but builder_config "
                          f"embedding_format is {bc.get('embedding_format')!r}")
     if shape != [config["vocab_size"], config["hidden_size"]]:
@@ -184,9 +205,9 @@ def check_ort_engines(eng: Path, config: dict, kv: KvDtype, role: str = ROLE_LLM
     llm = load_model(eng / llm_file, "the LLM engine").graph
     inputs, outputs = {i.name: i for i in llm.input}, {o.name: o for o in llm.output}
     layers, where = config["num_hidden_layers"], f"{eng / CONFIG_FILES[role]}"
-    for prefix, io in ((stage.PAST_PREFIX, inputs), (stage.PRESENT_PREFIX, outputs)):
+    for prefix, io in ((PAST_PREFIX, inputs), (PRESENT_PREFIX, outputs)):
         found = {n for n in io if n.startswith(prefix)}
-        expected = {f"{prefix}{i}.{half}" for i in range(layers) for half in stage.ORT_KV_HALVES} \
+        expected = {f"{prefix}{i}.{half}" for i in range(layers) for half in ORT_KV_HALVES} \
             if len(found) == 2 * layers else set()  # (a tampered count may be huge: compare counts first)
         if found != expected:
             raise InputError(f"{where}: num_hidden_layers {layers} disagrees with {eng / llm_file}, which has "
@@ -198,18 +219,18 @@ def check_ort_engines(eng: Path, config: dict, kv: KvDtype, role: str = ROLE_LLM
                 said = actual.value if actual else f"elem_type {value.type.tensor_type.elem_type}"
                 raise InputError(f"{eng / llm_file} {name}: past_key_values dtype is {said!r} but config.json says "
                                  f"kv_cache_dtype {kv.value!r}; rebuild the engine from a matching export")
-            want = {1: ("num_key_value_heads", config["num_key_value_heads"]), 3: ("head_dim", stage.head_dim(config))}
+            want = {1: ("num_key_value_heads", config["num_key_value_heads"]), 3: ("head_dim", head_dim(config))}
             for axis, (key, size) in want.items():
                 if len(dims) != 4 or dims[axis] != size:
                     raise InputError(f"{where}: {key} {size} disagrees with {eng / llm_file} {name} shape {dims}; "
                                      "rebuild the engine")
     vocab = config["draft_vocab_size"] if role == ROLE_DRAFT else config["vocab_size"]
-    checks = [(llm_file, inputs, stage.INPUTS_EMBEDS, "hidden_size", config["hidden_size"]),
-              (llm_file, inputs, stage.ROPE_COS_SIN, "head_dim x partial_rotary_factor", stage.rotary_dim(config)),
-              (llm_file, outputs, stage.LOGITS, "vocab_size" if role != ROLE_DRAFT else "draft_vocab_size", vocab)]
+    checks = [(llm_file, inputs, INPUTS_EMBEDS, "hidden_size", config["hidden_size"]),
+              (llm_file, inputs, ROPE_COS_SIN, "head_dim x partial_rotary_factor", rotary_dim(config)),
+              (llm_file, outputs, LOGITS, "vocab_size" if role != ROLE_DRAFT else "draft_vocab_size", vocab)]
     if embedding_file:
         embedding = load_model(eng / embedding_file[0], "the embedding engine").graph
-        checks.append((embedding_file[0], {o.name: o for o in embedding.output}, stage.INPUTS_EMBEDS, "hidden_size",
+        checks.append((embedding_file[0], {o.name: o for o in embedding.output}, INPUTS_EMBEDS, "hidden_size",
                        config["hidden_size"]))
     for file, io, name, key, size in checks:
         dims = _dims(io[name]) if name in io else []
@@ -245,14 +266,14 @@ def check_spec_pair(base: dict, draft: dict, where: str) -> None:
         if draft.get(key) != base.get(key):
             raise InputError(f"{where}: draft {key} {draft.get(key)!r} does not match the base's {base.get(key)!r}; "
                              "the draft was trained for another base model")
-    layers = base["eagle_hidden_state_layers"]  # both configs passed stage.check_spec_config
+    layers = base["eagle_hidden_state_layers"]  # both configs passed check_spec_config
     want = base["hidden_size"] * len(layers)
     if draft.get("base_model_hidden_size") != want:
         raise InputError(f"{where}: draft base_model_hidden_size {draft.get('base_model_hidden_size')!r} does not match "
                          f"the base's hidden_states width {want} ({len(layers)} layers x {base['hidden_size']})")
     ids = draft.get("eagle3_config", {}).get("target_layer_ids")
     if ids is None:  # the draft names none: it reads its base's default layers
-        ids = stage.default_eagle_layers(int(base["num_hidden_layers"]))
+        ids = default_eagle_layers(int(base["num_hidden_layers"]))
     if list(ids) != list(layers):
         raise InputError(f"{where}: draft target layers {list(ids)} do not match the base's eagle_hidden_state_layers "
                          f"{list(layers)}; export the base with --eagle-draft-dir pointing at this draft")

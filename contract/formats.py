@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from contract.stage import EMBEDDING_BLOCK
+from contract.embedding import EMBEDDING_BLOCK
 
 FP8_MAX = 448.0
 FP8_DTYPE = torch.float8_e4m3fn

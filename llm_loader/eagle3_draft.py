@@ -25,10 +25,17 @@ from onnx import helper
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from contract import stage
 from contract.checkpoint import Checkpoint
+from contract.eagle3 import D2T_TENSOR, ROLE_DRAFT, SPEC_EAGLE3, draft_target_layers
 from contract.errors import InputError
-from contract.stage import KvDtype
+from contract.fields import is_int
+from contract.graph_io import (
+    HIDDEN_STATES,
+    HIDDEN_STATES_FROM_DRAFT,
+    HIDDEN_STATES_INPUT,
+    INPUTS_EMBEDS,
+)
+from contract.kv import KvDtype
 from llm_loader.model_config import ModelConfig
 from llm_loader.onnx_graph import (
     FP16,
@@ -77,8 +84,8 @@ def draft_facts(ckpt: Checkpoint, cfg: ModelConfig, quant: QuantizedCheckpoint |
                          f"draft's hidden_size, k >= 1 base hidden states of the same width), found {list(fc_shape)}")
     base_total = fc_shape[1]
     count = base_total // cfg.hidden_size
-    ids = stage.draft_target_layers(ckpt.config)
-    if ids is not None and (len(ids) != count or not all(stage.is_int(i) and i >= 0 for i in ids)):
+    ids = draft_target_layers(ckpt.config)
+    if ids is not None and (len(ids) != count or not all(is_int(i) and i >= 0 for i in ids)):
         raise InputError(f"{where}: target layer ids: expected {count} non-negative integers (fc.weight reads {count} "
                          f"base hidden states), found {ids}")
     return DraftFacts(draft_vocab, base_total, count, ids)
@@ -104,14 +111,14 @@ def read_d2t(ckpt: Checkpoint, facts: DraftFacts, vocab_size: int) -> torch.Tens
 
 def write_d2t(path: Path, d2t: torch.Tensor) -> None:
     """`d2t.safetensors`: tensor `d2t` int32 `[draft_vocab]`, the checkpoint's offsets unchanged (reference 2.8b)."""
-    save_file({stage.D2T_TENSOR: d2t.contiguous()}, str(path), metadata={"form": D2T_OFFSET})
+    save_file({D2T_TENSOR: d2t.contiguous()}, str(path), metadata={"form": D2T_OFFSET})
 
 
 def draft_config_keys(facts: DraftFacts) -> dict:
     """The EAGLE3 keys of the draft's runtime config.json (reference 2.3)."""
     return {
-        "spec_decode_type": stage.SPEC_EAGLE3,
-        "engine_role": stage.ROLE_DRAFT,
+        "spec_decode_type": SPEC_EAGLE3,
+        "engine_role": ROLE_DRAFT,
         "draft_vocab_size": facts.draft_vocab_size,
         "base_model_hidden_size": facts.base_model_hidden_size,
         "eagle3_config": {"target_layer_ids": facts.target_layer_ids, "num_target_layers": facts.num_target_layers},
@@ -125,22 +132,22 @@ def write_draft_model(ckpt: Checkpoint, cfg: ModelConfig, facts: DraftFacts, out
     h = cfg.hidden_size
     try:
         g = new_graph(ckpt, cfg, weights, quant, tree=True)
-        fc = linear(g, stage.HIDDEN_STATES_INPUT, "fc", (h, facts.base_model_hidden_size), "fc")
-        hidden = g.op("Add", [stage.HIDDEN_STATES_FROM_DRAFT, fc], "draft_hidden")
-        embeds = rmsnorm(g, stage.INPUTS_EMBEDS, "midlayer.input_layernorm.weight", "layers.0/input_layernorm")
+        fc = linear(g, HIDDEN_STATES_INPUT, "fc", (h, facts.base_model_hidden_size), "fc")
+        hidden = g.op("Add", [HIDDEN_STATES_FROM_DRAFT, fc], "draft_hidden")
+        embeds = rmsnorm(g, INPUTS_EMBEDS, "midlayer.input_layernorm.weight", "layers.0/input_layernorm")
         normed = rmsnorm(g, hidden, "midlayer.hidden_norm.weight", "layers.0/hidden_norm")
         x = g.op("Concat", [embeds, normed], "layers.0/embeds_hidden", axis=-1)
         hidden = attention(g, x, hidden, 0, "midlayer.self_attn", 2 * h)
         hidden = mlp_block(g, hidden, 0, layer="midlayer")
-        g.op("Identity", [hidden], "draft_hidden_out", outputs=[stage.HIDDEN_STATES])
+        g.op("Identity", [hidden], "draft_hidden_out", outputs=[HIDDEN_STATES])
         final(g, hidden, norm="norm.weight", vocab_size=facts.draft_vocab_size)
     finally:
         weights.close()
     inputs, outputs = io_specs(cfg, KvDtype.FP16.onnx, tree=True, vocab_size=facts.draft_vocab_size)
     vi = helper.make_tensor_value_info
-    inputs[1:1] = [vi(stage.HIDDEN_STATES_INPUT, FP16, ["batch", "seq_len", facts.base_model_hidden_size]),
-                   vi(stage.HIDDEN_STATES_FROM_DRAFT, FP16, ["batch", "seq_len", h])]
-    outputs.insert(1, vi(stage.HIDDEN_STATES, FP16, ["batch", "seq_len", h]))
+    inputs[1:1] = [vi(HIDDEN_STATES_INPUT, FP16, ["batch", "seq_len", facts.base_model_hidden_size]),
+                   vi(HIDDEN_STATES_FROM_DRAFT, FP16, ["batch", "seq_len", h])]
+    outputs.insert(1, vi(HIDDEN_STATES, FP16, ["batch", "seq_len", h]))
     return save_model(g, "eagle3_draft", inputs, outputs, out_dir)
 
 
@@ -150,9 +157,9 @@ def read_d2t_targets(path: Path, vocab_size: int, draft_vocab_size: int) -> torc
     more distinct targets (a real map is one to one), the offset form on a tie."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            if stage.D2T_TENSOR not in f.keys():
-                raise InputError(f"{path}: expected a tensor {stage.D2T_TENSOR!r}, found {sorted(f.keys())}")
-            d2t, form = f.get_tensor(stage.D2T_TENSOR), (f.metadata() or {}).get("form")
+            if D2T_TENSOR not in f.keys():
+                raise InputError(f"{path}: expected a tensor {D2T_TENSOR!r}, found {sorted(f.keys())}")
+            d2t, form = f.get_tensor(D2T_TENSOR), (f.metadata() or {}).get("form")
     except InputError:
         raise
     except Exception as e:  # safetensors raises its own error types for a truncated or foreign file

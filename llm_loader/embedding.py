@@ -15,10 +15,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from contract import stage
+from contract.embedding import EMBEDDING_BLOCK, EMBEDDING_FP8, EMBEDDING_FP16
 from contract.errors import InputError
 from contract.formats import FP8_DTYPE, quantize_fp8_row_block
-from contract.stage import EMBEDDING_BLOCK
+from contract.versions import PRODUCER
 
 QUANT_CHUNK_ROWS = 1024
 
@@ -44,8 +44,8 @@ def write_embedding_sidecar(path: Path, table_fp16: torch.Tensor, fp8: bool) -> 
     """Write the table as FP16, or quantized to FP8 with 1x128 row-block scales (contract.formats)."""
     if table_fp16.dtype != torch.float16 or table_fp16.dim() != 2:
         raise ValueError(f"embedding table must be fp16 [V, H], got {table_fp16.dtype} {list(table_fp16.shape)}")
-    metadata = {"format": stage.EMBEDDING_FP8 if fp8 else stage.EMBEDDING_FP16, "block_size": str(EMBEDDING_BLOCK),
-                "producer": stage.PRODUCER}
+    metadata = {"format": EMBEDDING_FP8 if fp8 else EMBEDDING_FP16, "block_size": str(EMBEDDING_BLOCK),
+                "producer": PRODUCER}
     if fp8:  # the math is per row: quantize a chunk of rows at a time to keep the fp32 temporaries small
         v, h = table_fp16.shape
         table = torch.empty(v, h, dtype=FP8_DTYPE)
@@ -82,11 +82,11 @@ def read_embedding_sidecar(path: Path) -> EmbeddingSidecar:
         raise InputError(f"{path}: expected only 'embedding' and 'embedding_scale', found also {sorted(unexpected)}")
 
     if table.dtype == torch.float16:
-        fmt, scale = stage.EMBEDDING_FP16, None
+        fmt, scale = EMBEDDING_FP16, None
         if "embedding_scale" in tensors:
             raise InputError(f"{path}: tensor 'embedding_scale' expected only with an FP8 table, found an F16 table")
     elif table.dtype == FP8_DTYPE:
-        fmt = stage.EMBEDDING_FP8
+        fmt = EMBEDDING_FP8
         scale = tensors.get("embedding_scale")
         expected = [table.shape[0], math.ceil(table.shape[1] / EMBEDDING_BLOCK)]
         if scale is None:

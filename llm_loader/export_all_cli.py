@@ -30,12 +30,21 @@ from typing import TYPE_CHECKING
 import click
 from tqdm import tqdm
 
-from contract import stage
 from contract.atomic import staged_dir
 from contract.cli import CONTEXT_SETTINGS, example, run_cli
 from contract.dir_kinds import checkpoint_mistake
+from contract.eagle3 import (
+    D2T_FILE,
+    ROLE_BASE,
+    SPEC_EAGLE3,
+    default_eagle_layers,
+    draft_target_layers,
+    is_eagle3_config,
+)
 from contract.errors import InputError
+from contract.fields import is_int
 from contract.jsonfile import read_json
+from contract.kv import KvDtype
 from contract.paths import checked_file
 from llm_loader.model_config import ModelConfig, model_config_from_dict
 from llm_loader.runtime_config import runtime_config
@@ -82,7 +91,7 @@ def check_every_tensor_used(ckpt: Checkpoint, cfg: ModelConfig, quant: Quantized
 def eagle_layers(cfg, draft_dir: Path | None) -> list[int]:
     """The base hidden states an EAGLE3 base exports: the draft's target layers (checked against the draft's config)
     when `--eagle-draft-dir` names one, else the reference default."""
-    ids = stage.default_eagle_layers(cfg.num_hidden_layers)
+    ids = default_eagle_layers(cfg.num_hidden_layers)
     where = "the default EAGLE3 target layers"
     if draft_dir is not None:
         path = checked_file(Path(draft_dir), "config.json", "the EAGLE3 draft's config", required=False)
@@ -90,15 +99,15 @@ def eagle_layers(cfg, draft_dir: Path | None) -> list[int]:
             raise InputError(f"--eagle-draft-dir {draft_dir}: expected an EAGLE3 draft checkpoint dir, found no "
                              "config.json")
         draft = read_json(path, "the EAGLE3 draft's config")
-        if not stage.is_eagle3_config(draft):
+        if not is_eagle3_config(draft):
             raise InputError(f"{path}: expected an EAGLE3 draft (architectures *Eagle3*, draft_vocab_size or "
                              f"ttt_length), found architectures {draft.get('architectures')}")
         for key, base_value in (("hidden_size", cfg.hidden_size), ("vocab_size", cfg.vocab_size)):
             if draft.get(key) != base_value:
                 raise InputError(f"{path}: {key}: expected {base_value} (the base's), found {draft.get(key)!r}")
-        ids = stage.draft_target_layers(draft) or ids
+        ids = draft_target_layers(draft) or ids
         where = f"{path} target layer ids"
-    if not all(stage.is_int(i) and 0 <= i < cfg.num_hidden_layers for i in ids):
+    if not all(is_int(i) and 0 <= i < cfg.num_hidden_layers for i in ids):
         raise InputError(f"{where}: expected decoder-layer indices in [0, {cfg.num_hidden_layers}) of the base, "
                          f"found {ids}")
     return ids
@@ -132,7 +141,7 @@ def export(checkpoint_dir: Path, out_dir: Path, fp8_embedding: bool = False, dty
     if mistake:
         raise InputError(mistake)
     ckpt = open_checkpoint(checkpoint_dir)
-    if stage.is_eagle3_config(ckpt.config):
+    if is_eagle3_config(ckpt.config):
         for flag, given in (("--eagle-base", eagle_base), ("--fp8-embedding", fp8_embedding)):
             if given:
                 raise InputError(f"{flag}: expected no such flag for an EAGLE3 draft checkpoint ({ckpt.path} is one; "
@@ -152,7 +161,7 @@ def export(checkpoint_dir: Path, out_dir: Path, fp8_embedding: bool = False, dty
         del table
         config = runtime_config(cfg, ckpt.config, ckpt.path, **formats)
         if layers is not None:
-            config.update(spec_decode_type=stage.SPEC_EAGLE3, engine_role=stage.ROLE_BASE,
+            config.update(spec_decode_type=SPEC_EAGLE3, engine_role=ROLE_BASE,
                           eagle_hidden_state_layers=layers)
         (llm / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         wrap = (lambda it: tqdm(it, desc="export layers", unit="layer")) if progress else iter
@@ -167,7 +176,7 @@ def _export_draft(ckpt: Checkpoint, out: Path) -> Path:
     from llm_loader.onnx_graph import kv_cache_dtype, weight_formats
 
     quant = _open_quantized(ckpt)
-    if kv_cache_dtype(quant) is not stage.KvDtype.FP16:
+    if kv_cache_dtype(quant) is not KvDtype.FP16:
         raise InputError(f"{ckpt.path}: kv_cache_quant_algo: expected none for an EAGLE3 draft (its KV cache is "
                          "always fp16), found FP8")
     cfg = dataclasses.replace(model_config_from_dict(ckpt.config, ckpt.path / "config.json"), tie_word_embeddings=False)
@@ -176,11 +185,11 @@ def _export_draft(ckpt: Checkpoint, out: Path) -> Path:
     final = out / "llm"
     with staged_dir(final, kind="ONNX dir", flag="OUT", inputs=[ckpt.path]) as llm:
         weight_format, counts = weight_formats(quant)
-        config = runtime_config(cfg, ckpt.config, ckpt.path, kv_cache_dtype=stage.KvDtype.FP16.value,
+        config = runtime_config(cfg, ckpt.config, ckpt.path, kv_cache_dtype=KvDtype.FP16.value,
                                 weight_format=weight_format, weight_format_counts=counts)
         config.update(eagle3_draft.draft_config_keys(facts))
         (llm / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        eagle3_draft.write_d2t(llm / stage.D2T_FILE, d2t)
+        eagle3_draft.write_d2t(llm / D2T_FILE, d2t)
         eagle3_draft.write_draft_model(ckpt, cfg, facts, llm, quant)
     return final
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contract.errors import InputError
-from contract.stage import check_rope, positive_int, positive_number
+from contract.fields import positive_int, positive_number
+from contract.runtime_config import check_rope
 
 SUPPORTED = ("llama", "qwen2", "qwen3")
 

@@ -25,10 +25,25 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from contract import formats, stage
+from contract import formats
 from contract.checkpoint import Checkpoint
 from contract.errors import InputError
-from contract.stage import QUANTIZED_WEIGHT_FORMATS, KvDtype
+from contract.graph_io import (
+    ATTENTION_MASK,
+    ATTENTION_POS_ID,
+    CONTEXT_LENGTHS,
+    HIDDEN_STATES,
+    INPUTS_EMBEDS,
+    KVCACHE_START_INDEX,
+    LAST_TOKEN_IDS,
+    LOGITS,
+    ROPE_COS_SIN,
+    past_key_values,
+    present_key_values,
+)
+from contract.kv import KvDtype
+from contract.versions import IR_VERSION, ONNX_OPSET, PRODUCER
+from contract.weight_formats import QUANTIZED_WEIGHT_FORMATS, summarize_weight_formats
 from llm_loader.model_config import ModelConfig
 from llm_loader.quantized_checkpoint import QuantizedCheckpoint, QuantizedLinear
 from plugins.attention import schema as attention_schema
@@ -233,7 +248,7 @@ def weight_formats(quant: QuantizedCheckpoint | None) -> tuple[str, dict[str, in
     unknown = sorted({f for f in found if f != "fp16" and f not in QUANTIZED_WEIGHT_FORMATS})
     if unknown:
         raise InputError(f"{quant.path}: expected weight formats of {QUANTIZED_WEIGHT_FORMATS}, found {unknown}")
-    return stage.summarize_weight_formats(found)
+    return summarize_weight_formats(found)
 
 
 def rmsnorm(g: Graph, x: str, weight: str, name: str) -> str:
@@ -273,14 +288,14 @@ def attention(g: Graph, normed: str, residual: str, i: int, p: str, in_features:
         bias = torch.cat([g.read(f"{p}.{n}.bias", (heads * d,)) for n, heads in projections])
         qkv = g.op("Add", [qkv, g.weight(f"{p}.qkv_proj.bias", bias)], f"layers.{i}/qkv_bias")
 
-    inputs = [qkv, stage.past_key_values(i), stage.CONTEXT_LENGTHS, stage.ROPE_COS_SIN, stage.KVCACHE_START_INDEX]
+    inputs = [qkv, past_key_values(i), CONTEXT_LENGTHS, ROPE_COS_SIN, KVCACHE_START_INDEX]
     if cfg.qk_norm:
         inputs += [g.weight(f"{p}.{n}.weight", g.read(f"{p}.{n}.weight", (d,))) for n in ("q_norm", "k_norm")]
     if g.tree:
-        inputs += [stage.ATTENTION_MASK, stage.ATTENTION_POS_ID]
+        inputs += [ATTENTION_MASK, ATTENTION_POS_ID]
     attn = f"layers.{i}/attention/out0"
     g.nodes.append(attention_schema.make_node(
-        inputs, [attn, stage.present_key_values(i)], name=g.names.claim(f"layers.{i}/attention"),
+        inputs, [attn, present_key_values(i)], name=g.names.claim(f"layers.{i}/attention"),
         num_q_heads=hq, num_kv_heads=hkv, head_size=d, enable_qk_norm=cfg.qk_norm, rms_norm_eps=cfg.rms_norm_eps,
         enable_tree_attention=g.tree, **kv_cache_attrs(g, i),
     ))
@@ -319,7 +334,7 @@ def final(g: Graph, x: str, norm: str = "model.norm.weight", vocab_size: int | N
     cfg = g.cfg
     vocab = vocab_size or cfg.vocab_size
     normed = rmsnorm(g, x, norm, "final_norm")
-    index = g.op("Unsqueeze", [stage.LAST_TOKEN_IDS, "const.last_axis"], "select/unsqueeze")
+    index = g.op("Unsqueeze", [LAST_TOKEN_IDS, "const.last_axis"], "select/unsqueeze")
     selected = g.op("GatherND", [normed, index], "select/gather", batch_dims=1)
     if g.quantized("lm_head"):
         logits = linear(g, selected, "lm_head", (vocab, cfg.hidden_size), "lm_head")
@@ -337,18 +352,18 @@ def io_specs(cfg: ModelConfig, kv_dtype: int = FP16, tree: bool = False, vocab_s
     kv = ["batch", 2, cfg.num_key_value_heads, "kv_len", cfg.head_dim]
     vi = helper.make_tensor_value_info
     inputs = [
-        vi(stage.INPUTS_EMBEDS, FP16, ["batch", "seq_len", cfg.hidden_size]),
-        vi(stage.CONTEXT_LENGTHS, INT32, ["batch"]),
-        vi(stage.ROPE_COS_SIN, FP32, [1, "rope_len", cfg.rotary_dim]),
-        vi(stage.KVCACHE_START_INDEX, INT32, ["batch"]),
-        vi(stage.LAST_TOKEN_IDS, INT64, ["batch", "num_selected"]),
+        vi(INPUTS_EMBEDS, FP16, ["batch", "seq_len", cfg.hidden_size]),
+        vi(CONTEXT_LENGTHS, INT32, ["batch"]),
+        vi(ROPE_COS_SIN, FP32, [1, "rope_len", cfg.rotary_dim]),
+        vi(KVCACHE_START_INDEX, INT32, ["batch"]),
+        vi(LAST_TOKEN_IDS, INT64, ["batch", "num_selected"]),
     ]
     if tree:
-        inputs += [vi(stage.ATTENTION_MASK, INT32, ["batch", "seq_len", "mask_words"]),
-                   vi(stage.ATTENTION_POS_ID, INT32, ["batch", "seq_len"])]
-    inputs += [vi(stage.past_key_values(i), kv_dtype, kv) for i in range(cfg.num_hidden_layers)]
-    outputs = [vi(stage.LOGITS, FP32, ["batch", "num_selected", vocab_size or cfg.vocab_size])]
-    outputs += [vi(stage.present_key_values(i), kv_dtype, kv) for i in range(cfg.num_hidden_layers)]
+        inputs += [vi(ATTENTION_MASK, INT32, ["batch", "seq_len", "mask_words"]),
+                   vi(ATTENTION_POS_ID, INT32, ["batch", "seq_len"])]
+    inputs += [vi(past_key_values(i), kv_dtype, kv) for i in range(cfg.num_hidden_layers)]
+    outputs = [vi(LOGITS, FP32, ["batch", "num_selected", vocab_size or cfg.vocab_size])]
+    outputs += [vi(present_key_values(i), kv_dtype, kv) for i in range(cfg.num_hidden_layers)]
     return inputs, outputs
 
 
@@ -366,10 +381,10 @@ def new_graph(ckpt: Checkpoint, cfg: ModelConfig, weights: WeightFile, quant: Qu
 def save_model(g: Graph, name: str, inputs: list, outputs: list, out_dir: Path) -> Path:
     """`out_dir/model.onnx` from the graph's nodes and the (closed) weight file's initializers."""
     graph = helper.make_graph(g.nodes, name, inputs, outputs, initializer=g.weights.initializers)
-    opsets = [helper.make_opsetid("", stage.ONNX_OPSET), attention_schema.OPSET]
+    opsets = [helper.make_opsetid("", ONNX_OPSET), attention_schema.OPSET]
     if any(n.domain == nvfp4_schema.DOMAIN for n in g.nodes):
         opsets.append(nvfp4_schema.OPSET)
-    model = helper.make_model(graph, opset_imports=opsets, ir_version=stage.IR_VERSION, producer_name=stage.PRODUCER)
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name=PRODUCER)
     path = Path(out_dir) / "model.onnx"
     path.write_bytes(model.SerializeToString())
     return path
@@ -386,18 +401,18 @@ def write_model(
     tree = eagle_layers is not None
     try:
         g = new_graph(ckpt, cfg, weights, quant, tree)
-        x, layer_inputs = stage.INPUTS_EMBEDS, []
+        x, layer_inputs = INPUTS_EMBEDS, []
         for i in wrap_layers(range(cfg.num_hidden_layers)):
             layer_inputs.append(x)
             x = decoder_layer(g, x, i)
         final(g, x)
         if tree:  # HF output_hidden_states[i] = the input of decoder layer i (index 0: the embeddings)
             g.op("Concat", [layer_inputs[i] for i in eagle_layers], "eagle_hidden_states",
-                 outputs=[stage.HIDDEN_STATES], axis=-1)
+                 outputs=[HIDDEN_STATES], axis=-1)
     finally:
         weights.close()
     inputs, outputs = io_specs(cfg, kv_cache_dtype(quant).onnx, tree)
     if tree:
-        outputs.insert(1, helper.make_tensor_value_info(stage.HIDDEN_STATES, FP16, [
+        outputs.insert(1, helper.make_tensor_value_info(HIDDEN_STATES, FP16, [
             "batch", "seq_len", len(eagle_layers) * cfg.hidden_size]))
     return save_model(g, f"{cfg.model_type}_llm", inputs, outputs, out_dir)

@@ -23,14 +23,10 @@ from safetensors.torch import load_file
 from contract import formats
 from contract.checkpoint import layer_of, open_checkpoint
 from contract.errors import InputError
+from contract.fields import is_int, positive_int
 from contract.jsonfile import read_json
 from contract.paths import checked_file
-from contract.stage import (
-    QUANT_ALGO_FORMATS,
-    is_int,
-    positive_int,
-    unsupported_quant_algo,
-)
+from contract.weight_formats import QUANT_ALGO_FORMATS, unsupported_quant_algo
 
 FP8 = torch.float8_e4m3fn
 

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from contract import stage
+from contract.eagle3 import ROLE_LLM, SPEC_NONE
 from contract.errors import InputError
+from contract.fields import is_int
 from contract.jsonfile import read_json
 from contract.paths import checked_file
+from contract.versions import CONTRACT_VERSION, EDGELLM_VERSION, producer
+from contract.weight_formats import weight_format_fields
 from llm_loader.model_config import ModelConfig
 
 
 def _eos_list(value, where: str) -> list[int]:
     values = value if isinstance(value, list) else [value]
-    if not all(stage.is_int(v) for v in values):
+    if not all(is_int(v) for v in values):
         raise InputError(f"{where}: field 'eos_token_id' expected an int or a list of ints, found {value!r}")
     return values
 
@@ -25,7 +28,7 @@ def _eos_list(value, where: str) -> list[int]:
 def runtime_config(cfg: ModelConfig, hf_config: dict, checkpoint_dir: Path, kv_cache_dtype: str = "fp16",
                    weight_format: str = "fp16", weight_format_counts: dict[str, int] | None = None) -> dict:
     """The runtime config dict; `eos_token_id` comes from config.json, else from generation_config.json; the weight
-    format fields as `stage.weight_format_fields` writes them."""
+    format fields as `weight_format_fields` writes them."""
     gen_path = checked_file(checkpoint_dir, "generation_config.json", "the generation config", required=False)
     generation_config = read_json(gen_path, "the generation config") if gen_path else {}
     if hf_config.get("eos_token_id") is not None:
@@ -36,9 +39,9 @@ def runtime_config(cfg: ModelConfig, hf_config: dict, checkpoint_dir: Path, kv_c
         eos = []
     config = {
         "model": cfg.model_type,
-        "spec_decode_type": stage.SPEC_NONE,
-        "engine_role": stage.ROLE_LLM,
-        "edgellm_version": stage.EDGELLM_VERSION,
+        "spec_decode_type": SPEC_NONE,
+        "engine_role": ROLE_LLM,
+        "edgellm_version": EDGELLM_VERSION,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -54,10 +57,10 @@ def runtime_config(cfg: ModelConfig, hf_config: dict, checkpoint_dir: Path, kv_c
         "kv_cache_dtype": kv_cache_dtype,
         "eos_token_id": eos,
         "tie_word_embeddings": cfg.tie_word_embeddings,
-        "producer": stage.producer(),
-        "contract_version": stage.CONTRACT_VERSION,
+        "producer": producer(),
+        "contract_version": CONTRACT_VERSION,
         "weight_format": weight_format,
         "generation_config": generation_config,
     }
-    config.update(stage.weight_format_fields(weight_format, weight_format_counts))  # counts last, when mixed
+    config.update(weight_format_fields(weight_format, weight_format_counts))  # counts last, when mixed
     return config

@@ -18,7 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from contract.errors import InputError
-from contract.stage import CUSTOM_DOMAIN, ONNX_OPSET
+from contract.versions import CUSTOM_DOMAIN, ONNX_OPSET
 from plugins.graph_builder import GraphBuilder, Names
 
 MS_DOMAIN = "com.microsoft"

@@ -5,7 +5,7 @@ few calibration samples; for each linear and format, the output change that fake
 causes, weighted by the squared gradient of the loss at that output (a diagonal-Fisher estimate of the loss
 increase), summed over real tokens. Linears a runtime fuses (q/k/v, gate/up) get one format together.
 
-Choice: minimize the summed sensitivity subject to the weight bits (contract.stage's bits per weight, scales
+Choice: minimize the summed sensitivity subject to the weight bits (contract.weight_formats' bits per weight, scales
 included) averaged over the decoder linears being at most B. A Lagrange multiplier picks each group's format
 (score + lambda * bits), bisected to the budget, then leftover bits upgrade the groups that gain most per bit.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from contract.stage import WEIGHT_FORMATS
+from contract.weight_formats import WEIGHT_FORMATS
 from quantization.choices import AUTO_CANDIDATES
 from quantization.fake_quant import input_qdq, weight_qdq
 from quantization.scale_search import fusion_groups

@@ -18,16 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from contract import stage
 from contract.atomic import staged_dir
-from contract.stage import WEIGHT_FORMATS
 from contract.tokenizer_files import copy_checked
+from contract.versions import producer
+from contract.weight_formats import WEIGHT_FORMATS
 
 if TYPE_CHECKING:  # imported by the CLI for its constants before torch (contract.cli); the functions import it
     import torch
 
 OUTPUT_KIND = "quantized checkpoint"  # what contract.atomic calls this writer's output
-METHODS = ("fp8", "fp8_pc", "fp8_block", "nvfp4", "none")  # weight formats (contract.stage) this writer produces
+METHODS = ("fp8", "fp8_pc", "fp8_block", "nvfp4", "none")  # weight formats (contract.weight_formats) this writer produces
 AUTO = "auto"  # --quantization auto: a format per linear group among quantization.auto.CANDIDATES
 LM_HEAD_METHODS = ("fp8", "nvfp4")
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
@@ -157,7 +157,7 @@ def hf_quant_config(
             quant["group_size"] = formats.NVFP4_GROUP
     if kv_fp16_layers:
         quant["kv_cache_fp16_layers"] = sorted(kv_fp16_layers)  # our extension: these layers carry no k/v scales
-    return {"producer": stage.producer(), "quantization": quant}
+    return {"producer": producer(), "quantization": quant}
 
 
 def fine_grained_fp8_config(exclude: list[str]) -> dict:

@@ -23,10 +23,12 @@ from contract.atomic import check_target
 from contract.cli import CONTEXT_SETTINGS, example, run_cli
 from contract.dir_kinds import checkpoint_mistake
 from contract.errors import InputError
+from contract.fields import positive_int
 from contract.jsonfile import read_json
 from contract.paths import checked_file
-from contract.stage import MODEL_INTS, WEIGHT_FORMATS, positive_int
+from contract.runtime_config import MODEL_INTS
 from contract.tokenizer_files import PARSED, read_checked
+from contract.weight_formats import WEIGHT_FORMATS
 from quantization import checkpoint_writer as writer
 from quantization.choices import AUTO_CANDIDATES, SCALE_SEARCHES, SMOOTHING_METHODS
 from quantization.datasets import (

@@ -28,8 +28,9 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
-from contract import stage
+from contract.eagle3 import default_eagle_layers, draft_target_layers, is_eagle3_config
 from contract.errors import InputError
+from contract.fields import is_int
 from contract.jsonfile import read_json
 from quantization.calibrate import Calibration
 from quantization.datasets import Batch
@@ -55,8 +56,8 @@ REQUIRED_TENSORS = (
 def target_layer_ids(config: dict, num_base_layers: int) -> list[int]:
     """Which base hidden states (inputs of these decoder layers) the draft's `fc` consumes."""
     n = num_base_layers
-    ids = stage.draft_target_layers(config) or stage.default_eagle_layers(n)
-    bad = [i for i in ids if not (stage.is_int(i) and 0 <= i < n)]
+    ids = draft_target_layers(config) or default_eagle_layers(n)
+    bad = [i for i in ids if not (is_int(i) and 0 <= i < n)]
     if bad:
         raise InputError(
             f"draft config.json target layers {ids}: expected decoder-layer indices in [0, {n}) of the base "
@@ -144,7 +145,7 @@ def read_draft_config(draft_dir: Path) -> dict:
     config = read_json(path, "the EAGLE3 draft's config.json")
     if "dflash_config" in config:
         raise InputError(f"{path}: expected an EAGLE3 draft, found a DFlash draft (dflash_config), not supported")
-    if not stage.is_eagle3_config(config):
+    if not is_eagle3_config(config):
         raise InputError(
             f"{path}: expected an EAGLE3 draft (architectures *Eagle3*, draft_vocab_size or ttt_length), "
             f"found architectures {config.get('architectures')}"

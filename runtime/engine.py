@@ -5,7 +5,7 @@ does not depend on the backend: the engine dir's config, every check of a call's
 bookkeeping (rows, tokens cached per row, capacity, dtype). It composes one backend object, chosen by
 builder_config.backend, that owns the sessions and the cache's storage: `runtime/onnxruntime_backend.py` (CPU) and
 `runtime/tensorrt_backend.py` (GPU), both shaped like `Backend` below. The backend API speaks the graph's own I/O
-names (contracts.md 2, `contract.stage`), so a graph with more inputs or outputs needs no new backend method.
+names (contracts.md 2, `contract.graph_io`), so a graph with more inputs or outputs needs no new backend method.
 """
 
 from __future__ import annotations
@@ -15,10 +15,22 @@ from typing import Protocol
 
 import numpy as np
 
-from contract import stage
+from contract.eagle3 import ROLE_DRAFT, ROLE_LLM
 from contract.engine_dir import load_engine_config
 from contract.errors import InputError
-from contract.stage import KvDtype
+from contract.graph_io import (
+    ATTENTION_MASK,
+    ATTENTION_POS_ID,
+    CONTEXT_LENGTHS,
+    INPUTS_EMBEDS,
+    KVCACHE_START_INDEX,
+    LAST_TOKEN_IDS,
+    LOGITS,
+    ROPE_COS_SIN,
+    tree_mask_words,
+)
+from contract.kv import KvDtype
+from contract.runtime_config import head_dim
 from plugins.attention.tree_mask import causal_mask
 from runtime.kv_cache import KVCache, KvLayout
 from runtime.rope import rope_cos_sin
@@ -67,8 +79,8 @@ def open_backend(engine_dir: Path, config: dict, kv: KvLayout, constants: dict[s
 def llm_inputs(embeds, context_lengths: np.ndarray, kvcache_start_index: np.ndarray,
                last_token_ids: np.ndarray) -> dict:
     """The LLM graph's inputs of one plain step by name, but the cache and the RoPE table (contracts.md 2)."""
-    return {stage.INPUTS_EMBEDS: embeds, stage.CONTEXT_LENGTHS: context_lengths,
-            stage.KVCACHE_START_INDEX: kvcache_start_index, stage.LAST_TOKEN_IDS: last_token_ids}
+    return {INPUTS_EMBEDS: embeds, CONTEXT_LENGTHS: context_lengths,
+            KVCACHE_START_INDEX: kvcache_start_index, LAST_TOKEN_IDS: last_token_ids}
 
 
 def causal_tree(starts: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -84,7 +96,7 @@ def tree_inputs(embeds: np.ndarray, context_lengths: np.ndarray, kvcache_start_i
     the plain inputs, the tree mask and positions, and `extra` hidden states in the backend's `hidden_dtype`."""
     inputs = llm_inputs(np.asarray(embeds).astype(np.float16, copy=False), context_lengths, kvcache_start_index,
                         last_token_ids)
-    inputs.update({stage.ATTENTION_MASK: attention_mask, stage.ATTENTION_POS_ID: attention_pos_id})
+    inputs.update({ATTENTION_MASK: attention_mask, ATTENTION_POS_ID: attention_pos_id})
     inputs.update({name: np.asarray(value, dtype=hidden_dtype) for name, value in extra.items()})
     return inputs
 
@@ -97,28 +109,28 @@ class Engine:
         self.engine_dir = engine_dir
         self.config = config
         bc = config["builder_config"]
-        self.role = config.get("engine_role", stage.ROLE_LLM)
-        self.tree = self.role != stage.ROLE_LLM  # an EAGLE3 base or draft: tree inputs on every call
+        self.role = config.get("engine_role", ROLE_LLM)
+        self.tree = self.role != ROLE_LLM  # an EAGLE3 base or draft: tree inputs on every call
         # tokens per row of a tree call the build was sized for (the generation profile's; 1 for a vanilla engine)
         self.tree_size = int(bc.get("max_verify_tree_size") or bc.get("max_draft_tree_size") or 1)
         self.vocab_size = int(config["vocab_size"])
         self.hidden_size = int(config["hidden_size"])
         self.num_layers = int(config["num_hidden_layers"])
         self.num_kv_heads = int(config["num_key_value_heads"])
-        self.head_dim = stage.head_dim(config)
+        self.head_dim = head_dim(config)
         self.max_batch_size = int(bc["max_batch_size"])
         self.max_input_len = int(bc["max_input_len"])
         self.max_kv_cache_capacity = int(bc["max_kv_cache_capacity"])
-        self.kv_cache_dtype = bc["kv_cache_dtype"]  # "fp16" | "fp8" (contract.stage.KvDtype values)
+        self.kv_cache_dtype = bc["kv_cache_dtype"]  # "fp16" | "fp8" (contract.kv.KvDtype values)
         eos = config.get("eos_token_id")
         self.eos_token_ids = [int(e) for e in (eos if isinstance(eos, list) else [] if eos is None else [eos])]
         self.rope = rope_cos_sin(config, self.max_kv_cache_capacity)
         layout = KvLayout(self.num_layers, self.num_kv_heads, self.max_kv_cache_capacity, self.head_dim,
                           KvDtype(self.kv_cache_dtype))
-        self.backend = open_backend(engine_dir, config, layout, {stage.ROPE_COS_SIN: self.rope})
+        self.backend = open_backend(engine_dir, config, layout, {ROPE_COS_SIN: self.rope})
 
     @staticmethod
-    def load(engine_dir: str | Path, role: str = stage.ROLE_LLM) -> "Engine":
+    def load(engine_dir: str | Path, role: str = ROLE_LLM) -> "Engine":
         """Validate ENG (InputError if it is not a complete engine dir of a known contract) and open the engine of
         `role` (the vanilla `llm`, or an EAGLE3 dir's `base` / `draft`) on the backend it was built for."""
         engine_dir = Path(engine_dir)
@@ -154,7 +166,7 @@ class Engine:
         ids = np.asarray(input_ids)
         ctx = np.asarray(context_lengths, dtype=np.int32)
         last = np.asarray(last_token_ids, dtype=np.int64)
-        if self.role == stage.ROLE_DRAFT:
+        if self.role == ROLE_DRAFT:
             raise InputError("forward: an EAGLE3 draft engine takes hidden states too; call forward_tree")
         if ids.ndim != 2:
             raise InputError(f"input_ids: expected [batch, seq_len], found shape {ids.shape}")
@@ -164,15 +176,15 @@ class Engine:
         inputs = llm_inputs(self.backend.embed(ids), ctx, cache.lengths.copy(), last)
         if self.tree:  # a base engine decodes plainly with the causal mask
             mask, pos = causal_tree(cache.lengths, ids.shape[1])
-            inputs.update({stage.ATTENTION_MASK: mask, stage.ATTENTION_POS_ID: pos})
-        outputs = self.backend.run(cache.storage, inputs, (stage.LOGITS,))
-        logits = self.backend.to_numpy(outputs[stage.LOGITS])
+            inputs.update({ATTENTION_MASK: mask, ATTENTION_POS_ID: pos})
+        outputs = self.backend.run(cache.storage, inputs, (LOGITS,))
+        logits = self.backend.to_numpy(outputs[LOGITS])
         cache.lengths += ctx
         return logits
 
     def forward_tree(self, cache: KVCache, embeds: np.ndarray, context_lengths: np.ndarray,
                      last_token_ids: np.ndarray, attention_mask: np.ndarray, attention_pos_id: np.ndarray,
-                     extra: dict | None = None, outputs: tuple[str, ...] = (stage.LOGITS,),
+                     extra: dict | None = None, outputs: tuple[str, ...] = (LOGITS,),
                      commit: bool = True) -> dict[str, np.ndarray]:
         """One call of an EAGLE3 base or draft engine: `embeds` fp16 `[B,S,H]` (looked up in the base's table) on
         top of `cache`, with the packed tree mask int32 `[B,S,W]` and positions int32 `[B,S]` (contracts.md 2.2),
@@ -191,8 +203,8 @@ class Engine:
         self._check(cache, (batch, seq), ctx, last)
         mask = np.asarray(attention_mask, dtype=np.int32)
         pos = np.asarray(attention_pos_id, dtype=np.int32)
-        if mask.ndim != 3 or mask.shape[:2] != (batch, seq) or mask.shape[2] < stage.tree_mask_words(seq):
-            raise InputError(f"attention_mask: expected int32 [{batch}, {seq}, >= {stage.tree_mask_words(seq)}], "
+        if mask.ndim != 3 or mask.shape[:2] != (batch, seq) or mask.shape[2] < tree_mask_words(seq):
+            raise InputError(f"attention_mask: expected int32 [{batch}, {seq}, >= {tree_mask_words(seq)}], "
                              f"found {mask.shape}")
         if pos.shape != (batch, seq) or (pos < 0).any() or (pos >= cache.capacity).any():
             raise InputError(f"attention_pos_id: expected [{batch}, {seq}] positions in [0, {cache.capacity}), "

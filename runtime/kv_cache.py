@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from contract.stage import KvDtype
+from contract.kv import KvDtype
 
 
 @dataclass(frozen=True)

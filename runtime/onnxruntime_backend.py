@@ -19,9 +19,22 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from contract import stage
+from contract.eagle3 import ROLE_LLM
 from contract.engine_dir import engine_files, weight_storage
 from contract.errors import InputError
+from contract.graph_io import (
+    CONTEXT_LENGTHS,
+    INPUT_IDS,
+    INPUTS_EMBEDS,
+    KVCACHE_START_INDEX,
+    past_key_values,
+    present_key_values,
+)
+from contract.kv import KV_IN_PLACE, ORT_KV_HALVES
+from contract.weight_formats import (
+    WEIGHTS_FP16,
+    WEIGHTS_QUANTIZED,
+)
 from runtime.kv_cache import KvLayout
 
 
@@ -42,8 +55,8 @@ class OrtKv:
         return [half for layer in self.layers for half in layer]
 
 
-def session_options(weight_storage: str = stage.WEIGHTS_FP16, allow_spinning: bool = True) -> ort.SessionOptions:
-    """Options for an engine whose weights are held as `weight_storage` (builder_config, `stage.WEIGHT_STORAGE_FORMS`).
+def session_options(weight_storage: str = WEIGHTS_FP16, allow_spinning: bool = True) -> ort.SessionOptions:
+    """Options for an engine whose weights are held as `weight_storage` (builder_config, `WEIGHT_STORAGE_FORMS`).
 
     All graph optimizations (ORT has no x86 fp16 MatMul: at this level it folds the fp16 weights to fp32 once at
     load; lower levels cast them on every run, 3x slower). Threads: ORT's default of one per physical core, or
@@ -67,7 +80,7 @@ def session_options(weight_storage: str = stage.WEIGHTS_FP16, allow_spinning: bo
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if weight_storage == stage.WEIGHTS_QUANTIZED:
+    if weight_storage == WEIGHTS_QUANTIZED:
         opts.enable_cpu_mem_arena = False
     else:
         opts.add_session_config_entry("session.disable_quant_qdq", "1")
@@ -96,22 +109,22 @@ class OnnxRuntimeBackend:
     def __init__(self, engine_dir: Path, config: dict, kv: KvLayout, constants: dict[str, np.ndarray]):
         self.kv = kv
         self.constants = constants  # graph inputs that are the same at every call (the RoPE table)
-        self.in_place = config["builder_config"]["kv_io"] == stage.KV_IN_PLACE
+        self.in_place = config["builder_config"]["kv_io"] == KV_IN_PLACE
         # the in-place GQA node needs room for the whole padded call in every row that takes part in it
         self.padded_call_needs_room = self.in_place
         # (past, present) names per layer and half, in the order of OrtKv.halves
-        self.kv_names = [(f"{stage.past_key_values(i)}.{half}", f"{stage.present_key_values(i)}.{half}")
-                         for i in range(kv.num_layers) for half in stage.ORT_KV_HALVES]
+        self.kv_names = [(f"{past_key_values(i)}.{half}", f"{present_key_values(i)}.{half}")
+                         for i in range(kv.num_layers) for half in ORT_KV_HALVES]
         # the engine dir's files of this role (contracts.md 5.2): an EAGLE3 draft has no embedding engine
-        role = config.get("engine_role", stage.ROLE_LLM)
+        role = config.get("engine_role", ROLE_LLM)
         llm_file, *embedding_file = engine_files(role, "onnxruntime")
-        spinning = role == stage.ROLE_LLM
+        spinning = role == ROLE_LLM
         providers = ["CPUExecutionProvider"]
         self.embedding = (ort.InferenceSession(str(engine_dir / embedding_file[0]),
                                                session_options(allow_spinning=spinning), providers=providers)
                           if embedding_file else None)
         storage = weight_storage(config["builder_config"])
-        if storage == stage.WEIGHTS_QUANTIZED:  # weights dequantized into transient buffers at every step
+        if storage == WEIGHTS_QUANTIZED:  # weights dequantized into transient buffers at every step
             _return_freed_buffers_to_the_os()
         self.llm = ort.InferenceSession(str(engine_dir / llm_file), session_options(storage, spinning),
                                         providers=providers)
@@ -119,7 +132,7 @@ class OnnxRuntimeBackend:
     def embed(self, ids: np.ndarray) -> np.ndarray:
         if self.embedding is None:
             raise InputError("this engine (an EAGLE3 draft) has no embedding engine; look tokens up with its base's")
-        (embeds,) = self.embedding.run([stage.INPUTS_EMBEDS], {stage.INPUT_IDS: ids})
+        (embeds,) = self.embedding.run([INPUTS_EMBEDS], {INPUT_IDS: ids})
         return embeds
 
     def new_kv(self, batch: int) -> OrtKv:
@@ -129,7 +142,7 @@ class OnnxRuntimeBackend:
     def run(self, kv: OrtKv, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         """llm.onnx on `inputs` (every graph input but the cache and the constants), updating the cache; returns
         `outputs` by name."""
-        start = inputs[stage.KVCACHE_START_INDEX]
+        start = inputs[KVCACHE_START_INDEX]
         if self.in_place:
             if outputs not in kv.bindings:
                 kv.bindings[outputs] = self._bind_in_place(kv)
@@ -146,7 +159,7 @@ class OnnxRuntimeBackend:
         if not self.in_place:
             for half, present in zip(kv.halves(), presents):
                 present = present.numpy()
-                for b, (s, n) in enumerate(zip(start.tolist(), inputs[stage.CONTEXT_LENGTHS].tolist())):
+                for b, (s, n) in enumerate(zip(start.tolist(), inputs[CONTEXT_LENGTHS].tolist())):
                     half[b, :, s:s + n] = present[b, :, :n]
         return {name: value.numpy() for name, value in zip(outputs, values[len(presents):])}
 

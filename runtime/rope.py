@@ -13,7 +13,7 @@ from transformers import CONFIG_MAPPING
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from contract.errors import InputError
-from contract.stage import head_dim
+from contract.runtime_config import head_dim
 
 _HF_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
             "partial_rotary_factor")

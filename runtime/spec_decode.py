@@ -26,16 +26,23 @@ from pathlib import Path
 
 import numpy as np
 
-from contract import stage
+from contract.eagle3 import D2T_FILE, ROLE_BASE, ROLE_DRAFT
 from contract.engine_dir import check_spec_pair, spec_roles
 from contract.errors import InputError
+from contract.graph_io import (
+    HIDDEN_STATES,
+    HIDDEN_STATES_FROM_DRAFT,
+    HIDDEN_STATES_INPUT,
+    LOGITS,
+    tree_mask_words,
+)
 from llm_loader.eagle3_draft import read_d2t_targets
 from runtime.eagle_tree import CandidateTree, TreeShape
 from runtime.engine import Engine, causal_tree
 from runtime.generate import Generation, Job, Timing, decode_plain, new_rows
 from runtime.sampling import log_softmax
 
-OUTPUTS = (stage.LOGITS, stage.HIDDEN_STATES)
+OUTPUTS = (LOGITS, HIDDEN_STATES)
 
 
 @dataclass
@@ -53,16 +60,16 @@ class SpecEngines:
         if not roles and (engine_dir / "config.json").is_file():
             raise InputError(f"--specDecode: expected an EAGLE3 engine dir (base_config.json and draft_config.json "
                              f"from llm-build --specBase / --specDraft), found a vanilla engine in {engine_dir}")
-        if stage.ROLE_BASE not in roles:
+        if ROLE_BASE not in roles:
             raise InputError(f"{engine_dir}: expected an EAGLE3 base engine next to the draft (base_config.json), "
                              "found none; build one with llm-build --specBase")
-        if stage.ROLE_DRAFT not in roles:
+        if ROLE_DRAFT not in roles:
             raise InputError(f"{engine_dir}: expected an EAGLE3 draft engine next to the base (draft_config.json), "
                              "found none; build one with llm-build --specDraft")
-        base, draft = Engine.load(engine_dir, stage.ROLE_BASE), Engine.load(engine_dir, stage.ROLE_DRAFT)
+        base, draft = Engine.load(engine_dir, ROLE_BASE), Engine.load(engine_dir, ROLE_DRAFT)
         check_spec_pair(base.config, draft.config, f"{engine_dir} (base_config.json, draft_config.json)")
         draft_vocab = int(draft.config["draft_vocab_size"])
-        targets = read_d2t_targets(engine_dir / stage.D2T_FILE, base.vocab_size, draft_vocab).numpy()
+        targets = read_d2t_targets(engine_dir / D2T_FILE, base.vocab_size, draft_vocab).numpy()
         return SpecEngines(base, draft, targets)
 
     @property
@@ -80,7 +87,7 @@ class _TreeCall:
     def __init__(self, batch: int, seq: int):
         self.tokens = np.zeros((batch, seq), np.int32)
         self.ctx = np.zeros(batch, np.int32)
-        self.mask = np.zeros((batch, seq, stage.tree_mask_words(seq)), np.int32)
+        self.mask = np.zeros((batch, seq, tree_mask_words(seq)), np.int32)
         self.pos = np.zeros((batch, seq), np.int32)
         self.last = np.tile(np.arange(seq, dtype=np.int64), (batch, 1))
 
@@ -102,12 +109,12 @@ def generate_spec(engines: SpecEngines, tokenizer, jobs: list[Job], max_generate
     base_cache, draft_cache = base.new_cache(batch), draft.new_cache(batch)
     mask, pos = causal_tree(np.zeros(batch, np.int32), longest)
     out = base.forward_tree(base_cache, base.embed(ids), lengths, (lengths - 1)[:, None], mask, pos, outputs=OUTPUTS)
-    roots = np.array([row.step(out[stage.LOGITS][b, 0]) for b, row in enumerate(rows)], np.int32)
+    roots = np.array([row.step(out[LOGITS][b, 0]) for b, row in enumerate(rows)], np.int32)
     # the draft's prefill: entry p pairs x[p+1] (the base's first token closes each prompt) with the base's f[p]
     shifted = np.zeros_like(ids)
     for b, n in enumerate(lengths):
         shifted[b, : n - 1], shifted[b, n - 1] = ids[b, 1:n], roots[b]
-    root_logp, root_hidden = _draft_commit(engines, draft_cache, shifted, lengths, out[stage.HIDDEN_STATES])
+    root_logp, root_hidden = _draft_commit(engines, draft_cache, shifted, lengths, out[HIDDEN_STATES])
     timing.prefill_s = time.perf_counter() - start
     timing.first_token_s.append(timing.prefill_s)
 
@@ -156,10 +163,10 @@ def _draft_commit(engines: SpecEngines, cache, token_ids: np.ndarray, counts: np
     zero = np.zeros((batch, seq, draft.hidden_size), draft.backend.hidden_dtype)
     out = draft.forward_tree(cache, engines.base.embed(np.where(np.arange(seq) < counts[:, None], token_ids, 0)),
                              counts, last[:, None], mask, pos,
-                             extra={stage.HIDDEN_STATES_INPUT: base_hidden[:, :seq],
-                                    stage.HIDDEN_STATES_FROM_DRAFT: zero}, outputs=OUTPUTS)
-    hidden = out[stage.HIDDEN_STATES][np.arange(len(counts)), last]
-    return log_softmax(out[stage.LOGITS][:, 0]), hidden
+                             extra={HIDDEN_STATES_INPUT: base_hidden[:, :seq],
+                                    HIDDEN_STATES_FROM_DRAFT: zero}, outputs=OUTPUTS)
+    hidden = out[HIDDEN_STATES][np.arange(len(counts)), last]
+    return log_softmax(out[LOGITS][:, 0]), hidden
 
 
 def _propose(engines: SpecEngines, cache, trees: dict[int, CandidateTree], root_hidden: np.ndarray,
@@ -178,12 +185,12 @@ def _propose(engines: SpecEngines, cache, trees: dict[int, CandidateTree], root_
         frontier = feeds.last[:, seq - shape.top_k:]  # the frontier is fed last
         base_hidden = np.zeros((batch, seq, int(draft.config["base_model_hidden_size"])), draft.backend.hidden_dtype)
         out = draft.forward_tree(cache, engines.base.embed(feeds.tokens), feeds.ctx, frontier, feeds.mask, feeds.pos,
-                                 extra={stage.HIDDEN_STATES_INPUT: base_hidden,
-                                        stage.HIDDEN_STATES_FROM_DRAFT: from_draft},
+                                 extra={HIDDEN_STATES_INPUT: base_hidden,
+                                        HIDDEN_STATES_FROM_DRAFT: from_draft},
                                  outputs=OUTPUTS, commit=False)
         for b, tree in trees.items():
-            node_hidden[b].update({n: out[stage.HIDDEN_STATES][b, i] for i, n in enumerate(calls[b].nodes)})
-            tree.grow(log_softmax(out[stage.LOGITS][b]))
+            node_hidden[b].update({n: out[HIDDEN_STATES][b, i] for i, n in enumerate(calls[b].nodes)})
+            tree.grow(log_softmax(out[LOGITS][b]))
 
 
 def _verify(engines: SpecEngines, cache, trees: dict[int, CandidateTree], rows, timing: Timing):
@@ -198,7 +205,7 @@ def _verify(engines: SpecEngines, cache, trees: dict[int, CandidateTree], rows, 
         feeds.row(b, tree.tokens, tree.mask, starts[b] + tree.depths)
     out = base.forward_tree(cache, base.embed(feeds.tokens), feeds.ctx, feeds.last, feeds.mask, feeds.pos,
                             outputs=OUTPUTS, commit=False)
-    logits, hidden = out[stage.LOGITS], out[stage.HIDDEN_STATES]
+    logits, hidden = out[LOGITS], out[HIDDEN_STATES]
     emitted: dict[int, list[int]] = {}
     hidden_rows = np.zeros((batch, seq, hidden.shape[-1]), hidden.dtype)
     for b, tree in verify.items():

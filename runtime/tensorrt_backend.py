@@ -20,10 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-from contract import stage
+from contract.eagle3 import ROLE_LLM
 from contract.engine_dir import engine_files
 from contract.errors import InputError
-from contract.stage import KvDtype
+from contract.graph_io import (
+    INPUT_IDS,
+    INPUTS_EMBEDS,
+    past_key_values,
+    present_key_values,
+)
+from contract.kv import KvDtype
 from plugins.tensorrt_registry import import_tensorrt
 from plugins.trt_tensors import TORCH_DTYPE_NAMES
 from runtime.kv_cache import KvLayout
@@ -63,8 +69,8 @@ def new_cache_layers(batch: int, kv: KvLayout, device: str) -> list:
 def llm_bindings(constants: dict, inputs: dict, layers: list) -> tuple[dict, dict]:
     """Every input of llm.engine by name (contracts.md 2), and the cache's outputs: `past_key_values_i` and
     `present_key_values_i` are both `layers[i]`."""
-    past = {stage.past_key_values(i): layer for i, layer in enumerate(layers)}
-    present = {stage.present_key_values(i): layer for i, layer in enumerate(layers)}
+    past = {past_key_values(i): layer for i, layer in enumerate(layers)}
+    present = {present_key_values(i): layer for i, layer in enumerate(layers)}
     return {**constants, **inputs, **past}, present
 
 
@@ -109,10 +115,10 @@ class TensorRTBackend:
         # builder/profiles.py: last_token_ids is [batch, 1] in the context profile, [batch, <= gen] in generation
         self.gen_tokens = generation_tokens(config)
         self.max_selected_positions = self.gen_tokens
-        llm_file, *embedding_file = engine_files(config.get("engine_role", stage.ROLE_LLM), "tensorrt")
+        llm_file, *embedding_file = engine_files(config.get("engine_role", ROLE_LLM), "tensorrt")
         self._llm = self._deserialize(engine_dir / llm_file)
         self._embedding = self._deserialize(engine_dir / embedding_file[0]) if embedding_file else None
-        check_kv_binding(self._llm.get_tensor_dtype(stage.past_key_values(0)).name, kv.dtype, engine_dir / llm_file)
+        check_kv_binding(self._llm.get_tensor_dtype(past_key_values(0)).name, kv.dtype, engine_dir / llm_file)
         self._llm_context = self._llm.create_execution_context()
         self._embedding_context = self._embedding.create_execution_context() if self._embedding else None
         self._profile = CONTEXT  # a new context starts on profile 0
@@ -130,9 +136,9 @@ class TensorRTBackend:
         if self._embedding is None:
             raise InputError("this engine (an EAGLE3 draft) has no embedding engine; look tokens up with its base's")
         with self._torch.cuda.stream(self._stream):
-            outputs = self._execute(self._embedding, self._embedding_context, {stage.INPUT_IDS: ids},
-                                    (stage.INPUTS_EMBEDS,), {})
-        return outputs[stage.INPUTS_EMBEDS]
+            outputs = self._execute(self._embedding, self._embedding_context, {INPUT_IDS: ids},
+                                    (INPUTS_EMBEDS,), {})
+        return outputs[INPUTS_EMBEDS]
 
     def new_kv(self, batch: int) -> GpuKv:
         return GpuKv(new_cache_layers(batch, self.kv, "cuda"))
@@ -140,7 +146,7 @@ class TensorRTBackend:
     def run(self, kv: GpuKv, inputs: dict, outputs: tuple[str, ...]) -> dict:
         """llm.engine on `inputs` (every graph input but the cache and the constants; numpy or GPU tensors), the
         cache updated in place; returns `outputs` by name as GPU tensors."""
-        profile = profile_for(inputs[stage.INPUTS_EMBEDS].shape[1], self.gen_tokens)
+        profile = profile_for(inputs[INPUTS_EMBEDS].shape[1], self.gen_tokens)
         with self._torch.cuda.stream(self._stream):
             if profile != self._profile:
                 self._llm_context.set_optimization_profile_async(profile, self._stream.cuda_stream)

@@ -20,6 +20,11 @@ from contract import engine_dir as engine_dir_mod
 from contract.atomic import MARKER
 from contract.engine_dir import load_engine_config
 from contract.errors import InputError
+from contract.graph_io import (
+    HIDDEN_STATES_FROM_DRAFT,
+    HIDDEN_STATES_INPUT,
+    ROPE_COS_SIN,
+)
 from llm_loader.export_all_cli import export
 
 LIMITS = Limits(max_batch_size=4, max_input_len=1024, max_kv_cache_capacity=4096)
@@ -161,8 +166,7 @@ def test_tensorrt_tree_bindings_fit_the_graph_and_profile(exports, which, batch,
     import numpy as np
     import torch
 
-    from contract import stage
-    from contract.stage import KvDtype
+    from contract.kv import KvDtype
     from plugins.attention.tree_mask import causal_mask
     from runtime.engine import tree_inputs
     from runtime.kv_cache import KvLayout
@@ -172,15 +176,15 @@ def test_tensorrt_tree_bindings_fit_the_graph_and_profile(exports, which, batch,
     dims = dims_of(exports[which])
     extra = {}
     if which == "draft":
-        extra = {stage.HIDDEN_STATES_INPUT: np.zeros((batch, seq, dims.draft_hidden_input)),
-                 stage.HIDDEN_STATES_FROM_DRAFT: np.zeros((batch, seq, dims.hidden_size))}
+        extra = {HIDDEN_STATES_INPUT: np.zeros((batch, seq, dims.draft_hidden_input)),
+                 HIDDEN_STATES_FROM_DRAFT: np.zeros((batch, seq, dims.hidden_size))}
     starts = np.zeros(batch, np.int32)
     inputs = tree_inputs(np.zeros((batch, seq, dims.hidden_size), np.float16), np.full(batch, seq, np.int32), starts,
                          np.zeros((batch, selected), np.int64), causal_mask(batch, seq),
                          np.zeros((batch, seq), np.int32), extra, np.float16)
     layers = new_cache_layers(batch, KvLayout(dims.num_layers, dims.num_kv_heads, 64, dims.head_dim,
                                               KvDtype(found.kv_cache_dtype)), "cpu")
-    bound, _ = llm_bindings({stage.ROPE_COS_SIN: np.zeros((1, 64, dims.rotary_dim), np.float32)}, inputs, layers)
+    bound, _ = llm_bindings({ROPE_COS_SIN: np.zeros((1, 64, dims.rotary_dim), np.float32)}, inputs, layers)
     graph = onnx.load(str(exports[which] / "model.onnx"), load_external_data=False).graph
     assert set(bound) == {i.name for i in graph.input}
     profile = llm_profiles(limits, dims, gen_tokens=8)[profile_for(seq, 8)]

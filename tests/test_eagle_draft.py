@@ -12,8 +12,8 @@ import torch
 from helpers import run_cli
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from contract.eagle3 import is_eagle3_config
 from contract.errors import InputError
-from contract.stage import is_eagle3_config
 from examples.eagle import selfdistill
 from examples.eagle.draft_model import draft_logprobs, draft_step, unrolled_forward
 from examples.eagle.spec_decode import causal, spec_generate

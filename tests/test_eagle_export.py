@@ -23,8 +23,8 @@ from test_export import rope_table
 from test_quantization_draft import DRAFT_VOCAB, TARGET_LAYERS, make_draft
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from contract import stage
 from contract.atomic import MARKER
+from contract.embedding import EMBEDDING_FP8
 from llm_loader.embedding import read_embedding_sidecar
 from llm_loader.export_all_cli import export, main
 from plugins.attention.reference import AttentionPlugin
@@ -140,7 +140,7 @@ def test_base_graph_contract(tiny_checkpoint, tmp_path):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attrs["enable_tree_attention"] == 1
         assert list(node.input[-2:]) == ["attention_mask", "attention_pos_id"] and len(node.input) == 9  # qk-norm
-    assert read_embedding_sidecar(llm / "embedding.safetensors").format == stage.EMBEDDING_FP8
+    assert read_embedding_sidecar(llm / "embedding.safetensors").format == EMBEDDING_FP8
 
 
 def torch_draft_path(draft: eagle3.Eagle3Draft, embeds: torch.Tensor, hidden: torch.Tensor):

@@ -17,7 +17,7 @@ from helpers import CALIBRATION_TEXT, run_cli
 from safetensors.torch import load_file
 
 from contract import formats
-from contract.stage import WEIGHT_FORMATS
+from contract.weight_formats import WEIGHT_FORMATS
 from llm_loader.quantized_checkpoint import read_quantized_checkpoint
 from quantization import auto, scale_search, smoothing
 from quantization.calibrate import calibrate

@@ -33,8 +33,9 @@ from safetensors.torch import load_file, save_file
 
 from builder.cli import build
 from builder.detect import detect
-from contract import formats, stage
+from contract import formats
 from contract.errors import InputError
+from contract.weight_formats import WEIGHTS_QUANTIZED
 from llm_loader.embedding import read_embedding_sidecar
 from llm_loader.export_all_cli import export
 from llm_loader.export_all_cli import main as export_main
@@ -238,7 +239,7 @@ def test_ort_keeps_quantized_weights_low_precision_at_rest(tiny_checkpoint, tmp_
     the FP8 / packed FP4 weights."""
     qckpt = quantize(tiny_checkpoint("llama"), tmp_path / "q", method)
     _, engine_dir = export_and_build(qckpt, tmp_path, max_input_len=32, cpu_weights="quantized")
-    opts = session_options(stage.WEIGHTS_QUANTIZED)
+    opts = session_options(WEIGHTS_QUANTIZED)
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(engine_dir / "llm.onnx"), opts, providers=["CPUExecutionProvider"])
     inits = {t.name: t for t in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.initializer}

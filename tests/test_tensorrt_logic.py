@@ -25,7 +25,8 @@ from builder.trt_graph import (
     prepare_for_tensorrt,
 )
 from contract.errors import InputError
-from contract.stage import ROPE_COS_SIN, KvDtype
+from contract.graph_io import ROPE_COS_SIN
+from contract.kv import KvDtype
 from examples.eagle.draft_model import cache_kwargs
 from llm_loader.embedding import read_embedding_sidecar
 from llm_loader.export_all_cli import export

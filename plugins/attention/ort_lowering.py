@@ -36,13 +36,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from contract.errors import InputError
-from contract.stage import (
-    KV_IN_PLACE,
-    KV_PREFIX,
-    ORT_KV_HALVES,
-    TREE_MASK_BITS,
-    KvDtype,
-)
+from contract.graph_io import TREE_MASK_BITS
+from contract.kv import KV_IN_PLACE, KV_PREFIX, ORT_KV_HALVES, KvDtype
 from plugins.attention.schema import DOMAIN, OP_TYPE, read_attrs
 from plugins.graph_builder import GraphBuilder
 
@@ -67,7 +62,7 @@ def _cache_io(ctx, node: onnx.NodeProto, hkv: int, d: int, seq_dims: tuple[str, 
 
 
 def kv_io_form(kv_dtype: KvDtype, rotary_dim: int) -> str:
-    """The ORT engine's KV form (`stage.KV_IO_FORMS`) for a layer; the builder records it in builder_config.kv_io."""
+    """The ORT engine's KV form (`KV_IO_FORMS`) for a layer; the builder records it in builder_config.kv_io."""
     return KV_PREFIX if kv_dtype is KvDtype.FP8 or rotary_dim % 16 else KV_IN_PLACE
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 
 from contract.errors import InputError
-from contract.stage import CUSTOM_DOMAIN, KvDtype
+from contract.kv import KvDtype
+from contract.versions import CUSTOM_DOMAIN
 
 DOMAIN = CUSTOM_DOMAIN
 OP_TYPE = "AttentionPlugin"

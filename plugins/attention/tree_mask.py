@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from contract.stage import TREE_MASK_BITS, tree_mask_words
+from contract.graph_io import TREE_MASK_BITS, tree_mask_words
 
 
 def pack_tree_mask(visible: np.ndarray) -> np.ndarray:

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from contract import formats
 from contract.errors import InputError
-from contract.stage import TREE_MASK_BITS, tree_mask_words
+from contract.graph_io import TREE_MASK_BITS, tree_mask_words
 
 LOG2E = 1.4426950408889634
 FP8_MAX = tl.constexpr(formats.FP8_MAX)

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from contract.errors import InputError
-from contract.stage import CUSTOM_DOMAIN
+from contract.versions import CUSTOM_DOMAIN
 
 DOMAIN = CUSTOM_DOMAIN
 OP_TYPE = "Fp8Gather"
