@@ -2,7 +2,8 @@
 
 The engines of `benchmarks/accuracy.py` give the end-to-end numbers; this script attributes them. It takes the HF
 model (fp32 compute, so only the quantization under test adds error), fake-quantizes either the weights or the
-linear inputs (activations) of one kind of linear (q/k/v/o/gate/up/down) with `quantization.fake_quant`, the fake
+linear inputs (activations) of one kind of linear (q/k/v/o/gate/up/down) with the formats' fake quantization
+(`plugins.weight_formats`), the fake
 quantization the quantizer's searches use (NVFP4 activations with the op's reference), and reports the perplexity
 increase on the same WikiText-2 windows.
 
@@ -14,7 +15,6 @@ Writes docs/accuracy-breakdown.md: KL against the fp32 model, top-1 and perplexi
 from __future__ import annotations
 
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 
 import click
@@ -25,8 +25,8 @@ from benchmarks import stats
 from benchmarks.accuracy import windows as accuracy_windows
 from benchmarks.e2e_cpu import machine
 from contract import formats
+from plugins import weight_formats
 from plugins.nvfp4.reference import nvfp4_activation_qdq
-from quantization.fake_quant import input_qdq, weight_qdq
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -41,13 +41,14 @@ def nvfp4_act(x: torch.Tensor) -> torch.Tensor:
 
 def fp8_act_static(amax: dict[str, float]):
     """FP8 activation QDQ with one static per-tensor scale per linear (`amax[name] / 448`): the `fp8` format's input."""
-    return lambda name, x: input_qdq("fp8", x, amax[name])
+    return lambda name, x: weight_formats.get("fp8").input_qdq(x, amax[name])
 
 
 def calibrated_amax(model, ckpt: Path, names: list[str]) -> dict[str, float]:
     """Input amax of `names` from the quantizer's own default calibration (`--calibration quick` on tinyshakespeare)."""
     from quantization.calibrate import calibrate
-    from quantization.cli import LlmOptions, calibration_data
+    from quantization.options import LlmOptions
+    from quantization.pipeline import calibration_data
 
     options = LlmOptions(model_dir=ckpt, output_dir=ckpt / "unused")
     return calibrate(model, calibration_data(ckpt, options)[0], names, kv=False).input_amax
@@ -99,7 +100,7 @@ def fp8_qkv_attention(which: str):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def qdq(t: torch.Tensor) -> torch.Tensor:
-        return input_qdq("fp8", t).to(t.dtype)
+        return weight_formats.get("fp8").input_qdq(t).to(t.dtype)
 
     def attention(module, query, key, value, *args, **kwargs):
         if "q" in which:
@@ -138,14 +139,14 @@ def main(n_windows: int, window_len: int, per_kind: bool) -> None:
             score(label)
 
     score("none (fp32 HF)")
-    run("all weights FP8 per-tensor", KINDS, weight_fn=partial(weight_qdq, "fp8"))
-    run("all weights FP8 per-channel", KINDS, weight_fn=partial(weight_qdq, "fp8_pc"))
-    run("all activations FP8 per-token", KINDS, act_fn=lambda _n, x: input_qdq("fp8_pc", x))
+    run("all weights FP8 per-tensor", KINDS, weight_fn=weight_formats.get("fp8").weight_qdq)
+    run("all weights FP8 per-channel", KINDS, weight_fn=weight_formats.get("fp8_pc").weight_qdq)
+    run("all activations FP8 per-token", KINDS, act_fn=lambda _n, x: weight_formats.get("fp8_pc").input_qdq(x))
     run("all activations FP8 per-tensor, static (calibrated amax: the `fp8` format)", KINDS,
         act_fn=fp8_act_static(calibrated_amax(model, ckpt, list(linears))))
     run("all activations FP8 per-tensor, static (the windows' own amax)", KINDS,
         act_fn=fp8_act_static(observed_amax(model, windows, list(linears))))
-    run("all weights NVFP4", KINDS, weight_fn=partial(weight_qdq, "nvfp4"))
+    run("all weights NVFP4", KINDS, weight_fn=weight_formats.get("nvfp4").weight_qdq)
     run("all activations NVFP4", KINDS, act_fn=lambda _n, x: nvfp4_act(x))
     for which, label in (("kv", "K and V FP8 per-tensor (post-RoPE)"), ("q", "Q FP8 per-tensor (post-RoPE)")):
         AttentionInterface.register(f"fp8_{which}", fp8_qkv_attention(which))
@@ -153,9 +154,9 @@ def main(n_windows: int, window_len: int, per_kind: bool) -> None:
         score(label)
     model.set_attn_implementation("sdpa")
     for kind in KINDS if per_kind else ():
-        run(f"{kind} activations FP8 per-token", (kind,), act_fn=lambda _n, x: input_qdq("fp8_pc", x))
+        run(f"{kind} activations FP8 per-token", (kind,), act_fn=lambda _n, x: weight_formats.get("fp8_pc").input_qdq(x))
     for kind in KINDS if per_kind else ():
-        run(f"{kind} weights FP8 per-channel", (kind,), weight_fn=partial(weight_qdq, "fp8_pc"))
+        run(f"{kind} weights FP8 per-channel", (kind,), weight_fn=weight_formats.get("fp8_pc").weight_qdq)
 
     idx = stats.draws(n_windows)
     base = rows[0][1]

@@ -119,12 +119,19 @@ def measure_pass(ckpt: Path, model, samples: int, work_dir: Path) -> dict:
 
 def write_checkpoint(model, ckpt: Path, out: Path, method: str, amax: dict[str, float], data: dict) -> None:
     """The checkpoint `llm-quantize llm` with METHOD's recipe flags (`RECIPES`) writes from these input amax values,
-    through the quantizer's own tail (`quantization.cli.write_llm`); `data` is what the size holds, for its report."""
+    through the quantizer's own tail (`quantization.pipeline.TAIL`); `data` is what the size holds, for its report."""
+    from contract.families import family_of_model
+    from contract.jsonfile import read_json
+    from quantization import pipeline
     from quantization.calibrate import Calibration
-    from quantization.cli import LlmOptions, quantization_plan, write_llm
+    from quantization.options import LlmOptions
 
     o = LlmOptions(model_dir=ckpt, output_dir=out, **RECIPES[method])
-    write_llm(model, o, quantization_plan(model, o), Calibration(input_amax=amax), data, {})
+    family = family_of_model(model)
+    run = pipeline.Run(o, read_json(ckpt / "config.json", "the model config"), family, data=data, model=model,
+                       plan=pipeline.quantization_plan(model, o, family), calibration=Calibration(input_amax=amax))
+    for step in pipeline.TAIL:
+        step(run)
 
 
 def build(src: Path, folder: Path) -> Path:

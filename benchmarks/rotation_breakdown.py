@@ -31,6 +31,7 @@ from benchmarks.accuracy_breakdown import (
     window_scores,
 )
 from benchmarks.e2e_cpu import machine
+from plugins import weight_formats
 from quantization import smoothing
 from quantization.datasets import (
     CHARS_PER_TOKEN,
@@ -38,7 +39,6 @@ from quantization.datasets import (
     load_texts,
     make_batches,
 )
-from quantization.fake_quant import input_qdq, weight_qdq
 
 # SmolLM2-135M's residual channels whose amax over layers on 512 tinyshakespeare tokens exceeds 10x the median
 # channel's (507 is 291x, then 24x, 24x, 11x, 10x)
@@ -230,8 +230,8 @@ def main(n_windows: int, window_len: int, quant: str, setups: str, awq: bool) ->
                    if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in KINDS}
         for q in quant.split(","):
             wfmt, afmt = QUANT[q]
-            with fake_quantized(linears, wfmt and (lambda w, f=wfmt: weight_qdq(f, w)),
-                                afmt and (lambda _n, x, f=afmt: input_qdq(f, x))):
+            with fake_quantized(linears, wfmt and (lambda w, f=wfmt: weight_formats.get(f).weight_qdq(w)),
+                                afmt and (lambda _n, x, f=afmt: weight_formats.get(f).input_qdq(x))):
                 score(f"{setup}, {q}", model, q)
 
 

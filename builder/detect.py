@@ -46,6 +46,7 @@ from contract.weight_formats import (
 )
 from llm_loader.eagle3_draft import read_d2t_targets
 from llm_loader.embedding import read_embedding_sidecar
+from plugins import weight_formats
 from plugins.attention import schema as attention_schema
 
 
@@ -234,9 +235,9 @@ def graph_role(model_path: Path, graph: onnx.GraphProto) -> str:
 
 def graph_linear_formats(graph: onnx.GraphProto) -> dict[str, str]:
     """The format of every quantized linear in model.onnx (contracts.md 2.1), keyed by module, from its weight
-    initializer `<module>.weight` and the DequantizeLinear that reads it: FLOAT4E2M1 -> nvfp4; FP8 with a blocked
-    DQ -> fp8_block when the MatMul's input is quantized, else fp8_pb_wo; with a per-channel scale -> fp8_pc;
-    else fp8."""
+    initializer `<module>.weight` and the DequantizeLinear that reads it, as each format's `recognize` says
+    (plugins/weight_formats: e.g. FLOAT4E2M1 -> nvfp4; FP8 with a blocked DQ -> fp8_block when the MatMul's input is
+    quantized, else fp8_pb_wo)."""
     inits = {t.name: t for t in graph.initializer}
     producer = {out: n for n in graph.node for out in n.output}
     consumers: dict[str, list] = {}
@@ -259,17 +260,9 @@ def graph_linear_formats(graph: onnx.GraphProto) -> dict[str, str]:
         init = inits.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
         if init is None or not init.name.endswith(".weight"):
             continue
-        module = init.name.removesuffix(".weight")
-        if init.data_type == onnx.TensorProto.FLOAT4E2M1:
-            found[module] = "nvfp4"
-        elif init.data_type == onnx.TensorProto.FLOAT8E4M3FN:
-            if any(a.name == "block_size" and a.i > 0 for a in n.attribute):
-                # 128x128 weights with dynamic activation quantization (HF fine-grained), or weight-only (FP8_PB_WO)
-                found[module] = "fp8_block" if quantized_input(n) else "fp8_pb_wo"
-            elif n.input[1] in inits and len(inits[n.input[1]].dims) > 0:
-                found[module] = "fp8_pc"
-            else:
-                found[module] = "fp8"
+        fmt = weight_formats.recognize(n, init, inits, quantized_input(n))
+        if fmt is not None:
+            found[init.name.removesuffix(".weight")] = fmt
     return found
 
 

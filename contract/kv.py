@@ -69,6 +69,11 @@ class KvDtype(str, enum.Enum):
         return next((kv for kv in cls if kv.tensorrt == name), None)
 
 
+def layer_kv_dtypes(num_layers: int, kv_dtype: KvDtype, fp16_layers=()) -> list[KvDtype]:
+    """Each layer's KV cache dtype: `kv_dtype`, but FP16 for the layers kept in FP16 (`--kv_cache_fp16_layers`)."""
+    return [KvDtype.FP16 if i in fp16_layers else kv_dtype for i in range(num_layers)]
+
+
 # How an ONNX Runtime engine takes its KV cache (builder_config `kv_io`, contracts.md 3.1 and 5.1): "in_place" binds
 # the whole cache as past and present; "prefix" passes the filled prefix in and returns only this call's K/V.
 KV_IN_PLACE, KV_PREFIX = "in_place", "prefix"

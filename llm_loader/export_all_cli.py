@@ -58,20 +58,20 @@ DTYPES = ("fp16",)
 
 
 # tensors a checkpoint may hold that no graph needs: RoPE buffers, FP8 KV scales (read through the quantized view)
-_NOT_WEIGHTS = re.compile(r".*(\.rotary_emb\.inv_freq|\.k_proj\.k_scale|\.v_proj\.v_scale|\.q_proj\.q_scale)")
+_NOT_WEIGHTS = re.compile(r".*(\.rotary_emb\.inv_freq|\.[kvq]_scale)")
 
 
 def check_every_tensor_used(ckpt: Checkpoint, cfg: ModelConfig, quant: QuantizedCheckpoint | None) -> None:
     """Refuse checkpoint tensors the graph did not take: the config then describes a different model."""
     from contract.checkpoint import layer_of
-    from llm_loader.quantized_checkpoint import SCALE_SUFFIXES
+    from contract.weight_formats import SCALE_TENSORS, UNQUANTIZED
 
     used = set(ckpt.read)
     for q in (quant.linears.values() if quant else ()):
-        if q.format != "fp16":  # the graph took these through the quantized view, not `ckpt.tensor`
-            used |= {f"{q.name}.{suffix}" for suffix in ("weight", *SCALE_SUFFIXES)}
+        if q.format != UNQUANTIZED:  # the graph took these through the quantized view, not `ckpt.tensor`
+            used |= {f"{q.name}.{suffix}" for suffix in ("weight", *SCALE_TENSORS)}
     if cfg.tie_word_embeddings:
-        used.add("lm_head.weight")  # some tied checkpoints store the shared table twice
+        used.add(f"{cfg.family.lm_head}.weight")  # some tied checkpoints store the shared table twice
     unused = sorted(n for n in ckpt.files if n not in used and not _NOT_WEIGHTS.fullmatch(n))
     if not unused:
         return
@@ -131,7 +131,7 @@ def export(checkpoint_dir: Path, out_dir: Path, fp8_embedding: bool = False, dty
     # torch and onnx are imported here, under contract.cli's Ctrl-C guard, not when --help is asked for
     from contract.checkpoint import open_checkpoint
     from llm_loader.embedding import write_embedding_sidecar
-    from llm_loader.onnx_graph import kv_cache_dtype, weight_formats, write_model
+    from llm_loader.onnx_graph import kv_cache_dtype, weight_format_summary, write_model
 
     if dtype not in DTYPES:
         raise InputError(f"--dtype: expected one of {DTYPES}, found {dtype!r}")
@@ -150,13 +150,13 @@ def export(checkpoint_dir: Path, out_dir: Path, fp8_embedding: bool = False, dty
     quant = _open_quantized(ckpt)  # a quantized checkpoint says so itself
     cfg = model_config_from_dict(ckpt.config, ckpt.path / "config.json")
     layers = eagle_layers(cfg, eagle_draft_dir) if eagle_base else None
-    weight_format, counts = weight_formats(quant)
+    weight_format, counts = weight_format_summary(quant)
     formats = {"kv_cache_dtype": kv_cache_dtype(quant).value, "weight_format": weight_format,
                "weight_format_counts": counts}
     final = Path(out_dir) / "llm"
     with staged_dir(final, kind="ONNX dir", flag="OUT", inputs=[ckpt.path]) as llm:
         copy_tokenizer_files(ckpt.path, llm)
-        table = ckpt.tensor_fp16("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
+        table = ckpt.tensor_fp16(f"{cfg.family.embed_tokens}.weight", (cfg.vocab_size, cfg.hidden_size))
         write_embedding_sidecar(llm / "embedding.safetensors", table, fp8=fp8_embedding)
         del table
         config = runtime_config(cfg, ckpt.config, ckpt.path, **formats)
@@ -173,7 +173,7 @@ def export(checkpoint_dir: Path, out_dir: Path, fp8_embedding: bool = False, dty
 def _export_draft(ckpt: Checkpoint, out: Path) -> Path:
     """An EAGLE3 draft into `out/llm`: model.onnx (+ .data), d2t.safetensors, config.json."""
     from llm_loader import eagle3_draft
-    from llm_loader.onnx_graph import kv_cache_dtype, weight_formats
+    from llm_loader.onnx_graph import kv_cache_dtype, weight_format_summary
 
     quant = _open_quantized(ckpt)
     if kv_cache_dtype(quant) is not KvDtype.FP16:
@@ -184,7 +184,7 @@ def _export_draft(ckpt: Checkpoint, out: Path) -> Path:
     d2t = eagle3_draft.read_d2t(ckpt, facts, cfg.vocab_size)
     final = out / "llm"
     with staged_dir(final, kind="ONNX dir", flag="OUT", inputs=[ckpt.path]) as llm:
-        weight_format, counts = weight_formats(quant)
+        weight_format, counts = weight_format_summary(quant)
         config = runtime_config(cfg, ckpt.config, ckpt.path, kv_cache_dtype=KvDtype.FP16.value,
                                 weight_format=weight_format, weight_format_counts=counts)
         config.update(eagle3_draft.draft_config_keys(facts))

@@ -1,7 +1,7 @@
 """The architecture facts the exporter needs, read from a Hugging Face `config.json`.
 
-One dataclass for the three supported families: Llama (SmolLM2 included), Qwen2 (Q/K/V bias) and Qwen3 (Q/K RMSNorm).
-It accepts both the transformers-5 layout (`rope_parameters`) and the older one (top-level `rope_theta`/`rope_scaling`).
+One dataclass for every supported family (`contract.families`: Llama, SmolLM2 included; Qwen2, Q/K/V bias; Qwen3,
+Q/K RMSNorm): the family's row says what differs, the config's fields say the sizes. It accepts both the transformers-5 layout (`rope_parameters`) and the older one (top-level `rope_theta`/`rope_scaling`).
 """
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contract.errors import InputError
+from contract.families import FAMILIES, Family, family_of
 from contract.fields import positive_int, positive_number
 from contract.runtime_config import check_rope
-
-SUPPORTED = ("llama", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -34,6 +33,10 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool  # fused Q/K/V bias (always on for Qwen2)
     qk_norm: bool  # per-head Q/K RMSNorm inside attention (Qwen3)
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.model_type]
 
     @property
     def rotary_dim(self) -> int:
@@ -71,11 +74,9 @@ def _rope(config: dict, path: Path) -> tuple[float, dict | None, float]:
 
 def model_config_from_dict(config: dict, path: Path) -> ModelConfig:
     """Validate and normalise a parsed HF config; `path` names the file in error messages."""
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED:
-        raise InputError(f"{path}: unknown architecture: model_type expected one of {SUPPORTED}, found {model_type!r}")
-    if config.get("hidden_act", "silu") != "silu":
-        raise InputError(f"{path}: field 'hidden_act' expected 'silu', found {config['hidden_act']!r}")
+    family = family_of(config, str(path))
+    if config.get("hidden_act", family.activation) != family.activation:
+        raise InputError(f"{path}: field 'hidden_act' expected {family.activation!r}, found {config['hidden_act']!r}")
     if config.get("mlp_bias"):
         raise InputError(f"{path}: field 'mlp_bias' expected false (MLP biases are not supported), found true")
     if config.get("use_sliding_window"):
@@ -86,7 +87,7 @@ def model_config_from_dict(config: dict, path: Path) -> ModelConfig:
     heads = positive_int(config, "num_attention_heads", where)
     theta, scaling, partial = _rope(config, path)
     cfg = ModelConfig(
-        model_type=model_type,
+        model_type=family.model_type,
         vocab_size=positive_int(config, "vocab_size", where),
         hidden_size=hidden,
         intermediate_size=positive_int(config, "intermediate_size", where),
@@ -101,8 +102,8 @@ def model_config_from_dict(config: dict, path: Path) -> ModelConfig:
         rope_scaling=scaling,
         partial_rotary_factor=partial,
         tie_word_embeddings=_flag(config, "tie_word_embeddings", path),
-        attention_bias=model_type == "qwen2" or _flag(config, "attention_bias", path),
-        qk_norm=model_type == "qwen3",
+        attention_bias=family.attention_bias or _flag(config, "attention_bias", path),
+        qk_norm=family.qk_norm,
     )
     if cfg.num_attention_heads % cfg.num_key_value_heads:
         raise InputError(

@@ -1,4 +1,4 @@
-"""Build `model.onnx` (contracts.md section 2) for Llama / Qwen2 / Qwen3, streaming the weights to `model.onnx.data`.
+"""Build `model.onnx` (contracts.md section 2) for the decoder families of `contract.families`, streaming the weights to `model.onnx.data`.
 
 The graph is written op by op with `onnx.helper`, one function per block (RMSNorm, attention, MLP, decoder layer,
 final). Weights are read from the checkpoint one tensor at a time, cast to fp16, transposed to `[in, out]` for
@@ -25,7 +25,6 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from contract import formats
 from contract.checkpoint import Checkpoint
 from contract.errors import InputError
 from contract.graph_io import (
@@ -43,18 +42,17 @@ from contract.graph_io import (
 )
 from contract.kv import KvDtype
 from contract.versions import IR_VERSION, ONNX_OPSET, PRODUCER
-from contract.weight_formats import QUANTIZED_WEIGHT_FORMATS, summarize_weight_formats
+from contract.weight_formats import UNQUANTIZED, summarize_weight_formats
 from llm_loader.model_config import ModelConfig
-from llm_loader.quantized_checkpoint import QuantizedCheckpoint, QuantizedLinear
+from llm_loader.quantized_checkpoint import QuantizedCheckpoint
+from plugins import weight_formats
 from plugins.attention import schema as attention_schema
 from plugins.graph_builder import GraphBuilder, Names
 from plugins.nvfp4 import schema as nvfp4_schema
+from plugins.weight_formats.linear import QuantizedLinear
 
 DATA_ALIGN = 4096  # page-aligned tensors can be memory-mapped by runtimes
 FP16, FP32, INT32, INT64 = TensorProto.FLOAT16, TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64
-FP8, FP4 = TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT4E2M1
-# dynamic FP8 activation scale of a token (block): max(amax, MIN_ACT_AMAX) / 448, so an all-zero block stays 0
-MIN_ACT_AMAX = formats.MIN_BLOCK_AMAX
 
 
 class WeightFile:
@@ -109,13 +107,17 @@ class Graph(GraphBuilder):
     def quantized(self, module: str) -> QuantizedLinear | None:
         """The module's quantized linear, or None when it stays fp16."""
         linear = self.quant.linears.get(module) if self.quant else None
-        return linear if linear is not None and linear.format != "fp16" else None
+        return linear if linear is not None and linear.format != UNQUANTIZED else None
 
     def read(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         return self.ckpt.tensor_fp16(name, shape)
 
     def weight(self, name: str, tensor: torch.Tensor) -> str:
         return self.weights.add(name, tensor.numpy())
+
+    def add_raw(self, name: str, array: np.ndarray, data_type: int, dims: tuple[int, ...] | None = None) -> str:
+        """`array`'s bytes as an initializer of ONNX `data_type` (FP8 as uint8, packed FP4)."""
+        return self.weights.add(name, array, data_type, dims)
 
     def linear_weight(self, name: str, parts: list[tuple[str, tuple[int, int]]]) -> str:
         """Checkpoint `[out, in]` weights stacked along out, stored transposed `[in, out]` for MatMul."""
@@ -124,99 +126,16 @@ class Graph(GraphBuilder):
 
 
 def linear(g: Graph, x: str, module: str, shape: tuple[int, int], name: str) -> str:
-    """`x @ W.T` for one checkpoint linear `[out, in]`: fp16 MatMul, or the quantized form of contracts.md 2.1."""
+    """`x @ W.T` for one checkpoint linear `[out, in]`: fp16 MatMul, or its format's activation and weight forms
+    (contracts.md 2.1; plugins/weight_formats)."""
     q = g.quantized(module)
     if q is None:
         return g.op("MatMul", [x, g.linear_weight(f"{module}.weight", [(f"{module}.weight", shape)])], name)
     if q.shape != tuple(shape):
         raise InputError(f"tensor {module}.weight: expected logical shape {list(shape)}, found {list(q.shape)}")
-    if q.format == "nvfp4":
-        return g.op("MatMul", [nvfp4_activation(g, x, q, name), nvfp4_weight(g, q, name)], name)
-    if q.format == "fp8":
-        act = static_fp8_activation(g, x, q, name)
-    elif q.format == "fp8_pc":
-        act = dynamic_fp8_activation(g, x, shape[1], shape[1], name)
-    elif q.format == "fp8_block":
-        act = dynamic_fp8_activation(g, x, shape[1], q.block_size[1], name)
-    elif q.format == "fp8_pb_wo":  # ModelOpt's weight-only 128x128 FP8: activations stay fp16
-        act = x
-    else:
-        raise InputError(f"tensor {module}.weight_scale: expected a format in {QUANTIZED_WEIGHT_FORMATS}, found {q.format}")
-    return g.op("MatMul", [act, fp8_weight(g, q, name)], name)
-
-
-def fp8_weight(g: Graph, q: QuantizedLinear, name: str) -> str:
-    """FP8 weight stored transposed `[in, out]` (like the fp16 weights) and its fp16 DequantizeLinear."""
-    out, inp = q.shape
-    w = g.weights.add(f"{q.name}.weight", q.weight.t().contiguous().view(torch.uint8).numpy(), FP8)
-    scale = q.weight_scale.float()
-    if q.format == "fp8":
-        return g.op("DequantizeLinear", [w, g.scalar(f"{q.name}.weight_scale", scale, torch.float16)],
-                    f"{name}/weight_dq")
-    if q.format == "fp8_pc":  # one scale per output channel = axis 1 of [in, out]
-        return g.op("DequantizeLinear", [w, g.weight(f"{q.name}.weight_scale", scale.half())], f"{name}/weight_dq",
-                    axis=1)
-    # fp8_block / fp8_pb_wo: a [rows x cols] tile scale is a scale blocked along `in` (axis 0, block cols) and
-    # repeated along out; ModelOpt stores the tiles as [out/128, 1, in/128, 1]
-    rows, cols = q.block_size
-    if q.format == "fp8_pb_wo":
-        scale = scale.reshape(scale.shape[0], scale.shape[2])
-    expanded = scale.repeat_interleave(rows, dim=0)[:out].t().contiguous()  # [ceil(in/cols), out]
-    return g.op("DequantizeLinear", [w, g.weight(f"{q.name}.weight_scale_inv", expanded.half())], f"{name}/weight_dq",
-                axis=0, block_size=cols)
-
-
-def static_fp8_activation(g: Graph, x: str, q: QuantizedLinear, name: str) -> str:
-    """QuantizeLinear(x, input_scale fp16) to FP8 -> DequantizeLinear (ModelOpt FP8, per tensor)."""
-    scale = g.scalar(f"{q.name}.input_scale", q.input_scale.float().reshape(()), torch.float16)
-    xq = g.op("QuantizeLinear", [x, scale], f"{name}/input_q", output_dtype=FP8)
-    return g.op("DequantizeLinear", [xq, scale], f"{name}/input_dq")
-
-
-def dynamic_fp8_activation(g: Graph, x: str, size: int, block: int, name: str) -> str:
-    """Per token, per `block` channels of the last axis (block = size: per token), in fp32:
-    scale = max(amax, MIN_ACT_AMAX) / 448; blocked QuantizeLinear to FP8 -> DequantizeLinear -> fp16."""
-    nblocks = -(-size // block)
-    x32 = g.op("Cast", [x], f"{name}/input_fp32", to=FP32)
-    padded = x32
-    if nblocks * block != size:  # zeros do not change a block's amax
-        pads = g.shared_const(f"const.pad_last.{nblocks * block - size}", [0, 0, 0, 0, 0, nblocks * block - size],
-                              np.int64)
-        padded = g.op("Pad", [x32, pads], f"{name}/input_pad")
-    shape = g.shared_const(f"const.blocks.{nblocks}x{block}", [0, 0, nblocks, block], np.int64)
-    blocks = g.op("Reshape", [padded, shape], f"{name}/input_blocks")
-    amax = g.op("ReduceMax", [g.op("Abs", [blocks], f"{name}/input_abs"), "const.last_axis"], f"{name}/input_amax",
-                keepdims=0)
-    floor = g.shared_const("const.min_act_amax", [MIN_ACT_AMAX], np.float32)
-    fp8_max = g.shared_const("const.fp8_max", [formats.FP8_MAX], np.float32)
-    scale = g.op("Div", [g.op("Max", [amax, floor], f"{name}/input_amax_floor"), fp8_max], f"{name}/input_scale")
-    xq = g.op("QuantizeLinear", [x32, scale], f"{name}/input_q", axis=2, block_size=block, output_dtype=FP8)
-    xdq = g.op("DequantizeLinear", [xq, scale], f"{name}/input_dq", axis=2, block_size=block)
-    return g.op("Cast", [xdq], f"{name}/input_fp16", to=FP16)
-
-
-def nvfp4_activation(g: Graph, x: str, q: QuantizedLinear, name: str) -> str:
-    """trt::TRT_FP4DynamicQuantize(x, input_scale) -> DQ of the FP8 block scales by fp16(input_scale) -> blocked DQ."""
-    group = q.block_size[1]
-    scale = g.scalar(f"{q.name}.input_scale", q.input_scale.float().reshape(()), torch.float32)
-    xq, sq = g.op(nvfp4_schema.OP_TYPE, [x, scale], f"{name}/input_fp4", outputs=2, domain=nvfp4_schema.DOMAIN,
-                  **nvfp4_schema.attrs(group))
-    scale16 = g.op("Cast", [scale], f"{name}/input_scale_fp16", to=FP16)
-    block_scale = g.op("DequantizeLinear", [sq, scale16], f"{name}/input_scale_dq")
-    return g.op("DequantizeLinear", [xq, block_scale], f"{name}/input_dq", axis=-1, block_size=group)
-
-
-def nvfp4_weight(g: Graph, q: QuantizedLinear, name: str) -> str:
-    """FLOAT4E2M1 `[out, in]` (the packed bytes as stored) -> DQ(FP8 block scales, weight_scale_2) -> blocked DQ ->
-    fp16 -> Transpose to `[in, out]`."""
-    out, inp = q.shape
-    w = g.weights.add(f"{q.name}.weight", q.weight.numpy(), FP4, (out, inp))
-    block_scale = g.weights.add(f"{q.name}.weight_scale", q.weight_scale.view(torch.uint8).numpy(), FP8)
-    global_scale = g.scalar(f"{q.name}.weight_scale_2", q.weight_scale_2.float().reshape(()), torch.float32)
-    ws = g.op("DequantizeLinear", [block_scale, global_scale], f"{name}/weight_scale_dq")
-    wd = g.op("DequantizeLinear", [w, ws], f"{name}/weight_dq", axis=-1, block_size=q.block_size[1])
-    w16 = g.op("Cast", [wd], f"{name}/weight_fp16", to=FP16)
-    return g.op("Transpose", [w16], f"{name}/weight_t", perm=[1, 0])
+    fmt = weight_formats.get(q.format)
+    act = fmt.graph_activation(g, x, q, name)
+    return g.op("MatMul", [act, fmt.graph_weight(g, q, name)], name)
 
 
 def kv_cache_dtype(quant: QuantizedCheckpoint | None) -> KvDtype:
@@ -236,19 +155,14 @@ def kv_cache_attrs(g: Graph, i: int) -> dict:
         return {}
     s = g.quant.kv_scales.get(i)
     if s is None:
-        raise InputError(f"tensor model.layers.{i}.self_attn.k_proj.k_scale: expected by kv_cache_quant_algo FP8, "
-                         "found none")
+        raise InputError(f"tensor {g.cfg.family.kv_scale_names(i)[1]}: expected by kv_cache_quant_algo FP8, found none")
     return {"enable_fp8_kv_cache": True, "qkv_scales": (1.0 if s.q_scale is None else s.q_scale, s.k_scale, s.v_scale)}
 
 
-def weight_formats(quant: QuantizedCheckpoint | None) -> tuple[str, dict[str, int]]:
+def weight_format_summary(quant: QuantizedCheckpoint | None) -> tuple[str, dict[str, int]]:
     """config.json `weight_format` ("fp16", the one format of the quantized linears, or "mixed") and the number of
     quantized linears of each format (`weight_formats`, written when mixed)."""
-    found = [q.format for q in (quant.linears.values() if quant else ())]
-    unknown = sorted({f for f in found if f != "fp16" and f not in QUANTIZED_WEIGHT_FORMATS})
-    if unknown:
-        raise InputError(f"{quant.path}: expected weight formats of {QUANTIZED_WEIGHT_FORMATS}, found {unknown}")
-    return summarize_weight_formats(found)
+    return summarize_weight_formats(q.format for q in (quant.linears.values() if quant else ()))
 
 
 def rmsnorm(g: Graph, x: str, weight: str, name: str) -> str:
@@ -268,15 +182,16 @@ def rmsnorm(g: Graph, x: str, weight: str, name: str) -> str:
 
 def attention_block(g: Graph, x: str, i: int) -> str:
     """RMSNorm -> fused QKV (+bias) -> AttentionPlugin (RoPE, KV write, GQA) -> o_proj -> residual."""
-    normed = rmsnorm(g, x, f"model.layers.{i}.input_layernorm.weight", f"layers.{i}/input_layernorm")
-    return attention(g, normed, x, i, f"model.layers.{i}.self_attn", g.cfg.hidden_size)
+    f = g.cfg.family
+    normed = rmsnorm(g, x, f"{f.layer(i)}.{f.input_norm}.weight", f"layers.{i}/input_layernorm")
+    return attention(g, normed, x, i, f.attention_of(i), g.cfg.hidden_size)
 
 
 def attention(g: Graph, normed: str, residual: str, i: int, p: str, in_features: int) -> str:
     """Q/K/V of `normed` (`in_features` wide) -> AttentionPlugin on cache i -> `p.o_proj` -> added to `residual`."""
-    cfg = g.cfg
+    cfg, f = g.cfg, g.cfg.family
     h, d, hq, hkv = in_features, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-    projections = [("q_proj", hq), ("k_proj", hkv), ("v_proj", hkv)]
+    projections = [(f.q_proj, hq), (f.k_proj, hkv), (f.v_proj, hkv)]
     if any(g.quantized(f"{p}.{n}") for n, _ in projections):
         parts = [linear(g, normed, f"{p}.{n}", (heads * d, h), f"layers.{i}/{n}") for n, heads in projections]
         qkv = g.op("Concat", parts, f"layers.{i}/qkv_concat", axis=-1)
@@ -290,7 +205,7 @@ def attention(g: Graph, normed: str, residual: str, i: int, p: str, in_features:
 
     inputs = [qkv, past_key_values(i), CONTEXT_LENGTHS, ROPE_COS_SIN, KVCACHE_START_INDEX]
     if cfg.qk_norm:
-        inputs += [g.weight(f"{p}.{n}.weight", g.read(f"{p}.{n}.weight", (d,))) for n in ("q_norm", "k_norm")]
+        inputs += [g.weight(f"{p}.{n}.weight", g.read(f"{p}.{n}.weight", (d,))) for n in (f.q_norm, f.k_norm)]
     if g.tree:
         inputs += [ATTENTION_MASK, ATTENTION_POS_ID]
     attn = f"layers.{i}/attention/out0"
@@ -300,27 +215,28 @@ def attention(g: Graph, normed: str, residual: str, i: int, p: str, in_features:
         enable_tree_attention=g.tree, **kv_cache_attrs(g, i),
     ))
     flat = g.op("Reshape", [attn, "const.attn_flat_shape"], f"layers.{i}/attn_flatten")
-    out = linear(g, flat, f"{p}.o_proj", (cfg.hidden_size, hq * d), f"layers.{i}/o_proj")
+    out = linear(g, flat, f"{p}.{f.o_proj}", (cfg.hidden_size, hq * d), f"layers.{i}/o_proj")
     return g.op("Add", [residual, out], f"layers.{i}/attn_residual")
 
 
 def mlp_block(g: Graph, x: str, i: int, layer: str | None = None) -> str:
     """RMSNorm -> fused gate|up -> SiLU(gate) * up -> down_proj -> residual; `layer` = the checkpoint's name of the
-    decoder layer (`model.layers.{i}`, or the EAGLE3 draft's `midlayer`)."""
-    layer = layer or f"model.layers.{i}"
-    cfg, p = g.cfg, f"{layer}.mlp"
+    decoder layer (the family's `layer(i)`, or the EAGLE3 draft's `midlayer`)."""
+    cfg, f = g.cfg, g.cfg.family
+    layer = layer or f.layer(i)
+    p = f"{layer}.{f.mlp}"
     h, inter = cfg.hidden_size, cfg.intermediate_size
-    normed = rmsnorm(g, x, f"{layer}.post_attention_layernorm.weight", f"layers.{i}/post_attention_layernorm")
-    if g.quantized(f"{p}.gate_proj") or g.quantized(f"{p}.up_proj"):
-        gate, up = (linear(g, normed, f"{p}.{n}", (inter, h), f"layers.{i}/{n}") for n in ("gate_proj", "up_proj"))
+    normed = rmsnorm(g, x, f"{layer}.{f.post_attention_norm}.weight", f"layers.{i}/post_attention_layernorm")
+    if g.quantized(f"{p}.{f.gate_proj}") or g.quantized(f"{p}.{f.up_proj}"):
+        gate, up = (linear(g, normed, f"{p}.{n}", (inter, h), f"layers.{i}/{n}") for n in (f.gate_proj, f.up_proj))
     else:
-        parts = [(f"{p}.{n}.weight", (inter, h)) for n in ("gate_proj", "up_proj")]
+        parts = [(f"{p}.{n}.weight", (inter, h)) for n in (f.gate_proj, f.up_proj)]
         gate_up = g.op("MatMul", [normed, g.linear_weight(f"{p}.gate_up_proj.weight", parts)],
                        f"layers.{i}/gate_up_proj")
         gate, up = g.op("Split", [gate_up], f"layers.{i}/split", outputs=2, axis=-1, num_outputs=2)
     silu = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"layers.{i}/sigmoid")], f"layers.{i}/silu")
     act = g.op("Mul", [silu, up], f"layers.{i}/gate_mul_up")
-    out = linear(g, act, f"{p}.down_proj", (h, inter), f"layers.{i}/down_proj")
+    out = linear(g, act, f"{p}.{f.down_proj}", (h, inter), f"layers.{i}/down_proj")
     return g.op("Add", [x, out], f"layers.{i}/mlp_residual")
 
 
@@ -328,18 +244,18 @@ def decoder_layer(g: Graph, x: str, i: int) -> str:
     return mlp_block(g, attention_block(g, x, i), i)
 
 
-def final(g: Graph, x: str, norm: str = "model.norm.weight", vocab_size: int | None = None) -> str:
+def final(g: Graph, x: str, norm: str | None = None, vocab_size: int | None = None) -> str:
     """Final RMSNorm, the hidden states at `last_token_ids`, lm_head (the embedding table when tied), fp32 logits;
     the EAGLE3 draft passes its own norm name and draft vocabulary size."""
-    cfg = g.cfg
+    cfg, f = g.cfg, g.cfg.family
     vocab = vocab_size or cfg.vocab_size
-    normed = rmsnorm(g, x, norm, "final_norm")
+    normed = rmsnorm(g, x, norm or f"{f.final_norm}.weight", "final_norm")
     index = g.op("Unsqueeze", [LAST_TOKEN_IDS, "const.last_axis"], "select/unsqueeze")
     selected = g.op("GatherND", [normed, index], "select/gather", batch_dims=1)
-    if g.quantized("lm_head"):
-        logits = linear(g, selected, "lm_head", (vocab, cfg.hidden_size), "lm_head")
+    if g.quantized(f.lm_head):
+        logits = linear(g, selected, f.lm_head, (vocab, cfg.hidden_size), "lm_head")
     else:
-        source = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        source = f"{f.embed_tokens}.weight" if cfg.tie_word_embeddings else f"{f.lm_head}.weight"
         lm_head = g.linear_weight("lm_head.weight", [(source, (vocab, cfg.hidden_size))])
         logits = g.op("MatMul", [selected, lm_head], "lm_head")
     return g.op("Cast", [logits], "logits_fp32", outputs=["logits"], to=FP32)

@@ -72,11 +72,11 @@ def lower_for_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     registry = _registry()
     ctx = LoweringContext(graph)
-    from plugins.nvfp4.ort_lowering import (
-        lower_fp4,  # trt:: NVFP4 ops and FLOAT4E2M1 DQ are patterns, not one node
-    )
+    from plugins.weight_formats import MODULES as WEIGHT_FORMATS
 
-    lower_fp4(graph, ctx)
+    for fmt in WEIGHT_FORMATS.values():  # a format's graph form ORT lacks ops for (NVFP4's) is a pattern, not a node
+        if fmt.ort_lowering is not None:
+            fmt.ort_lowering(graph, ctx)
     nodes: list[onnx.NodeProto] = []
     replaced_outputs: set[str] = set()
     for node in graph.node:

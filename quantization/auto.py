@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from contract.weight_formats import WEIGHT_FORMATS
+from contract.families import Family, family_of_model
+from contract.weight_formats import UNQUANTIZED, WEIGHT_FORMATS
+from plugins import weight_formats
 from quantization.choices import AUTO_CANDIDATES
-from quantization.fake_quant import input_qdq, weight_qdq
 from quantization.scale_search import fusion_groups
 
 CANDIDATES = AUTO_CANDIDATES
@@ -27,10 +28,10 @@ SAMPLES = 8  # calibration samples the sensitivities are measured on
 def sensitivities(model, batches, linears: list[str], formats=CANDIDATES) -> dict[str, dict[str, float]]:
     """linear -> format -> estimated loss increase (fp16: 0)."""
     modules = dict(model.named_modules())
-    qweights = {n: {f: weight_qdq(f, modules[n].weight.detach().float()) for f in formats if f != "fp16"}
-                for n in linears}
+    qweights = {n: {f: weight_formats.get(f).weight_qdq(modules[n].weight.detach().float()) for f in formats
+                    if f != UNQUANTIZED} for n in linears}
     scores = {n: dict.fromkeys(formats, 0.0) for n in linears}
-    groups = fusion_groups(linears)  # q/k/v, gate/up: one input, fake-quantized once for the group
+    groups = fusion_groups(linears, family_of_model(model))  # q/k/v, gate/up: one input, fake-quantized once for the group
     group_of = {n: i for i, g in enumerate(groups) for n in g}
     qinputs: dict[int, dict[str, torch.Tensor]] = {}  # group -> format -> its fake-quantized input (current batch)
     pending: dict[int, int] = {}  # group -> members whose gradient has not come yet (the entry goes with the last)
@@ -45,7 +46,7 @@ def sensitivities(model, batches, linears: list[str], formats=CANDIDATES) -> dic
                 shared = qinputs.setdefault(gid, {})
                 for f, wq in qweights[name].items():
                     if f not in shared:
-                        shared[f] = input_qdq(f, x)
+                        shared[f] = weight_formats.get(f).input_qdq(x)
                     delta = shared[f] @ wq.T - y
                     scores[name][f] += float((delta * g.float()).pow(2).sum())
                 pending[gid] = pending.get(gid, len(groups[gid])) - 1
@@ -76,10 +77,11 @@ def sensitivities(model, batches, linears: list[str], formats=CANDIDATES) -> dic
     return scores
 
 
-def choose_formats(scores: dict[str, dict[str, float]], sizes: dict[str, int], effective_bits: float
-                   ) -> dict[str, str]:
-    """linear -> format with mean bits per weight <= `effective_bits` and the least summed score."""
-    groups = fusion_groups(list(scores))
+def choose_formats(scores: dict[str, dict[str, float]], sizes: dict[str, int], effective_bits: float,
+                   family: Family) -> dict[str, str]:
+    """linear -> format with mean bits per weight <= `effective_bits` and the least summed score; one format per
+    fusion group of the `family`."""
+    groups = fusion_groups(list(scores), family)
     options = [[f for f in CANDIDATES if f in scores[g[0]]] for g in groups]
     score = [{f: sum(scores[n][f] for n in g) for f in opts} for g, opts in zip(groups, options)]
     numel = [sum(sizes[n] for n in g) for g in groups]
@@ -116,4 +118,4 @@ def choose_formats(scores: dict[str, dict[str, float]], sizes: dict[str, int], e
 def effective_bits(plan: dict[str, str], sizes: dict[str, int]) -> float:
     """Mean bits per weight over the linears of `sizes` (fp16 where `plan` has none)."""
     total = sum(sizes.values())
-    return sum(n * WEIGHT_FORMATS[plan.get(name, "fp16")].bits for name, n in sizes.items()) / total
+    return sum(n * WEIGHT_FORMATS[plan.get(name, UNQUANTIZED)].bits for name, n in sizes.items()) / total

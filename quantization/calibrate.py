@@ -20,6 +20,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from contract.families import family_of_model
 from quantization.datasets import Batch
 from quantization.scale_search import fusion_groups
 
@@ -92,7 +93,8 @@ def _observing(model, linear_names: list[str], observer: _Observer, kv: bool, sq
                     observer.hessian[name] = observer.hessian.get(name, 0) + x.T @ x
 
         handles.append(modules[name].register_forward_pre_hook(hook))
-    attention = [m for m in modules.values() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")] if kv else []
+    family = family_of_model(model)
+    attention = [m for m in modules.values() if hasattr(m, "layer_idx") and hasattr(m, family.k_proj)] if kv else []
     previous_impl = model.config._attn_implementation
     for m in attention:
         m._edgellm_observer = observer
@@ -120,10 +122,12 @@ def calibrate(model, batches: list[Batch], linear_names: Iterable[str], kv: bool
     num_tokens = 0
     linear_names = list(linear_names)
     # the decoder alone unless the lm_head is calibrated: logits are a fifth of a small model's work, and unused here
-    forward = model if any(n == "lm_head" or n.endswith(".lm_head") for n in linear_names) else model.base_model
+    lm_head = family_of_model(model).lm_head
+    forward = model if any(n == lm_head or n.endswith(f".{lm_head}") for n in linear_names) else model.base_model
     square_names, hessian_names = set(square_names), set(hessian_names)
     wanted = square_names | hessian_names
-    groups = fusion_groups([n for n in linear_names if n in wanted])  # the linears that read one input
+    family = family_of_model(model)
+    groups = fusion_groups([n for n in linear_names if n in wanted], family)  # the linears that read one input
     with _observing(model, linear_names, observer, kv, square_names, hessian_names, groups):
         for batch in tqdm(batches, desc="calibrating", unit="batch"):
             observer.mask = batch.attention_mask.to(device).bool()

@@ -7,8 +7,9 @@ error, not the output error ||X W^T - X Q^T||^2, which depends on how input chan
 inverse of the input second-moment matrix H = E[x x^T] from calibration. For NVFP4 the block scale of each group of
 16 columns is chosen when the group is reached, from the already-updated weights (by output error as in
 `scale_search`, or from the amax); the global scale is the one `scale_search` chose (shared by the fusion group). For
-FP8 the per-tensor scale is the (shared) one `scale_search` chose. The result is an ordinary checkpoint weight:
-dequantized values that the plain quantizer with the returned scales reproduces exactly.
+FP8 the per-tensor scale is the (shared) one `scale_search` chose. The loop and H are here; how a format rounds a
+column is its module's `gptq` (plugins/weight_formats). The result is an ordinary checkpoint weight: dequantized
+values that the plain quantizer with the returned scales reproduces exactly.
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from contract import formats
-from quantization.scale_search import search_block_scales
+from contract.weight_formats import WEIGHT_FORMATS
+from plugins import weight_formats
 
 BLOCK = 128  # columns updated lazily together (a multiple of the NVFP4 group)
 DAMP = 0.01  # fraction of the mean diagonal added to H, as the GPTQ reference does
-FORMATS = ("nvfp4", "fp8")  # the per-linear formats GPTQ rounds
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def damped(hessian: torch.Tensor) -> Damped:
     return Damped(torch.diag(H).float(), dead, hinv)
 
 
-def _gptq(w: torch.Tensor, h: Damped, round_column: Callable[[torch.Tensor, int, int], torch.Tensor]) -> torch.Tensor:
+def loop(w: torch.Tensor, h: Damped, round_column: Callable[[torch.Tensor, int, int], torch.Tensor]) -> torch.Tensor:
     """The GPTQ loop: fp32 rounded weight ``[out, in]``. ``round_column(W1, i, col)`` rounds column ``i`` of the
     current lazy block ``W1`` (input column ``col``), which holds the error-updated weights of the block."""
     n = w.shape[1]
@@ -69,43 +69,16 @@ def _gptq(w: torch.Tensor, h: Damped, round_column: Callable[[torch.Tensor, int,
     return Q
 
 
-def gptq_nvfp4(w: torch.Tensor, h: Damped, global_scale: torch.Tensor, search: bool
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 dequantized weight ``[out, in]``, FP8 block scales ``[out, in/16]``) for `w` given its input's `h`."""
-    out, n = w.shape
-    group = formats.NVFP4_GROUP
-    gs = global_scale.float().reshape(())
-    scales = torch.zeros(out, n // group, dtype=formats.FP8_DTYPE)
-    step = torch.ones(out)
-
-    def round_column(W1: torch.Tensor, i: int, col: int) -> torch.Tensor:
-        nonlocal step
-        if col % group == 0:
-            block = W1[:, i:i + group]
-            s = search_block_scales(block, gs, h.diag[col:col + group])[0] if search else formats.nvfp4_block_scales(
-                block, gs)
-            scales[:, col // group] = s[:, 0]
-            step = s[:, 0].float() * gs
-        return formats.e2m1_qdq(W1[:, i], step)
-
-    return _gptq(w, h, round_column), scales
-
-
-def gptq_fp8(w: torch.Tensor, h: Damped, scale: torch.Tensor) -> torch.Tensor:
-    """fp32 dequantized weight ``[out, in]`` on the per-tensor FP8 grid of `scale`, for `w` given its input's `h`."""
-    scale = scale.float().reshape(())
-    return _gptq(w, h, lambda W1, i, col: formats.to_fp8(W1[:, i], scale).float() * scale)
-
-
 def apply(state_dict: dict[str, torch.Tensor], plan: dict[str, str], scales: dict[str, dict[str, torch.Tensor]],
           hessians: dict[str, torch.Tensor], search: bool) -> dict:
-    """Round every NVFP4 and per-tensor FP8 linear of `plan` that has a calibrated H with GPTQ, in place: its weight
-    in `state_dict` becomes the rounded values (and an NVFP4 `weight_scale` in `scales` the chosen block scales).
+    """Round every linear of `plan` whose format GPTQ applies to (row `gptq`: NVFP4, per-tensor FP8) and that has a
+    calibrated H, in place: its weight in `state_dict` becomes the rounded values (and its `scales` what the
+    format's `gptq` chose, e.g. NVFP4's block scales).
     The linears of a fusion group read one input and share its H (`calibrate`): it is damped and factored once.
     Returns the report entry: the output error sum((W - Q) H (W - Q)^T) over those linears against plain rounding
     with the same scales."""
     ours, plain = 0.0, 0.0
-    names = [n for n, f in plan.items() if f in FORMATS and n in hessians and n in scales]
+    names = [n for n, f in plan.items() if WEIGHT_FORMATS[f].gptq and n in hessians and n in scales]
     by_input: dict[int, list[str]] = {}  # the linears that share one H tensor (calibrate keeps one per input)
     for name in names:
         by_input.setdefault(id(hessians[name]), []).append(name)
@@ -113,15 +86,7 @@ def apply(state_dict: dict[str, torch.Tensor], plan: dict[str, str], scales: dic
         h = damped(hessians[group[0]])
         for name in group:
             w, hessian = state_dict[f"{name}.weight"].float(), hessians[name].float()
-            if plan[name] == "nvfp4":
-                gs = scales[name]["weight_scale_2"]
-                q, block_scales = gptq_nvfp4(w, h, gs, search)
-                rtn = formats.dequantize_nvfp4(*formats.quantize_nvfp4(w, block_scale=scales[name]["weight_scale"],
-                                                                       global_scale=gs))
-                scales[name]["weight_scale"] = block_scales
-            else:
-                codes, s = formats.quantize_fp8_per_tensor(w, scales[name]["weight_scale"])
-                q, rtn = gptq_fp8(w, h, s), codes.float() * s
+            q, rtn, scales[name] = weight_formats.get(plan[name]).gptq(w, h, scales[name], search, loop)
             ours += float(((w - q) @ hessian * (w - q)).sum())
             plain += float(((w - rtn) @ hessian * (w - rtn)).sum())
             state_dict[f"{name}.weight"] = q

@@ -11,6 +11,8 @@ from __future__ import annotations
 import statistics
 from typing import TYPE_CHECKING
 
+from contract.kv import KvDtype, layer_kv_dtypes
+
 if TYPE_CHECKING:  # imported by the CLI before torch and transformers (contract.cli)
     from quantization.calibrate import Calibration
 
@@ -28,14 +30,17 @@ def kv_outliers(qkv_amax: dict[int, tuple[float, float, float]], factor: float =
 
 def build_report(
     calib: Calibration,
-    method: str,
-    kv_fp8: bool,
+    weight_format: str,
+    kv_dtype: KvDtype,
     kv_fp16_layers: list[int],
     excluded: dict[str, str],
     num_samples: int,
 ) -> dict:
     """JSON-ready summary; scales are the unclamped amax/448 that the checkpoint carries."""
     from contract.formats import FP8_MAX
+
+    kv_fp8 = kv_dtype is KvDtype.FP8
+    per_layer = layer_kv_dtypes(max(calib.qkv_amax, default=-1) + 1, kv_dtype, kv_fp16_layers)
     layers = [
         {
             "layer": i,
@@ -45,7 +50,7 @@ def build_report(
             "q_scale": q / FP8_MAX,
             "k_scale": k / FP8_MAX,
             "v_scale": v / FP8_MAX,
-            "kv_cache": "fp16" if i in kv_fp16_layers else ("fp8" if kv_fp8 else "fp16"),
+            "kv_cache": per_layer[i].value,
         }
         for i, (q, k, v) in calib.qkv_amax.items()
     ]
@@ -58,8 +63,8 @@ def build_report(
     ]
     warnings += [f"{m}: kept in fp16 ({why})" for m, why in excluded.items()]
     return {
-        "quantization": method,
-        "kv_cache_quantization": "fp8" if kv_fp8 else None,
+        "quantization": weight_format,
+        "kv_cache_quantization": kv_dtype.value if kv_fp8 else None,
         "kv_scale_clamp": None,
         "num_samples": num_samples,
         "num_tokens": calib.num_tokens,

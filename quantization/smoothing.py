@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from quantization.fake_quant import input_qdq, weight_qdq
+from contract.families import family_of_model
+from contract.weight_formats import WEIGHT_FORMATS
+from plugins import weight_formats
 from quantization.scale_search import fusion_groups
 
 ALPHAS = tuple(i / 5 for i in range(6))  # half as fine as ModelOpt awq_lite's 0.1 steps: a CPU search in minutes
@@ -54,28 +56,22 @@ class ScaleGroup:
         return (t.mean(1) if how == "mean" else t.amax(1)).reshape(-1)
 
 
-# What produces each linear's input, both paths relative to the decoder layer (the members of a fusion group,
-# `scale_search.fusion_groups`, share theirs)
-SOURCES = {**dict.fromkeys(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
-           "self_attn.o_proj": "self_attn.v_proj",
-           **dict.fromkeys(("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
-           "mlp.down_proj": "mlp.up_proj"}
-
-
 def scale_groups(model, plan: dict[str, str]) -> list[ScaleGroup]:
-    """The foldable groups of every decoder layer that holds at least one linear of `plan`."""
-    cfg = model.config
+    """The foldable groups of every decoder layer that holds at least one linear of `plan`: the members of a fusion
+    group (`scale_search.fusion_groups`) share the source their family's `smoothing_sources` names."""
+    cfg, family = model.config, family_of_model(model)
     hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
+    sources, v_proj = family.smoothing_sources(), family.linears()["v"]
     modules = dict(model.named_modules())
     groups = []
     for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
+        p = f"{family.layer(i)}."
         linears = [n for n, m in modules.items() if n.startswith(p) and isinstance(m, torch.nn.Linear)]
-        for members in fusion_groups(linears):
-            source = SOURCES.get(members[0].removeprefix(p))
+        for members in fusion_groups(linears, family):
+            source = sources.get(members[0].removeprefix(p))
             if source and p + source in modules and any(n in plan for n in members):
-                heads = (hq, hkv, d) if source == "self_attn.v_proj" else None
+                heads = (hq, hkv, d) if source == v_proj else None  # GQA: one scale per KV channel
                 groups.append(ScaleGroup(p + source, members, heads))
     return groups
 
@@ -116,7 +112,7 @@ def _statistics(method: str, x: torch.Tensor, weights: list[torch.Tensor], fmts:
         act = g.reduce(x.abs().mean(0), "mean")
         rows = []
         for w, fmt in zip(weights, fmts):
-            block = 16 if fmt == "nvfp4" else w.shape[1]
+            block = WEIGHT_FORMATS[fmt].awq_block or w.shape[1]
             blocks = w.abs().view(w.shape[0], -1, block)
             rows.append((blocks / blocks.amax(-1, keepdim=True).clamp_min(1e-12)).view_as(w))
         wst = g.reduce(torch.cat(rows).mean(0), "mean")
@@ -136,11 +132,11 @@ def output_error(x: torch.Tensor, weights: list[torch.Tensor], fmts: list[str], 
     """Sum over the linears of the relative squared output error with inputs divided by `s` (None: unscaled)."""
     xs = x if s is None else x / s
     amax = float(xs.abs().amax())
-    inputs = {fmt: input_qdq(fmt, xs, amax) for fmt in set(fmts)}  # q/k/v share their input and usually a format
+    inputs = {fmt: weight_formats.get(fmt).input_qdq(xs, amax) for fmt in set(fmts)}  # q/k/v share their input and usually a format
     total = 0.0
     for w, fmt, ref in zip(weights, fmts, refs):
         ws = w if s is None else w * s
-        out = inputs[fmt] @ weight_qdq(fmt, ws).T
+        out = inputs[fmt] @ weight_formats.get(fmt).weight_qdq(ws).T
         total += float((out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
     return total
 

@@ -12,7 +12,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llm_loader.quantized_checkpoint import dequantize_linear, read_quantized_checkpoint
-from quantization.cli import LlmOptions, main, quantize_llm
+from quantization.cli import main
+from quantization.options import LlmOptions
+from quantization.pipeline import quantize_llm
 
 TEXTS = [
     "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and arrows "
@@ -248,7 +250,7 @@ UP = "model.layers.0.mlp.up_proj.weight"
     (lambda c: _edit_config(c, hidden_size=10**6), ["model.embed_tokens.weight", "[49152, 1000000]"]),
     (lambda c: _edit_config(c, num_hidden_layers=10**5), ["num_hidden_layers: expected 2", "found 100000"]),
     (lambda c: _edit_config(c, num_hidden_layers="2"), ["num_hidden_layers: expected a positive integer"]),
-    (lambda c: _edit_config(c, model_type="nosuch"), ["config.json", "model type `nosuch`"]),
+    (lambda c: _edit_config(c, model_type="nosuch"), ["config.json", "unknown architecture", "found 'nosuch'"]),
 ], ids=["pickle", "auto_map", "missing", "int8", "shape", "unused", "huge_hidden", "huge_layers", "str", "type"])
 def test_checkpoint_that_is_not_the_model_its_config_describes_is_refused_before_loading(
         tiny_checkpoint, tmp_path, texts_file, edit, words):
@@ -271,7 +273,7 @@ def test_module_entry_point_exit_code(tmp_path):
 
 
 def test_calibration_presets_and_explicit_sizes(tmp_path):
-    from quantization.cli import CALIBRATION_PRESETS
+    from quantization.options import CALIBRATION_PRESETS
 
     def options(**kw):
         return LlmOptions(tmp_path, tmp_path / "q", **kw)

@@ -17,12 +17,16 @@ from helpers import CALIBRATION_TEXT, run_cli
 from safetensors.torch import load_file
 
 from contract import formats
+from contract.families import FAMILIES
 from contract.weight_formats import WEIGHT_FORMATS
 from llm_loader.quantized_checkpoint import read_quantized_checkpoint
-from quantization import auto, scale_search, smoothing
+from plugins.weight_formats import nvfp4
+from quantization import auto, smoothing
 from quantization.calibrate import calibrate
 from quantization.cli import main
 from quantization.datasets import Batch
+
+LLAMA = FAMILIES["llama"]
 
 FAST = ["--text_dataset", str(CALIBRATION_TEXT), "--num_samples", "4", "--max_seq_len", "32", "--batch_size", "2"]
 
@@ -113,7 +117,7 @@ def test_nvfp4_scale_search_beats_amax_per_block():
     w[:, ::16] *= 6  # one large value per block: the case where clipping it pays
     h = torch.rand(64, generator=g) + 0.1
     gs = formats.nvfp4_global_scale(w.abs().amax())
-    searched, total = scale_search.search_block_scales(w, gs, h)
+    searched, total = nvfp4.search_block_scales(w, gs, h)
     amax_scales = formats.nvfp4_block_scales(w, gs)
 
     def block_error(scale):  # brute force from the stored form: dequantize and weigh each element
@@ -134,18 +138,18 @@ def test_mixed_choice_meets_the_budget_and_is_optimal():
                   "fp16": 0.0} for n in sizes}
     bits = {f: WEIGHT_FORMATS[f].bits for f in auto.CANDIDATES}
     for budget in (4.5, 5.5, 6.0, 7.0, 16.0):
-        chosen = auto.choose_formats(scores, sizes, budget)
+        chosen = auto.choose_formats(scores, sizes, budget, LLAMA)
         assert auto.effective_bits(chosen, sizes) <= budget + 1e-9
         best = min((c for c in itertools.product(auto.CANDIDATES, repeat=len(sizes))
                     if sum(sizes[n] * bits[f] for n, f in zip(sizes, c)) <= budget * sum(sizes.values()) + 1e-9),
                    key=lambda c: sum(scores[n][f] for n, f in zip(sizes, c)))
         ours = sum(scores[n][chosen[n]] for n in sizes)
         assert ours <= 1.05 * sum(scores[n][f] for n, f in zip(sizes, best)) + 1e-9, budget
-    assert set(auto.choose_formats(scores, sizes, 4.5).values()) == {"nvfp4"}
-    assert set(auto.choose_formats(scores, sizes, 16.0).values()) == {"fp16"}
+    assert set(auto.choose_formats(scores, sizes, 4.5, LLAMA).values()) == {"nvfp4"}
+    assert set(auto.choose_formats(scores, sizes, 16.0, LLAMA).values()) == {"fp16"}
     # q/k/v get one format together (a runtime fuses them)
     qkv = {f"model.layers.0.self_attn.{n}_proj": 64 for n in "qkv"}
-    chosen = auto.choose_formats({n: {"nvfp4": 1.0 + i, "fp8": 0.5, "fp16": 0.0} for i, n in enumerate(qkv)}, qkv, 6)
+    chosen = auto.choose_formats({n: {"nvfp4": 1.0 + i, "fp8": 0.5, "fp16": 0.0} for i, n in enumerate(qkv)}, qkv, 6, LLAMA)
     assert len(set(chosen.values())) == 1
 
 
@@ -224,7 +228,7 @@ def test_auto_writes_modelopt_mixed_precision(tiny_checkpoint, tmp_path, capsys)
 @pytest.mark.parametrize("args,words", [
     (["--quantization", "nvfp4", "--smoothing", "awq", "--text_dataset", "missing.txt"], ["--text_dataset"]),
     (["--quantization", "fp8_pc", "--smoothing", "smoothquant", "--text_dataset", "missing.txt"], ["--text_dataset"]),
-    (["--quantization", "none", "--smoothing", "awq"], ["--smoothing awq", "found none"]),
+    (["--quantization", "none", "--smoothing", "awq"], ["--smoothing awq", "found fp16"]),  # none = fp16
     (["--quantization", "auto"], ["--effective_bits"]),
     (["--quantization", "nvfp4", "--effective_bits", "6"], ["--effective_bits", "--quantization auto"]),
     (["--quantization", "auto", "--effective_bits", "3"], ["--effective_bits", "[4.5, 16]"]),
@@ -241,7 +245,7 @@ def test_method_flags_without_what_they_need_are_clear_errors(tiny_checkpoint, t
 
 def test_search_fake_quant_matches_the_writer_and_the_reference():
     from plugins.nvfp4.reference import nvfp4_activation_qdq
-    from quantization.fake_quant import input_qdq, weight_qdq
+    from plugins.weight_formats import fp8
 
     g = torch.Generator().manual_seed(5)
     w = torch.randn(48, 64, generator=g) * torch.rand(64, generator=g) * 3
@@ -249,13 +253,13 @@ def test_search_fake_quant_matches_the_writer_and_the_reference():
     values = torch.cat([torch.randn(10000, generator=g) * 3, torch.arange(-700, 700) / 100,
                         torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -5.0, 7.0])])
     assert torch.equal(formats.e2m1_round(values), formats.e2m1_decode(formats.e2m1_encode(values)))
-    assert torch.equal(weight_qdq("nvfp4", w), formats.dequantize_nvfp4(*formats.quantize_nvfp4(w)))
+    assert torch.equal(nvfp4.weight_qdq(w), formats.dequantize_nvfp4(*formats.quantize_nvfp4(w)))
     q, s = formats.quantize_fp8_per_tensor(w)
-    assert torch.equal(weight_qdq("fp8", w), q.float() * s)
+    assert torch.equal(fp8.weight_qdq(w), q.float() * s)
     x = torch.randn(2, 5, 64, generator=g) * 4
     amax = 13.0
     ref = nvfp4_activation_qdq(x.half(), amax / (6 * 448)).float()
-    torch.testing.assert_close(input_qdq("nvfp4", x.half().float(), amax), ref, rtol=2e-3, atol=1e-3)
+    torch.testing.assert_close(nvfp4.input_qdq(x.half().float(), amax), ref, rtol=2e-3, atol=1e-3)
 
 
 def gptq_problem(n: int = 64, out: int = 32, tokens: int = 2048) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -272,11 +276,13 @@ def output_error(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor) -> float:
 
 
 def test_gptq_lowers_the_output_error_and_stays_plain_nvfp4():
-    from quantization.gptq import damped, gptq_nvfp4
+    from quantization.gptq import damped, loop
 
     x, w, h = gptq_problem()
     gs = formats.nvfp4_global_scale(w.abs().amax())
-    q, block_scales = gptq_nvfp4(w, damped(h), gs, search=False)
+    start = {"weight_scale": formats.nvfp4_block_scales(w, gs), "weight_scale_2": gs}
+    q, _, chosen = nvfp4.gptq(w, damped(h), start, False, loop)
+    block_scales = chosen["weight_scale"]
     nearest = formats.dequantize_nvfp4(*formats.quantize_nvfp4(w, global_scale=gs))
 
     assert output_error(x, w, q) < 0.8 * output_error(x, w, nearest)  # measured 0.72 here (0.42 with 256 channels)
@@ -286,11 +292,12 @@ def test_gptq_lowers_the_output_error_and_stays_plain_nvfp4():
 
 
 def test_gptq_fp8_lowers_the_output_error_and_stays_on_the_per_tensor_grid():
-    from quantization.gptq import damped, gptq_fp8
+    from plugins.weight_formats import fp8
+    from quantization.gptq import damped, loop
 
     x, w, h = gptq_problem()
     scale = w.abs().amax() / 448 * 1.5  # a shared scale larger than this tensor's own, as q/k/v get
-    q = gptq_fp8(w, damped(h), scale)
+    q, _, _ = fp8.gptq(w, damped(h), {"weight_scale": scale}, False, loop)
     nearest = (w / scale).to(torch.float8_e4m3fn).float() * scale  # nearest rounding (torch float8 cast)
 
     assert output_error(x, w, q) < 0.8 * output_error(x, w, nearest)

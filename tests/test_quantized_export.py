@@ -39,9 +39,9 @@ from contract.weight_formats import WEIGHTS_QUANTIZED
 from llm_loader.embedding import read_embedding_sidecar
 from llm_loader.export_all_cli import export
 from llm_loader.export_all_cli import main as export_main
-from llm_loader.onnx_graph import MIN_ACT_AMAX
 from llm_loader.quantized_checkpoint import dequantize_linear, read_quantized_checkpoint
 from plugins.nvfp4.reference import nvfp4_activation_qdq
+from plugins.weight_formats.fp8_graph import MIN_ACT_AMAX
 from runtime.engine import Engine
 from runtime.onnxruntime_backend import session_options
 
