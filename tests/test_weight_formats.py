@@ -14,7 +14,12 @@ from onnx.reference import ReferenceEvaluator
 
 from contract.errors import InputError
 from contract.families import FAMILIES, family_of
-from contract.weight_formats import LM_HEAD_FORMATS, UNQUANTIZED, WEIGHT_FORMATS, WRITABLE_FORMATS
+from contract.weight_formats import (
+    LM_HEAD_FORMATS,
+    UNQUANTIZED,
+    WEIGHT_FORMATS,
+    WRITABLE_FORMATS,
+)
 from plugins import weight_formats
 from plugins.graph_builder import GraphBuilder, Names
 from plugins.weight_formats import CAPABILITY_OPERATIONS, MODULES, OPERATIONS
