@@ -115,7 +115,7 @@ def build(onnx_dir: str | Path, engine_dir: str | Path, *, max_batch_size: int =
     from builder import summary as summary_lines
     from builder.detect import detect
     from contract import engine_dir as engine_dir_mod
-    from llm_loader.embedding import read_embedding_sidecar
+    from contract.embedding import read_embedding_sidecar
 
     onnx_dir, engine_dir = Path(onnx_dir), Path(engine_dir)
     limits = Limits(max_batch_size, max_input_len, max_kv_cache_capacity)

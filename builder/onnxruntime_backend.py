@@ -20,10 +20,9 @@ import torch
 from onnx import TensorProto, helper
 
 from contract import onnxfile
-from contract.embedding import EMBEDDING_BLOCK, EMBEDDING_FP8
+from contract.embedding import EMBEDDING_BLOCK, EMBEDDING_FP8, EmbeddingSidecar
 from contract.versions import ONNX_OPSET, PRODUCER
 from contract.weight_formats import WEIGHTS_FP32
-from llm_loader.embedding import EmbeddingSidecar
 from plugins.fp8_gather import schema as fp8_gather_schema
 
 

@@ -22,8 +22,8 @@ from builder.profiles import (
     llm_profiles,
 )
 from builder.trt_graph import check_gpu_support, check_profiles, prepare_for_tensorrt
+from contract.embedding import EmbeddingSidecar
 from contract.errors import InputError
-from llm_loader.embedding import EmbeddingSidecar
 from plugins.tensorrt_registry import import_tensorrt
 
 
