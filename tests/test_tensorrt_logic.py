@@ -16,7 +16,7 @@ from onnx.reference import ReferenceEvaluator
 from transformers import DynamicCache
 
 from builder.detect import detect
-from builder.onnxruntime_backend import embedding_model
+from builder.embedding_graph import embedding_model
 from builder.profiles import Limits, ModelDims, Profile, llm_profiles
 from builder.trt_graph import (
     PLUGIN_NAMESPACE,
