@@ -11,44 +11,35 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from builder.profiles import Limits, ModelDims, validate_limits, validate_tree_size
+from builder.summary import step
 from contract.atomic import staged_dir
+from contract.backends import AUTO, BACKENDS, ONNXRUNTIME, TENSORRT
 from contract.cli import CONTEXT_SETTINGS, example, run_cli
 from contract.eagle3 import DEFAULT_TREE_SIZE, ROLE_BASE, ROLE_DRAFT, ROLE_LLM
 from contract.errors import InputError
-from contract.kv import KV_IN_PLACE, KvDtype
 from contract.paths import checked_file
-from contract.weight_formats import CPU_WEIGHTS, WEIGHTS_FP32, weight_storage
+from contract.weight_formats import CPU_WEIGHTS
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
-
-
-@contextmanager
-def step(name: str):
-    """Print a build stage and how long it took."""
-    click.echo(f"[llm-build] {name} ...", err=True)
-    t0 = time.perf_counter()
-    yield
-    click.echo(f"[llm-build] {name} done in {time.perf_counter() - t0:.1f} s", err=True)
+BACKEND_CHOICES = (AUTO, *BACKENDS)
 
 
 def resolve_backend(backend: str) -> tuple[str, str]:
     """(backend, why it was chosen): `auto` = tensorrt when TensorRT imports and a GPU is visible, else onnxruntime."""
-    from builder.tensorrt_backend import tensorrt_missing
+    from builder.backends import build_backend
 
-    if backend not in BACKENDS:
-        raise InputError(f"--backend: expected one of {list(BACKENDS)}, found {backend!r}")
-    missing = tensorrt_missing() if backend in ("auto", "tensorrt") else None
-    if backend == "auto":
-        return ("onnxruntime", f"auto: {missing}") if missing else ("tensorrt", "auto: TensorRT and a CUDA GPU found")
-    if backend == "tensorrt" and missing:
-        raise InputError(f"--backend tensorrt: expected the tensorrt package and a CUDA GPU, found that {missing}; "
+    if backend not in BACKEND_CHOICES:
+        raise InputError(f"--backend: expected one of {list(BACKEND_CHOICES)}, found {backend!r}")
+    if backend == AUTO:
+        missing = build_backend(TENSORRT).missing()
+        return (ONNXRUNTIME, f"auto: {missing}") if missing else (TENSORRT, "auto: TensorRT and a CUDA GPU found")
+    missing = build_backend(backend).missing()
+    if missing:
+        raise InputError(f"--backend {backend}: expected {build_backend(backend).requires}, found that {missing}; "
                          "use --backend onnxruntime")
     return backend, f"--backend {backend}"
 
@@ -69,6 +60,7 @@ def other_spec_side(engine_dir: Path, role: str, found, backend: str) -> dict | 
     """The config of the other EAGLE3 role already in ENG (None when there is none), checked against this build
     (`found`: the ONNX dir's `builder.detect.Detection`); a vanilla engine there is refused rather than mixed with
     a spec engine."""
+    from builder.backends import check_engine_files
     from contract import engine_dir as engine_dir_mod
 
     if role == ROLE_LLM or not engine_dir.exists():
@@ -79,7 +71,8 @@ def other_spec_side(engine_dir: Path, role: str, found, backend: str) -> dict | 
     other = ROLE_DRAFT if role == ROLE_BASE else ROLE_BASE
     if other not in engine_dir_mod.spec_roles(engine_dir):
         return None
-    config = engine_dir_mod.load_engine_config(engine_dir, other)  # complete, inside ENG, and checked
+    # complete, inside ENG, and checked, its engine files by their backend
+    config = engine_dir_mod.load_engine_config(engine_dir, other, check_engines=check_engine_files)
     mine = {**found.config, "builder_config": {"backend": backend}}
     base, draft = (mine, config) if role == ROLE_BASE else (config, mine)
     engine_dir_mod.check_spec_pair(base, draft, f"{engine_dir} ({other} engine there) and --onnxDir {found.onnx_dir}")
@@ -113,9 +106,10 @@ def build(onnx_dir: str | Path, engine_dir: str | Path, *, max_batch_size: int =
     decode as fast as the fp16 engine; "quantized" keeps them FP8/FP4 at rest (low memory, slow decode)."""
     # onnx and torch are imported here, under contract.cli's Ctrl-C guard, not when --help is asked for
     from builder import summary as summary_lines
+    from builder.backends import LlmBuild, build_backend
     from builder.detect import detect
     from contract import engine_dir as engine_dir_mod
-    from llm_loader.embedding import read_embedding_sidecar
+    from contract.embedding import read_embedding_sidecar
 
     onnx_dir, engine_dir = Path(onnx_dir), Path(engine_dir)
     limits = Limits(max_batch_size, max_input_len, max_kv_cache_capacity)
@@ -123,9 +117,8 @@ def build(onnx_dir: str | Path, engine_dir: str | Path, *, max_batch_size: int =
     if cpu_weights is not None and cpu_weights not in CPU_WEIGHTS:
         raise InputError(f"--cpuWeights: expected one of {list(CPU_WEIGHTS)}, found {cpu_weights!r}")
     backend, why = resolve_backend(backend)
-    if cpu_weights is not None and backend != "onnxruntime":
-        raise InputError(f"--cpuWeights {cpu_weights}: expected --backend onnxruntime with it, found {backend} "
-                         f"({why}); TensorRT runs FP8/FP4 weights natively")
+    chosen = build_backend(backend)
+    chosen.check_flags(cpu_weights, why)
     with step("detect"):
         found = detect(onnx_dir)
     role = check_role(found, spec_base, spec_draft)
@@ -134,7 +127,7 @@ def build(onnx_dir: str | Path, engine_dir: str | Path, *, max_batch_size: int =
         validate_tree_size("--maxVerifyTreeSize" if role == ROLE_BASE else "--maxDraftTreeSize", tree_size, limits)
     other = other_spec_side(engine_dir, role, found, backend)
     summary = "\n".join([found.summary(), summary_lines.backend_line(backend, why), summary_lines.profile_line(limits),
-                         summary_lines.compute_line(found, backend)])
+                         chosen.compute_line(found)])
     if tree_size is not None:
         summary += f"\ntree size       {tree_size} tokens per generation call ({'verify' if role == ROLE_BASE else 'draft'})"
         summary += f"\nengine dir      {'adds to the ' + ('draft' if role == ROLE_BASE else 'base') + ' already there' if other else 'new'}"
@@ -142,50 +135,23 @@ def build(onnx_dir: str | Path, engine_dir: str | Path, *, max_batch_size: int =
     dims = ModelDims(found.num_layers, found.hidden_size, found.num_kv_heads, found.head_dim, found.rotary_dim,
                      tree=role != ROLE_LLM, draft_hidden_input=found.config.get("base_model_hidden_size")
                      if role == ROLE_DRAFT else None)
-    if backend == "onnxruntime":
-        from plugins.attention.ort_lowering import kv_io_form
-
-        kv_io = kv_io_form(KvDtype(found.kv_cache_dtype), found.rotary_dim)
-        storage = weight_storage(found.weight_format, cpu_weights or WEIGHTS_FP32)
-    else:
-        kv_io = KV_IN_PLACE  # the plugin's present output aliases its past input
-        storage = weight_storage(found.weight_format)
+    storage = chosen.weight_storage(found.weight_format, cpu_weights)
     builder_config = engine_dir_mod.make_builder_config(
         backend=backend, max_batch_size=max_batch_size, max_input_len=max_input_len,
         max_kv_cache_capacity=max_kv_cache_capacity, kv_cache_dtype=found.kv_cache_dtype,
-        embedding_format=found.embedding_format, weight_format=found.weight_format, kv_io=kv_io,
+        embedding_format=found.embedding_format, weight_format=found.weight_format, kv_io=chosen.kv_io(found),
         weight_storage=storage, role=role, tree_size=tree_size, weight_formats=found.weight_formats)
     llm_file, *embedding_file = engine_dir_mod.engine_files(role, backend)
     with staged_dir(engine_dir, kind="engine dir", flag="--engineDir", inputs=[onnx_dir]) as out:
         keep_other_side(engine_dir, out, role)
         sidecar = read_embedding_sidecar(onnx_dir / "embedding.safetensors") if embedding_file else None
-        if backend == "onnxruntime":
-            from builder import onnxruntime_backend as ort_backend
-
-            with step("load model.onnx"):
-                model = ort_backend.load_model(onnx_dir)
-            lowering = "lower for onnxruntime" + (", dequantize the weights" if storage == WEIGHTS_FP32 else "")
-            with step(lowering):
-                model = ort_backend.lower_llm(model, storage)
-            weight_bytes = ort_backend.session_weight_bytes(model)
-            with step(f"save {llm_file}"):
-                ort_backend.save_with_external_data(model, out / llm_file)
-            del model
-            if sidecar is not None:
-                with step("embedding.onnx"):
-                    ort_backend.build_embedding(sidecar, out)
-        else:
-            from builder import tensorrt_backend as trt_backend
-
-            with step(f"build {llm_file}"):
-                trt_backend.build_llm(onnx_dir, out / llm_file, limits, dims, gen_tokens=tree_size or 1)
-            if sidecar is not None:
-                with step("build embedding.engine"):
-                    trt_backend.build_embedding(sidecar, out, limits)
+        weight_bytes = chosen.build_llm(LlmBuild(onnx_dir, out / llm_file, limits, dims, tree_size or 1, storage))
+        if sidecar is not None:
+            chosen.build_embedding(sidecar, out, limits)
         with step("config + copies"):
             engine_dir_mod.write_config_and_copies(onnx_dir, out, found.config, builder_config, role)
     lines = [summary_lines.weights_line(found.weight_format, storage)]
-    if backend == "onnxruntime":
+    if weight_bytes is not None:  # the backend knows what its weights take in memory: estimate the whole run's
         embedding = summary_lines.embedding_bytes(sidecar) if sidecar is not None else 0
         lines.append(summary_lines.memory_line(weight_bytes, summary_lines.kv_cache_bytes(found, limits),
                                                embedding, limits))
@@ -208,7 +174,7 @@ def build(onnx_dir: str | Path, engine_dir: str | Path, *, max_batch_size: int =
               help="Most new tokens per row in one call (prefill length).")
 @click.option("--maxKVCacheCapacity", "max_kv_cache_capacity", default=4096, show_default=True, type=int,
               help="KV cache tokens per row (prompt + generated); also the RoPE table length.")
-@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
               help="auto = tensorrt if TensorRT and a CUDA GPU are available, else onnxruntime.")
 @click.option("--cpuWeights", "cpu_weights", type=click.Choice(CPU_WEIGHTS), default=None,
               help="onnxruntime only, quantized models: fp32 (default) dequantizes the weights once at build, so "

@@ -16,7 +16,8 @@ from pathlib import Path
 import onnx
 
 from contract.dir_kinds import onnx_dir_mistake
-from contract.eagle3 import D2T_FILE, ROLE_BASE, ROLE_DRAFT, ROLE_LLM
+from contract.eagle3 import D2T_FILE, ROLE_BASE, ROLE_DRAFT, ROLE_LLM, read_d2t_targets
+from contract.embedding import read_embedding_sidecar
 from contract.errors import InputError
 from contract.graph_io import (
     ATTENTION_MASK,
@@ -44,8 +45,6 @@ from contract.weight_formats import (
     summarize_weight_formats,
     weight_format_fields,
 )
-from llm_loader.eagle3_draft import read_d2t_targets
-from llm_loader.embedding import read_embedding_sidecar
 from plugins import weight_formats
 from plugins.attention import schema as attention_schema
 

@@ -1,4 +1,5 @@
-"""The ONNX Runtime (CPU) backend: engines are ONNX files whose custom ops are lowered to ops ORT runs natively.
+"""The ONNX Runtime (CPU) build backend (`builder.backends.BuildBackend`): engines are ONNX files whose custom ops are
+lowered to ops ORT runs natively.
 
 `llm.onnx` is `model.onnx` after `plugins.lowering.lower_for_onnxruntime` (the "ORT engine" KV contract of
 contracts.md 3.1) and `widen_to_fp32`: ORT's CPU provider has no fp16 kernels on x86, so the engine computes in
@@ -6,8 +7,7 @@ fp32 and holds an fp16 model's KV cache in fp32 (an FP8 cache stays FP8). A quan
 default, dequantized once here (`plugins.weight_folding.fast_form`: fp32 at rest, decode as fast as the fp16
 engine); with `--cpuWeights quantized` they stay FP8 / packed FP4 at rest and are dequantized at every step (low
 memory, slow).
-`embedding.onnx` maps `input_ids` int32 [B,S] to `inputs_embeds` fp16 [B,S,H]: a plain Gather for an FP16 table,
-an `Fp8Gather` node (then lowered) for an FP8 one, so the FP8 table stays FP8 in memory.
+`embedding.onnx` is `builder.embedding_graph.embedding_model` with its Fp8Gather (an FP8 table) lowered the same way.
 """
 
 from __future__ import annotations
@@ -16,44 +16,47 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
 from onnx import TensorProto, helper
 
-from contract import onnxfile
-from contract.embedding import EMBEDDING_BLOCK, EMBEDDING_FP8
-from contract.versions import ONNX_OPSET, PRODUCER
+from builder.backends import LlmBuild
+from builder.detect import Detection
+from builder.embedding_graph import embedding_model, save_with_external_data
+from builder.profiles import Limits
+from builder.summary import step
+from contract import onnxfile, weight_formats
+from contract.embedding import EMBEDDING_FP8, EmbeddingSidecar
+from contract.kv import KvDtype
 from contract.weight_formats import WEIGHTS_FP32
-from llm_loader.embedding import EmbeddingSidecar
-from plugins.fp8_gather import schema as fp8_gather_schema
+from plugins import ort_engine
+from plugins.attention.ort_lowering import kv_io_form
+
+requires = "the onnxruntime package"
 
 
-def save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
-    """`path` + `path.data`: the weights in one external file. Tensors under 1 KiB stay inline: ORT's shape
-    inference must read small constants (Squeeze axes, Reshape shapes) and cannot read them from external data."""
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
+def missing() -> str | None:
+    """None: onnxruntime is a dependency of this package, and the engine runs on any CPU."""
+    return None
 
 
-def embedding_model(sidecar: EmbeddingSidecar) -> onnx.ModelProto:
-    """The un-lowered embedding engine graph (shared with the TensorRT backend, which runs Fp8Gather as a plugin)."""
-    vocab, hidden = sidecar.vocab_size, sidecar.hidden_size
-    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT32, ["batch", "seq_len"])
-    out = helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT16, ["batch", "seq_len", hidden])
-    opsets = [helper.make_opsetid("", ONNX_OPSET)]
-    if sidecar.format == EMBEDDING_FP8:
-        table = helper.make_tensor("embedding", TensorProto.FLOAT8E4M3FN, [vocab, hidden],
-                                   sidecar.table.contiguous().view(torch.uint8).numpy().tobytes(), raw=True)
-        scale = onnx.numpy_helper.from_array(sidecar.scale.float().numpy(), "embedding_scale")
-        nodes = [fp8_gather_schema.make_node("embedding", "embedding_scale", "input_ids", "inputs_embeds",
-                                             name="embedding_lookup", block_size=EMBEDDING_BLOCK)]
-        inits = [table, scale]
-        opsets.append(fp8_gather_schema.OPSET)
-    else:
-        inits = [onnx.numpy_helper.from_array(sidecar.table.numpy().astype(np.float16), "embedding")]
-        nodes = [helper.make_node("Gather", ["embedding", "input_ids"], ["inputs_embeds"], name="embedding_lookup",
-                                  axis=0)]
-    graph = helper.make_graph(nodes, "embedding", [ids], [out], initializer=inits)
-    return helper.make_model(graph, opset_imports=opsets, producer_name=f"{PRODUCER} llm-build")
+def check_flags(cpu_weights: str | None, why: str) -> None:
+    """Every flag applies: `--cpuWeights` chooses the weights' form at rest."""
+
+
+def kv_io(found: Detection) -> str:
+    """In place for an fp16 cache, the filled prefix for an FP8 one (`plugins.attention.ort_lowering.kv_io_form`)."""
+    return kv_io_form(KvDtype(found.kv_cache_dtype), found.rotary_dim)
+
+
+def weight_storage(weight_format: str, cpu_weights: str | None) -> str:
+    """A quantized model's weights: fp32 (dequantized at build, the default) or as exported (`--cpuWeights
+    quantized`); an fp16 model's stay fp16."""
+    return weight_formats.weight_storage(weight_format, cpu_weights or WEIGHTS_FP32)
+
+
+def compute_line(found: Detection) -> str:
+    cache = "fp32 (the fp16 cache, widened)" if KvDtype(found.kv_cache_dtype) is KvDtype.FP16 else "FP8"
+    return (f"compute         fp32: ONNX Runtime's CPU provider has no fp16 kernels on x86, so the graph computes "
+            f"in fp32 (quantized activations keep their FP8/FP4 rounding); KV cache held in {cache}")
 
 
 def load_model(onnx_dir: Path) -> onnx.ModelProto:
@@ -95,9 +98,30 @@ def session_weight_bytes(model: onnx.ModelProto) -> int:
     return sum(_bytes(t) * (2 if t.data_type == TensorProto.FLOAT16 else 1) for t in model.graph.initializer)
 
 
-def build_embedding(sidecar: EmbeddingSidecar, out: Path) -> None:
-    """out/embedding.onnx (+ .data) from the sidecar; FP8 goes through the same lowering as the LLM."""
-    model = embedding_model(sidecar)
-    if sidecar.format == EMBEDDING_FP8:
-        model = lower(model)
-    save_with_external_data(model, out / "embedding.onnx")
+def build_llm(job: LlmBuild) -> int:
+    """job.path (+ .data): model.onnx lowered (and its weights dequantized, for fp32 storage); the bytes the session
+    will hold for its weights."""
+    with step("load model.onnx"):
+        model = load_model(job.onnx_dir)
+    with step("lower for onnxruntime" + (", dequantize the weights" if job.weight_storage == WEIGHTS_FP32 else "")):
+        model = lower_llm(model, job.weight_storage)
+    weight_bytes = session_weight_bytes(model)
+    with step(f"save {job.path.name}"):
+        save_with_external_data(model, job.path)
+    return weight_bytes
+
+
+def build_embedding(sidecar: EmbeddingSidecar, out: Path, limits: Limits) -> None:
+    """out/embedding.onnx (+ .data) from the sidecar (any batch and length: `limits` bound nothing here); FP8 goes
+    through the same lowering as the LLM."""
+    with step("embedding.onnx"):
+        model = embedding_model(sidecar)
+        if sidecar.format == EMBEDDING_FP8:
+            model = lower(model)
+        save_with_external_data(model, out / "embedding.onnx")
+
+
+def check_engines(engine_dir: Path, config: dict) -> None:
+    """The check the runtime makes when it opens these engines (`plugins.ort_engine`), for the EAGLE3 role a build
+    keeps in its engine dir."""
+    ort_engine.check_engines(engine_dir, config)

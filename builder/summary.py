@@ -1,18 +1,36 @@
-"""What `llm-build` tells the user about the engine it builds, as pure functions of what it decided.
+"""What `llm-build` tells the user about the engine it builds, as pure functions of what it decided, and its steps.
 
 Before the build: the backend and why it was chosen, the profile (batch, tokens per call, KV capacity) and the
-precision the engine computes in. After it: what the weights are held in at rest and an estimate of the resident
-memory a run at the profile's limits needs (benchmarks/engine_memory.py measures it against real runs).
+precision the engine computes in (the backend's `compute_line`). During it: each step and how long it took (`step`).
+After it: what the weights are held in at rest and an estimate of the resident memory a run at the profile's limits
+needs (benchmarks/engine_memory.py measures it against real runs).
 """
 
 from __future__ import annotations
 
-from builder.detect import Detection
+import time
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import click
+
 from builder.profiles import Limits
 from contract.kv import KvDtype
 from contract.weight_formats import WEIGHTS_FP16, WEIGHTS_FP32
 
+if TYPE_CHECKING:  # (builder.detect imports onnx: not for llm-build --help)
+    from builder.detect import Detection
+
 MIB = 2**20
+
+
+@contextmanager
+def step(name: str):
+    """Print a build stage and how long it took."""
+    click.echo(f"[llm-build] {name} ...", err=True)
+    t0 = time.perf_counter()
+    yield
+    click.echo(f"[llm-build] {name} done in {time.perf_counter() - t0:.1f} s", err=True)
 
 
 def backend_line(backend: str, reason: str) -> str:
@@ -34,16 +52,6 @@ def kv_cache_bytes(found: Detection, limits: Limits) -> int:
 def embedding_bytes(sidecar) -> int:
     """The embedding engine's table (FP8 stays FP8 in memory) and its scales."""
     return sidecar.table.nbytes + (0 if sidecar.scale is None else sidecar.scale.nbytes)
-
-
-def compute_line(found: Detection, backend: str) -> str:
-    kv = KvDtype(found.kv_cache_dtype)
-    if backend == "onnxruntime":
-        cache = "fp32 (the fp16 cache, widened)" if kv is KvDtype.FP16 else "FP8"
-        return (f"compute         fp32: ONNX Runtime's CPU provider has no fp16 kernels on x86, so the graph computes "
-                f"in fp32 (quantized activations keep their FP8/FP4 rounding); KV cache held in {cache}")
-    return ("compute         fp16 activations in a strongly typed network (FP8/FP4 where the graph quantizes); KV "
-            f"cache {'fp16' if kv is KvDtype.FP16 else 'FP8'}")
 
 
 def weights_line(weight_format: str, storage: str) -> str:

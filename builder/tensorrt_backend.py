@@ -1,4 +1,5 @@
-"""The TensorRT (GPU) backend: a strongly typed network parsed from the ONNX, two optimization profiles.
+"""The TensorRT (GPU) build backend (`builder.backends.BuildBackend`): a strongly typed network parsed from the ONNX,
+two optimization profiles.
 
 TensorRT comes only from NVIDIA's package index, so this module imports it inside functions and keeps every decision
 in pure code elsewhere: the profiles in builder/profiles.py, the graph changes TensorRT needs (plugin namespace,
@@ -14,20 +15,27 @@ from pathlib import Path
 
 import onnx
 
+from builder.backends import LlmBuild
+from builder.detect import Detection
+from builder.embedding_graph import embedding_model, save_with_external_data
 from builder.profiles import (
     Limits,
-    ModelDims,
     Profile,
     embedding_profiles,
     llm_profiles,
 )
+from builder.summary import step
 from builder.trt_graph import check_gpu_support, check_profiles, prepare_for_tensorrt
+from contract import weight_formats
+from contract.embedding import EmbeddingSidecar
 from contract.errors import InputError
-from llm_loader.embedding import EmbeddingSidecar
+from contract.kv import KV_IN_PLACE, KvDtype
 from plugins.tensorrt_registry import import_tensorrt
 
+requires = "the tensorrt package and a CUDA GPU"
 
-def tensorrt_missing() -> str | None:
+
+def missing() -> str | None:
     """Why `--backend auto` cannot pick TensorRT here ("the tensorrt package is not installed", "no CUDA GPU is
     visible"), or None when `import tensorrt` works and a CUDA GPU is visible."""
     try:
@@ -37,6 +45,33 @@ def tensorrt_missing() -> str | None:
     import torch
 
     return None if torch.cuda.is_available() else "no CUDA GPU is visible"
+
+
+def check_flags(cpu_weights: str | None, why: str) -> None:
+    """`--cpuWeights` is the CPU engine's choice: TensorRT keeps quantized weights as exported."""
+    if cpu_weights is not None:
+        raise InputError(f"--cpuWeights {cpu_weights}: expected --backend onnxruntime with it, found tensorrt "
+                         f"({why}); TensorRT runs FP8/FP4 weights natively")
+
+
+def kv_io(found: Detection) -> str:
+    """Always in place: the plugin's present output aliases its past input."""
+    return KV_IN_PLACE
+
+
+def weight_storage(weight_format: str, cpu_weights: str | None) -> str:
+    """The weights as exported (fp16, or FP8/FP4 that TensorRT runs natively); `check_flags` refused --cpuWeights."""
+    return weight_formats.weight_storage(weight_format)
+
+
+def compute_line(found: Detection) -> str:
+    return ("compute         fp16 activations in a strongly typed network (FP8/FP4 where the graph quantizes); KV "
+            f"cache {'fp16' if KvDtype(found.kv_cache_dtype) is KvDtype.FP16 else 'FP8'}")
+
+
+def check_engines(engine_dir: Path, config: dict) -> None:
+    """Nothing to read without TensorRT: an engine's bindings are checked when the runtime deserializes it
+    (runtime/tensorrt_backend.py)."""
 
 
 def build_engine(model: onnx.ModelProto, model_path: Path, engine_path: Path, profiles: list[Profile]) -> None:
@@ -68,22 +103,22 @@ def build_engine(model: onnx.ModelProto, model_path: Path, engine_path: Path, pr
     engine_path.write_bytes(serialized)
 
 
-def build_llm(onnx_dir: Path, engine_path: Path, limits: Limits, dims: ModelDims, gen_tokens: int = 1) -> None:
-    """`engine_path` (llm.engine, spec_base.engine or spec_draft.engine) from model.onnx, whose weights stay in (and
-    are read from) the ONNX dir; `gen_tokens` = the generation profile's tokens per row (an EAGLE3 tree size)."""
-    model_path = onnx_dir / "model.onnx"
-    model = onnx.load(str(model_path), load_external_data=False)
-    check_gpu_support(model)  # on the exported nodes, before TensorRT's placeholders change their input lists
-    model = prepare_for_tensorrt(model)
-    build_engine(model, model_path, engine_path, llm_profiles(limits, dims, gen_tokens))
+def build_llm(job: LlmBuild) -> None:
+    """job.path (llm.engine, spec_base.engine or spec_draft.engine) from model.onnx, whose weights stay in (and are
+    read from) the ONNX dir; the generation profile takes `job.gen_tokens` per row (an EAGLE3 tree size). No memory
+    estimate: TensorRT chooses its own workspace."""
+    with step(f"build {job.path.name}"):
+        model_path = job.onnx_dir / "model.onnx"
+        model = onnx.load(str(model_path), load_external_data=False)
+        check_gpu_support(model)  # on the exported nodes, before TensorRT's placeholders change their input lists
+        model = prepare_for_tensorrt(model)
+        build_engine(model, model_path, job.path, llm_profiles(job.limits, job.dims, job.gen_tokens))
 
 
 def build_embedding(sidecar: EmbeddingSidecar, out: Path, limits: Limits) -> None:
-    """The un-lowered embedding graph the ORT backend starts from (Gather, or the Fp8Gather plugin), built into
-    out/embedding.engine; the table goes through a temporary external-data file, like any large ONNX weight."""
-    from builder.onnxruntime_backend import embedding_model, save_with_external_data
-
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
+    """`builder.embedding_graph.embedding_model` (Gather, or the Fp8Gather plugin) built into out/embedding.engine;
+    the table goes through a temporary external-data file, like any large ONNX weight."""
+    with step("build embedding.engine"), tempfile.TemporaryDirectory(dir=out) as tmp:
         path = Path(tmp) / "embedding.onnx"
         save_with_external_data(prepare_for_tensorrt(embedding_model(sidecar)), path)
         model = onnx.load(str(path), load_external_data=False)

@@ -1,15 +1,25 @@
-"""EAGLE3 speculative decoding (contracts.md sections 1.1 and 5): engine roles, the draft's vocabulary map, tree
-sizes, and how a draft names the base layers it reads."""
+"""EAGLE3 speculative decoding (contracts.md sections 1.1, 4.1 and 5): engine roles, the draft's vocabulary map
+(`d2t.safetensors` and its one reader; llm_loader/eagle3_draft.py writes it), tree sizes, and how a draft names the
+base layers it reads."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 from contract.errors import InputError
 from contract.fields import is_int, positive_int
+
+if TYPE_CHECKING:
+    import torch
 
 SPEC_NONE, SPEC_EAGLE3 = "none", "eagle3"  # config.json `spec_decode_type`
 ROLE_LLM, ROLE_BASE, ROLE_DRAFT = "llm", "base", "draft"  # config.json `engine_role`
 ENGINE_ROLES = (ROLE_LLM, ROLE_BASE, ROLE_DRAFT)
 D2T_FILE, D2T_TENSOR = "d2t.safetensors", "d2t"  # the draft's draft-vocab -> base-vocab map (int32 [draft_vocab])
+# safetensors metadata `form` of d2t.safetensors: how a draft id maps to a base id (the reference writes no metadata
+# and stores the checkpoint's offsets, so a file without it is read as "offset")
+D2T_OFFSET, D2T_DIRECT = "offset", "direct"
 DEFAULT_TREE_SIZE = 60  # --maxVerifyTreeSize / --maxDraftTreeSize: tree tokens per call in the generation profile
 
 
@@ -65,3 +75,42 @@ def draft_target_layers(config: dict) -> list[int] | None:
     if not ids:
         return None
     return list(ids) if isinstance(ids, list) else [ids]
+
+
+def check_d2t(d2t: torch.Tensor, draft_vocab_size: int, where) -> None:
+    """A `d2t` tensor (a draft checkpoint's, or d2t.safetensors') is int32/int64 `[draft_vocab_size]`."""
+    import torch  # here, not at module level: llm-build --help imports this module
+
+    if d2t.dtype not in (torch.int32, torch.int64) or tuple(d2t.shape) != (draft_vocab_size,):
+        raise InputError(f"{where}: tensor d2t: expected int32/int64 [{draft_vocab_size}] (draft_vocab_size), found "
+                         f"{d2t.dtype} {list(d2t.shape)}")
+
+
+def read_d2t_targets(path: Path, vocab_size: int, draft_vocab_size: int) -> torch.Tensor:
+    """The base id of every draft id (int64 `[draft_vocab_size]`) from `d2t.safetensors` (contracts.md 4.1): the
+    metadata's form; without metadata the reading that stays in the base vocabulary, and when both do, the one with
+    more distinct targets (a real map is one to one), the offset form on a tie."""
+    import torch
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if D2T_TENSOR not in f.keys():
+                raise InputError(f"{path}: expected a tensor {D2T_TENSOR!r}, found {sorted(f.keys())}")
+            d2t, form = f.get_tensor(D2T_TENSOR), (f.metadata() or {}).get("form")
+    except InputError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+        raise InputError(f"{path}: expected a safetensors file, found an unreadable one ({e})") from e
+    check_d2t(d2t, draft_vocab_size, path)
+    if form not in (None, D2T_OFFSET, D2T_DIRECT):
+        raise InputError(f"{path}: metadata form: expected {D2T_OFFSET!r} or {D2T_DIRECT!r}, found {form!r}")
+    readings = {D2T_OFFSET: torch.arange(draft_vocab_size) + d2t.long(), D2T_DIRECT: d2t.long()}
+    inside = {k: bool(((v >= 0) & (v < vocab_size)).all()) for k, v in readings.items()}
+    if form is None:
+        distinct = {k: len(torch.unique(v)) if inside[k] else -1 for k, v in readings.items()}
+        form = D2T_DIRECT if distinct[D2T_DIRECT] > distinct[D2T_OFFSET] else D2T_OFFSET
+    if not inside[form]:
+        raise InputError(f"{path}: tensor d2t ({form} form): expected base ids in [0, {vocab_size}), found "
+                         f"{int(readings[form].min())}..{int(readings[form].max())}")
+    return readings[form]

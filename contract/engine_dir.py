@@ -13,11 +13,13 @@ together.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from safetensors import safe_open
 
 from contract import weight_formats
+from contract.backends import ENGINE_SUFFIX
 from contract.eagle3 import (
     D2T_FILE,
     ROLE_BASE,
@@ -28,23 +30,10 @@ from contract.eagle3 import (
 from contract.embedding import EMBEDDING_DTYPES
 from contract.errors import InputError
 from contract.fields import positive_int
-from contract.graph_io import (
-    INPUTS_EMBEDS,
-    LOGITS,
-    PAST_PREFIX,
-    PRESENT_PREFIX,
-    ROPE_COS_SIN,
-)
 from contract.jsonfile import read_json
-from contract.kv import KV_IO_FORMS, ORT_KV_HALVES, KvDtype
-from contract.onnxfile import load_model
+from contract.kv import KV_IO_FORMS, KvDtype
 from contract.paths import checked_file
-from contract.runtime_config import (
-    LIMIT_BOUNDS,
-    check_runtime_config,
-    head_dim,
-    rotary_dim,
-)
+from contract.runtime_config import LIMIT_BOUNDS, check_runtime_config
 from contract.tokenizer_files import copy_checked
 from contract.versions import CONTRACT_VERSION
 from contract.weight_formats import (
@@ -52,7 +41,6 @@ from contract.weight_formats import (
     weight_format_fields,
 )
 
-BACKEND_SUFFIX = {"onnxruntime": ".onnx", "tensorrt": ".engine"}
 ENGINE_STEMS = {ROLE_LLM: "llm", ROLE_BASE: "spec_base", ROLE_DRAFT: "spec_draft"}  # reference 3.1 engine names
 CONFIG_FILES = {ROLE_LLM: "config.json", ROLE_BASE: "base_config.json", ROLE_DRAFT: "draft_config.json"}
 EMBEDDING_STEM = "embedding"
@@ -63,7 +51,7 @@ DRAFT_COPIED_FILES = (D2T_FILE,)  # a draft has no table or tokenizer of its own
 
 def engine_files(role: str, backend: str) -> tuple[str, ...]:
     """The engines a role's build writes: its LLM engine, and the embedding engine unless it is a draft."""
-    suffix = BACKEND_SUFFIX[backend]
+    suffix = ENGINE_SUFFIX[backend]
     stems = (ENGINE_STEMS[role],) + (() if role == ROLE_DRAFT else (EMBEDDING_STEM,))
     return tuple(stem + suffix for stem in stems)
 
@@ -76,7 +64,7 @@ def role_files(role: str) -> set[str]:
     """Every file name a build of `role` may write, on either backend (engines with their `.data` files, the
     config, the copies): what a build of the other spec role keeps, and what this one replaces."""
     names = {CONFIG_FILES[role], *copied_files(role)}
-    for backend in BACKEND_SUFFIX:
+    for backend in ENGINE_SUFFIX:
         for name in engine_files(role, backend):
             names |= {name, name + ".data"}
     return names
@@ -128,11 +116,16 @@ def spec_roles(engine_dir: str | Path) -> set[str]:
             if checked_file(Path(engine_dir), CONFIG_FILES[role], "an engine config", required=False) is not None}
 
 
-def load_engine_config(engine_dir: str | Path, role: str = ROLE_LLM) -> dict:
+def load_engine_config(engine_dir: str | Path, role: str = ROLE_LLM,
+                       check_engines: Callable[[Path, dict], None] | None = None) -> dict:
     """The role's config (`config.json` of a vanilla engine, `base_config.json` / `draft_config.json` of an EAGLE3
-    engine dir) after checking that ENG holds a complete engine of that role this code can run, and that every field
-    the engines also fix (layers, heads, head size, hidden, vocab, KV dtype) agrees with them: a hand-edited config
-    would otherwise size the cache wrongly and fail deep inside ONNX Runtime."""
+    engine dir) after checking that ENG holds a complete engine of that role this code can run: its fields, its
+    files, and the embedding table against them. `check_engines(ENG, config)` is the backend's check that its engine
+    files agree with the config (layers, heads, head size, hidden, vocab, KV dtype; a hand-edited config would
+    otherwise size the cache wrongly): the contract names those files but does not read inside them, so the runtime
+    and the builder each pass their backend's (`runtime.engine.check_engine_files`,
+    `builder.backends.check_engine_files`). It runs once the config's own fields are checked and before the table,
+    so a config that disagrees with both is named against its engine."""
     eng = Path(engine_dir)
     path = checked_file(eng, CONFIG_FILES[role], "the engine config", required=False)
     if path is None:
@@ -155,8 +148,8 @@ def load_engine_config(engine_dir: str | Path, role: str = ROLE_LLM) -> dict:
         if version != CONTRACT_VERSION:
             raise InputError(f"{path} {where}: expected {CONTRACT_VERSION}, found {version!r}")
     backend = bc.get("backend")
-    if backend not in BACKEND_SUFFIX:
-        raise InputError(f"{path} builder_config.backend: expected one of {sorted(BACKEND_SUFFIX)}, found {backend!r}")
+    if backend not in ENGINE_SUFFIX:
+        raise InputError(f"{path} builder_config.backend: expected one of {sorted(ENGINE_SUFFIX)}, found {backend!r}")
     required = engine_files(role, backend) + (DRAFT_COPIED_FILES if role == ROLE_DRAFT else ("embedding.safetensors",))
     for name in required:
         if checked_file(eng, name, "an engine file", required=False) is None:
@@ -164,7 +157,7 @@ def load_engine_config(engine_dir: str | Path, role: str = ROLE_LLM) -> dict:
     if bc.get("kv_cache_dtype") != config.get("kv_cache_dtype"):
         raise InputError(f"{path}: kv_cache_dtype disagrees: builder_config says {bc.get('kv_cache_dtype')!r}, "
                          f"config says {config.get('kv_cache_dtype')!r}")
-    kv = KvDtype.parse(bc["kv_cache_dtype"], f"{path} builder_config.kv_cache_dtype")
+    KvDtype.parse(bc["kv_cache_dtype"], f"{path} builder_config.kv_cache_dtype")
     check_runtime_config(config, str(path))
     for key, bound in LIMIT_BOUNDS.items():
         if positive_int(bc, key, f"{path} builder_config") > bound:
@@ -178,8 +171,8 @@ def load_engine_config(engine_dir: str | Path, role: str = ROLE_LLM) -> dict:
     if weight_storage(bc) not in WEIGHT_STORAGE_FORMS:
         raise InputError(f"{path} builder_config.weight_storage: expected one of {list(WEIGHT_STORAGE_FORMS)}, "
                          f"found {bc.get('weight_storage')!r}")
-    if backend == "onnxruntime":
-        check_ort_engines(eng, config, kv, role)
+    if check_engines is not None:
+        check_engines(eng, config)
     if role == ROLE_DRAFT:  # no table of its own
         return config
     sidecar, shape = sidecar_dtype(eng / "embedding.safetensors"), sidecar_shape(eng / "embedding.safetensors")
@@ -191,52 +184,6 @@ def load_engine_config(engine_dir: str | Path, role: str = ROLE_LLM) -> dict:
                          f"{[config['vocab_size'], config['hidden_size']]} (config.json vocab_size, hidden_size), "
                          f"found {shape}")
     return config
-
-
-def _dims(value) -> list:
-    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
-
-
-def check_ort_engines(eng: Path, config: dict, kv: KvDtype, role: str = ROLE_LLM) -> None:
-    """The role's LLM engine (llm.onnx, spec_base.onnx or spec_draft.onnx) and embedding.onnx (graphs only, external
-    data checked) against its config: one `.key`/`.value` cache pair per layer in the KV dtype, `[batch,
-    num_key_value_heads, capacity, head_dim]`, and the hidden, vocab (a draft's: draft_vocab_size) and rotary dims."""
-    llm_file, *embedding_file = engine_files(role, "onnxruntime")
-    llm = load_model(eng / llm_file, "the LLM engine").graph
-    inputs, outputs = {i.name: i for i in llm.input}, {o.name: o for o in llm.output}
-    layers, where = config["num_hidden_layers"], f"{eng / CONFIG_FILES[role]}"
-    for prefix, io in ((PAST_PREFIX, inputs), (PRESENT_PREFIX, outputs)):
-        found = {n for n in io if n.startswith(prefix)}
-        expected = {f"{prefix}{i}.{half}" for i in range(layers) for half in ORT_KV_HALVES} \
-            if len(found) == 2 * layers else set()  # (a tampered count may be huge: compare counts first)
-        if found != expected:
-            raise InputError(f"{where}: num_hidden_layers {layers} disagrees with {eng / llm_file}, which has "
-                             f"{len(found) // 2} layers of {prefix}* bindings; rebuild the engine")
-        for name in sorted(expected):
-            value, dims = io[name], _dims(io[name])
-            actual = KvDtype.from_onnx(value.type.tensor_type.elem_type, ort_engine=True)
-            if actual is not kv:
-                said = actual.value if actual else f"elem_type {value.type.tensor_type.elem_type}"
-                raise InputError(f"{eng / llm_file} {name}: past_key_values dtype is {said!r} but config.json says "
-                                 f"kv_cache_dtype {kv.value!r}; rebuild the engine from a matching export")
-            want = {1: ("num_key_value_heads", config["num_key_value_heads"]), 3: ("head_dim", head_dim(config))}
-            for axis, (key, size) in want.items():
-                if len(dims) != 4 or dims[axis] != size:
-                    raise InputError(f"{where}: {key} {size} disagrees with {eng / llm_file} {name} shape {dims}; "
-                                     "rebuild the engine")
-    vocab = config["draft_vocab_size"] if role == ROLE_DRAFT else config["vocab_size"]
-    checks = [(llm_file, inputs, INPUTS_EMBEDS, "hidden_size", config["hidden_size"]),
-              (llm_file, inputs, ROPE_COS_SIN, "head_dim x partial_rotary_factor", rotary_dim(config)),
-              (llm_file, outputs, LOGITS, "vocab_size" if role != ROLE_DRAFT else "draft_vocab_size", vocab)]
-    if embedding_file:
-        embedding = load_model(eng / embedding_file[0], "the embedding engine").graph
-        checks.append((embedding_file[0], {o.name: o for o in embedding.output}, INPUTS_EMBEDS, "hidden_size",
-                       config["hidden_size"]))
-    for file, io, name, key, size in checks:
-        dims = _dims(io[name]) if name in io else []
-        if len(dims) != 3 or dims[2] != size:
-            raise InputError(f"{where}: {key} {size} disagrees with {eng / file} {name} shape {dims}; rebuild the "
-                             "engine")
 
 
 def _embedding_slice(path: Path, read):

@@ -22,11 +22,17 @@ from pathlib import Path
 
 import torch
 from onnx import helper
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from contract.checkpoint import Checkpoint
-from contract.eagle3 import D2T_TENSOR, ROLE_DRAFT, SPEC_EAGLE3, draft_target_layers
+from contract.eagle3 import (
+    D2T_OFFSET,
+    D2T_TENSOR,
+    ROLE_DRAFT,
+    SPEC_EAGLE3,
+    check_d2t,
+    draft_target_layers,
+)
 from contract.errors import InputError
 from contract.fields import is_int
 from contract.graph_io import (
@@ -50,10 +56,6 @@ from llm_loader.onnx_graph import (
     save_model,
 )
 from llm_loader.quantized_checkpoint import QuantizedCheckpoint
-
-# safetensors metadata of d2t.safetensors: how a draft id maps to a base id (the reference writes no metadata and
-# stores the checkpoint's offsets, so a file without it is read as "offset")
-D2T_OFFSET, D2T_DIRECT = "offset", "direct"
 
 
 @dataclass(frozen=True)
@@ -91,16 +93,10 @@ def draft_facts(ckpt: Checkpoint, cfg: ModelConfig, quant: QuantizedCheckpoint |
     return DraftFacts(draft_vocab, base_total, count, ids)
 
 
-def _check_d2t(d2t: torch.Tensor, draft_vocab_size: int, where) -> None:
-    if d2t.dtype not in (torch.int32, torch.int64) or tuple(d2t.shape) != (draft_vocab_size,):
-        raise InputError(f"{where}: tensor d2t: expected int32/int64 [{draft_vocab_size}] (draft_vocab_size), found "
-                         f"{d2t.dtype} {list(d2t.shape)}")
-
-
 def read_d2t(ckpt: Checkpoint, facts: DraftFacts, vocab_size: int) -> torch.Tensor:
     """The checkpoint's `d2t` as int32 `[draft_vocab]`, checked: every draft id maps into the base vocabulary."""
     d2t = ckpt.tensor("d2t")
-    _check_d2t(d2t, facts.draft_vocab_size, ckpt.path)
+    check_d2t(d2t, facts.draft_vocab_size, ckpt.path)
     targets = torch.arange(len(d2t)) + d2t.long()
     if not ((targets >= 0) & (targets < vocab_size)).all():
         bad = int(torch.nonzero((targets < 0) | (targets >= vocab_size))[0])
@@ -149,30 +145,3 @@ def write_draft_model(ckpt: Checkpoint, cfg: ModelConfig, facts: DraftFacts, out
                    vi(HIDDEN_STATES_FROM_DRAFT, FP16, ["batch", "seq_len", h])]
     outputs.insert(1, vi(HIDDEN_STATES, FP16, ["batch", "seq_len", h]))
     return save_model(g, "eagle3_draft", inputs, outputs, out_dir)
-
-
-def read_d2t_targets(path: Path, vocab_size: int, draft_vocab_size: int) -> torch.Tensor:
-    """The base id of every draft id (int64 `[draft_vocab_size]`) from `d2t.safetensors` (contracts.md 4.1): the
-    metadata's form; without metadata the reading that stays in the base vocabulary, and when both do, the one with
-    more distinct targets (a real map is one to one), the offset form on a tie."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            if D2T_TENSOR not in f.keys():
-                raise InputError(f"{path}: expected a tensor {D2T_TENSOR!r}, found {sorted(f.keys())}")
-            d2t, form = f.get_tensor(D2T_TENSOR), (f.metadata() or {}).get("form")
-    except InputError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
-        raise InputError(f"{path}: expected a safetensors file, found an unreadable one ({e})") from e
-    _check_d2t(d2t, draft_vocab_size, path)
-    if form not in (None, D2T_OFFSET, D2T_DIRECT):
-        raise InputError(f"{path}: metadata form: expected {D2T_OFFSET!r} or {D2T_DIRECT!r}, found {form!r}")
-    readings = {D2T_OFFSET: torch.arange(draft_vocab_size) + d2t.long(), D2T_DIRECT: d2t.long()}
-    inside = {k: bool(((v >= 0) & (v < vocab_size)).all()) for k, v in readings.items()}
-    if form is None:
-        distinct = {k: len(torch.unique(v)) if inside[k] else -1 for k, v in readings.items()}
-        form = D2T_DIRECT if distinct[D2T_DIRECT] > distinct[D2T_OFFSET] else D2T_OFFSET
-    if not inside[form]:
-        raise InputError(f"{path}: tensor d2t ({form} form): expected base ids in [0, {vocab_size}), found "
-                         f"{int(readings[form].min())}..{int(readings[form].max())}")
-    return readings[form]

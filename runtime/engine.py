@@ -3,18 +3,21 @@
 Everything above this module (sampling, generation, the CLI) sees only `Engine` and `KVCache`. `Engine` holds what
 does not depend on the backend: the engine dir's config, every check of a call's inputs, and the cache's
 bookkeeping (rows, tokens cached per row, capacity, dtype). It composes one backend object, chosen by
-builder_config.backend, that owns the sessions and the cache's storage: `runtime/onnxruntime_backend.py` (CPU) and
-`runtime/tensorrt_backend.py` (GPU), both shaped like `Backend` below. The backend API speaks the graph's own I/O
-names (contracts.md 2, `contract.graph_io`), so a graph with more inputs or outputs needs no new backend method.
+builder_config.backend from `RUNTIME_BACKENDS`, that owns the sessions and the cache's storage and checks its engine
+files before they are opened: `runtime/onnxruntime_backend.py` (CPU) and `runtime/tensorrt_backend.py` (GPU), both
+shaped like `Backend` below. The backend API speaks the graph's own I/O names (contracts.md 2,
+`contract.graph_io`), so a graph with more inputs or outputs needs no new backend method.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from contract.backends import ONNXRUNTIME, TENSORRT
 from contract.eagle3 import ROLE_DRAFT, ROLE_LLM
 from contract.engine_dir import load_engine_config
 from contract.errors import InputError
@@ -46,6 +49,10 @@ class Backend(Protocol):
     hidden_dtype: type  # numpy dtype of the EAGLE3 hidden-state inputs and outputs (fp32 on the CPU engine)
     padded_call_needs_room: bool  # a row taking part in a call needs capacity for the whole padded call
 
+    @staticmethod
+    def check_engines(engine_dir: Path, config: dict) -> None:
+        """InputError unless the engine files of the config's role agree with it (before any is opened)."""
+
     def embed(self, ids: np.ndarray):
         """Checked int32 ids [B,S] -> fp16 embeddings [B,S,H] (the embedding engine)."""
 
@@ -65,15 +72,27 @@ class Backend(Protocol):
         """`values` as `read_kv` returns them, into positions start..start+n of the row."""
 
 
+# contract.backends name -> (module, class) of its `Backend`; a module is imported only when an engine dir built for
+# its backend is opened (TensorRT is not installed where the CPU engine runs)
+RUNTIME_BACKENDS = {ONNXRUNTIME: ("runtime.onnxruntime_backend", "OnnxRuntimeBackend"),
+                    TENSORRT: ("runtime.tensorrt_backend", "TensorRTBackend")}
+
+
+def backend_class(name: str) -> type:
+    """The `Backend` class registered for `name` (a `contract.backends` name)."""
+    module, cls = RUNTIME_BACKENDS[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def check_engine_files(engine_dir: Path, config: dict) -> None:
+    """The engine files of the config's role, checked by the backend they were built for (`load_engine_config`
+    calls it once the config's backend is known to be one of `contract.backends`)."""
+    backend_class(config["builder_config"]["backend"]).check_engines(engine_dir, config)
+
+
 def open_backend(engine_dir: Path, config: dict, kv: KvLayout, constants: dict[str, np.ndarray]) -> Backend:
     """The backend the engine dir was built for (builder_config.backend); TensorRT is imported only for its dirs."""
-    if config["builder_config"]["backend"] == "tensorrt":
-        from runtime.tensorrt_backend import TensorRTBackend
-
-        return TensorRTBackend(engine_dir, config, kv, constants)
-    from runtime.onnxruntime_backend import OnnxRuntimeBackend
-
-    return OnnxRuntimeBackend(engine_dir, config, kv, constants)
+    return backend_class(config["builder_config"]["backend"])(engine_dir, config, kv, constants)
 
 
 def llm_inputs(embeds, context_lengths: np.ndarray, kvcache_start_index: np.ndarray,
@@ -134,7 +153,7 @@ class Engine:
         """Validate ENG (InputError if it is not a complete engine dir of a known contract) and open the engine of
         `role` (the vanilla `llm`, or an EAGLE3 dir's `base` / `draft`) on the backend it was built for."""
         engine_dir = Path(engine_dir)
-        return Engine(engine_dir, load_engine_config(engine_dir, role))
+        return Engine(engine_dir, load_engine_config(engine_dir, role, check_engines=check_engine_files))
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         """int32 [B,S] -> fp16 [B,S,H]; an id outside [0, vocab) is an InputError (a GPU kernel would give zeros)."""

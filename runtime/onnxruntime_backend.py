@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from contract.backends import ONNXRUNTIME
 from contract.eagle3 import ROLE_LLM
 from contract.engine_dir import engine_files, weight_storage
 from contract.errors import InputError
@@ -35,6 +36,7 @@ from contract.weight_formats import (
     WEIGHTS_FP16,
     WEIGHTS_QUANTIZED,
 )
+from plugins import ort_engine
 from runtime.kv_cache import KvLayout
 
 
@@ -106,6 +108,12 @@ class OnnxRuntimeBackend:
     max_selected_positions = None  # the lowered graph returns logits at any number of positions per row
     hidden_dtype = np.float32  # the engine computes in fp32: hidden states in and out as fp32 (contracts.md 3.1)
 
+    @staticmethod
+    def check_engines(engine_dir: Path, config: dict) -> None:
+        """The graphs against the config, before any session opens them (`plugins.ort_engine`, which the builder
+        shares for the EAGLE3 role a build keeps)."""
+        ort_engine.check_engines(engine_dir, config)
+
     def __init__(self, engine_dir: Path, config: dict, kv: KvLayout, constants: dict[str, np.ndarray]):
         self.kv = kv
         self.constants = constants  # graph inputs that are the same at every call (the RoPE table)
@@ -117,7 +125,7 @@ class OnnxRuntimeBackend:
                          for i in range(kv.num_layers) for half in ORT_KV_HALVES]
         # the engine dir's files of this role (contracts.md 5.2): an EAGLE3 draft has no embedding engine
         role = config.get("engine_role", ROLE_LLM)
-        llm_file, *embedding_file = engine_files(role, "onnxruntime")
+        llm_file, *embedding_file = engine_files(role, ONNXRUNTIME)
         spinning = role == ROLE_LLM
         providers = ["CPUExecutionProvider"]
         self.embedding = (ort.InferenceSession(str(engine_dir / embedding_file[0]),

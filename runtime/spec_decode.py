@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.eagle3 import D2T_FILE, ROLE_BASE, ROLE_DRAFT
+from contract.eagle3 import D2T_FILE, ROLE_BASE, ROLE_DRAFT, read_d2t_targets
 from contract.engine_dir import check_spec_pair, spec_roles
 from contract.errors import InputError
 from contract.graph_io import (
@@ -36,7 +36,6 @@ from contract.graph_io import (
     LOGITS,
     tree_mask_words,
 )
-from llm_loader.eagle3_draft import read_d2t_targets
 from runtime.eagle_tree import CandidateTree, TreeShape
 from runtime.engine import Engine, causal_tree
 from runtime.generate import Generation, Job, Timing, decode_plain, new_rows

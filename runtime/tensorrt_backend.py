@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from contract.backends import TENSORRT
 from contract.eagle3 import ROLE_LLM
 from contract.engine_dir import engine_files
 from contract.errors import InputError
@@ -102,6 +103,11 @@ class TensorRTBackend:
     padded_call_needs_room = False  # the plugin writes only each row's real tokens
     hidden_dtype = np.float16  # the engines' hidden-state bindings (contracts.md 2.2, 2.3)
 
+    @staticmethod
+    def check_engines(engine_dir: Path, config: dict) -> None:
+        """Nothing to read without TensorRT: `__init__` checks the cache binding of the deserialized engine against
+        the config (`check_kv_binding`)."""
+
     def __init__(self, engine_dir: Path, config: dict, kv: KvLayout, constants: dict[str, np.ndarray]):
         import torch
 
@@ -115,7 +121,7 @@ class TensorRTBackend:
         # builder/profiles.py: last_token_ids is [batch, 1] in the context profile, [batch, <= gen] in generation
         self.gen_tokens = generation_tokens(config)
         self.max_selected_positions = self.gen_tokens
-        llm_file, *embedding_file = engine_files(config.get("engine_role", ROLE_LLM), "tensorrt")
+        llm_file, *embedding_file = engine_files(config.get("engine_role", ROLE_LLM), TENSORRT)
         self._llm = self._deserialize(engine_dir / llm_file)
         self._embedding = self._deserialize(engine_dir / embedding_file[0]) if embedding_file else None
         check_kv_binding(self._llm.get_tensor_dtype(past_key_values(0)).name, kv.dtype, engine_dir / llm_file)
@@ -176,9 +182,9 @@ class TensorRTBackend:
     def _to_gpu(self, array: np.ndarray):
         return self._torch.from_numpy(np.ascontiguousarray(array)).to("cuda")
 
-    def to_numpy(self, tensor) -> np.ndarray:
+    def to_numpy(self, array) -> np.ndarray:
         with self._torch.cuda.stream(self._stream):
-            return tensor.cpu().numpy()  # waits for the stream
+            return array.cpu().numpy()  # waits for the stream
 
     def read_kv(self, kv: GpuKv, row: int, positions: np.ndarray):
         with self._torch.cuda.stream(self._stream):

@@ -233,3 +233,22 @@ def test_other_side_file_that_leaves_the_engine_dir_is_refused(exports, tmp_path
     (eng / "d2t.safetensors").symlink_to(outside)
     assert_one_line_error(run_build(exports["base"], eng, "--specBase"), "d2t.safetensors")
     assert (eng / "d2t.safetensors").is_symlink() and outside.read_bytes() == b"not yours"
+
+
+@pytest.mark.parametrize("tamper, fragment", [
+    ("config", "draft_config.json: num_hidden_layers 2 disagrees with"),
+    ("graph", "spec_draft.onnx: expected the LLM engine (an ONNX model), found a file onnx cannot parse"),
+])
+def test_other_side_engine_that_disagrees_with_its_config_is_refused(exports, tmp_path, tamper, fragment):
+    """The draft's ONNX Runtime engine already in ENG is checked by its backend before the base build keeps it."""
+    eng = tmp_path / "eng"
+    assert run_build(exports["draft"], eng, "--specDraft").exit_code == 0
+    if tamper == "config":
+        path = eng / "draft_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "num_hidden_layers": 2}))
+    else:
+        (eng / "spec_draft.onnx").write_bytes(b"not a graph")
+    before = {p.name: p.read_bytes() for p in eng.iterdir()}
+    assert_one_line_error(run_build(exports["base"], eng, "--specBase"), fragment)
+    assert {p.name: p.read_bytes() for p in eng.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eng"]

@@ -24,8 +24,7 @@ from test_quantization_draft import DRAFT_VOCAB, TARGET_LAYERS, make_draft
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from contract.atomic import MARKER
-from contract.embedding import EMBEDDING_FP8
-from llm_loader.embedding import read_embedding_sidecar
+from contract.embedding import EMBEDDING_FP8, read_embedding_sidecar
 from llm_loader.export_all_cli import export, main
 from plugins.attention.reference import AttentionPlugin
 from plugins.attention.tree_mask import ancestors_mask, causal_mask, pack_tree_mask
@@ -331,8 +330,8 @@ def test_draft_errors(tmp_path, capsys, make, smollm2_checkpoint):
 
 def test_d2t_forms(tmp_path):
     """Offset (ours, and a reference file without metadata), direct by metadata, direct when only it fits, errors."""
+    from contract.eagle3 import read_d2t_targets
     from contract.errors import InputError
-    from llm_loader.eagle3_draft import read_d2t_targets
 
     targets = torch.tensor([0, 5, 6, 90], dtype=torch.int64)
     offsets = (targets - torch.arange(4)).int()

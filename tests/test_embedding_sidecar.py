@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from contract.embedding import read_embedding_sidecar
 from contract.errors import InputError
-from llm_loader.embedding import read_embedding_sidecar, write_embedding_sidecar
+from llm_loader.embedding import write_embedding_sidecar
 
 
 def table(v: int = 300, h: int = 200, seed: int = 0) -> torch.Tensor:

@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from contract.atomic import MARKER
 from contract.checkpoint import open_checkpoint
+from contract.embedding import read_embedding_sidecar
 from contract.errors import InputError
-from llm_loader.embedding import read_embedding_sidecar
 from llm_loader.export_all_cli import export
 from llm_loader.model_config import model_config_from_dict
 from plugins.attention.reference import AttentionPlugin

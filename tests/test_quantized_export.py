@@ -34,9 +34,9 @@ from safetensors.torch import load_file, save_file
 from builder.cli import build
 from builder.detect import detect
 from contract import formats
+from contract.embedding import read_embedding_sidecar
 from contract.errors import InputError
 from contract.weight_formats import WEIGHTS_QUANTIZED
-from llm_loader.embedding import read_embedding_sidecar
 from llm_loader.export_all_cli import export
 from llm_loader.export_all_cli import main as export_main
 from llm_loader.quantized_checkpoint import dequantize_linear, read_quantized_checkpoint

@@ -18,15 +18,16 @@ from helpers import (
     transformers_greedy,
 )
 
+from builder import tensorrt_backend
 from builder.cli import build
-from builder.tensorrt_backend import tensorrt_missing
 from llm_loader.export_all_cli import export
 from runtime.chat import load_tokenizer
 from runtime.engine import Engine
 from runtime.generate import generate
 from runtime.tensorrt_backend import TensorRTBackend
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(tensorrt_missing() is not None, reason="needs TensorRT and a CUDA GPU")]
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(tensorrt_backend.missing() is not None, reason="needs TensorRT and a CUDA GPU")]
 LIMITS = dict(max_batch_size=4, max_input_len=64, max_kv_cache_capacity=128)
 
 

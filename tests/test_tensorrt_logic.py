@@ -16,7 +16,7 @@ from onnx.reference import ReferenceEvaluator
 from transformers import DynamicCache
 
 from builder.detect import detect
-from builder.onnxruntime_backend import embedding_model
+from builder.embedding_graph import embedding_model
 from builder.profiles import Limits, ModelDims, Profile, llm_profiles
 from builder.trt_graph import (
     PLUGIN_NAMESPACE,
@@ -24,11 +24,11 @@ from builder.trt_graph import (
     check_profiles,
     prepare_for_tensorrt,
 )
+from contract.embedding import read_embedding_sidecar
 from contract.errors import InputError
 from contract.graph_io import ROPE_COS_SIN
 from contract.kv import KvDtype
 from examples.eagle.draft_model import cache_kwargs
-from llm_loader.embedding import read_embedding_sidecar
 from llm_loader.export_all_cli import export
 from plugins.attention.reference import AttentionPlugin
 from plugins.attention.trt_plugin import INPUT_NAMES as TRT_ATTENTION_INPUTS
